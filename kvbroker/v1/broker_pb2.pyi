@@ -1,0 +1,370 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    D_TYPE_UNSPECIFIED: _ClassVar[DType]
+    D_TYPE_UINT8: _ClassVar[DType]
+    D_TYPE_INT8: _ClassVar[DType]
+    D_TYPE_INT16: _ClassVar[DType]
+    D_TYPE_INT32: _ClassVar[DType]
+    D_TYPE_INT64: _ClassVar[DType]
+    D_TYPE_FLOAT16: _ClassVar[DType]
+    D_TYPE_BFLOAT16: _ClassVar[DType]
+    D_TYPE_FLOAT32: _ClassVar[DType]
+    D_TYPE_FLOAT64: _ClassVar[DType]
+    D_TYPE_BOOL: _ClassVar[DType]
+    D_TYPE_FLOAT8_E4M3FN: _ClassVar[DType]
+    D_TYPE_FLOAT8_E5M2: _ClassVar[DType]
+
+class CacheState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CACHE_STATE_UNSPECIFIED: _ClassVar[CacheState]
+    CACHE_STATE_RESIDENT: _ClassVar[CacheState]
+    CACHE_STATE_EVICTED: _ClassVar[CacheState]
+D_TYPE_UNSPECIFIED: DType
+D_TYPE_UINT8: DType
+D_TYPE_INT8: DType
+D_TYPE_INT16: DType
+D_TYPE_INT32: DType
+D_TYPE_INT64: DType
+D_TYPE_FLOAT16: DType
+D_TYPE_BFLOAT16: DType
+D_TYPE_FLOAT32: DType
+D_TYPE_FLOAT64: DType
+D_TYPE_BOOL: DType
+D_TYPE_FLOAT8_E4M3FN: DType
+D_TYPE_FLOAT8_E5M2: DType
+CACHE_STATE_UNSPECIFIED: CacheState
+CACHE_STATE_RESIDENT: CacheState
+CACHE_STATE_EVICTED: CacheState
+
+class Cache(_message.Message):
+    __slots__ = ("cache_id", "pool", "model_name", "nbytes", "reserved_bytes", "device", "state", "epoch", "pinned", "pin_count", "holder_count", "retain", "priority", "dtype", "shape", "created_at_unix_seconds", "last_access_unix_seconds", "access_count")
+    CACHE_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    PIN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACCESS_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    cache_id: str
+    pool: str
+    model_name: str
+    nbytes: int
+    reserved_bytes: int
+    device: str
+    state: CacheState
+    epoch: int
+    pinned: bool
+    pin_count: int
+    holder_count: int
+    retain: bool
+    priority: int
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    created_at_unix_seconds: float
+    last_access_unix_seconds: float
+    access_count: int
+    def __init__(self, cache_id: _Optional[str] = ..., pool: _Optional[str] = ..., model_name: _Optional[str] = ..., nbytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., device: _Optional[str] = ..., state: _Optional[_Union[CacheState, str]] = ..., epoch: _Optional[int] = ..., pinned: _Optional[bool] = ..., pin_count: _Optional[int] = ..., holder_count: _Optional[int] = ..., retain: _Optional[bool] = ..., priority: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., created_at_unix_seconds: _Optional[float] = ..., last_access_unix_seconds: _Optional[float] = ..., access_count: _Optional[int] = ...) -> None: ...
+
+class HostSegmentHandle(_message.Message):
+    __slots__ = ("shm_name", "size_bytes", "st_dev", "st_ino")
+    SHM_NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ST_DEV_FIELD_NUMBER: _ClassVar[int]
+    ST_INO_FIELD_NUMBER: _ClassVar[int]
+    shm_name: str
+    size_bytes: int
+    st_dev: int
+    st_ino: int
+    def __init__(self, shm_name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., st_dev: _Optional[int] = ..., st_ino: _Optional[int] = ...) -> None: ...
+
+class CudaSegmentHandle(_message.Message):
+    __slots__ = ("device_uuid", "torch_version", "mem_handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MEM_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    device_uuid: str
+    torch_version: str
+    mem_handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, device_uuid: _Optional[str] = ..., torch_version: _Optional[str] = ..., mem_handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
+
+class Handle(_message.Message):
+    __slots__ = ("instance_id", "server_pid", "segment_id", "segment_generation", "byte_offset", "nbytes", "epoch", "host", "cuda")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVER_PID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    BYTE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    CUDA_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    server_pid: int
+    segment_id: int
+    segment_generation: int
+    byte_offset: int
+    nbytes: int
+    epoch: int
+    host: HostSegmentHandle
+    cuda: CudaSegmentHandle
+    def __init__(self, instance_id: _Optional[str] = ..., server_pid: _Optional[int] = ..., segment_id: _Optional[int] = ..., segment_generation: _Optional[int] = ..., byte_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., epoch: _Optional[int] = ..., host: _Optional[_Union[HostSegmentHandle, _Mapping]] = ..., cuda: _Optional[_Union[CudaSegmentHandle, _Mapping]] = ...) -> None: ...
+
+class AllocateRequest(_message.Message):
+    __slots__ = ("pool", "model_name", "cache_id", "size_bytes", "dtype", "shape", "priority", "pinned", "retain", "device", "wait_timeout_ms")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    model_name: str
+    cache_id: str
+    size_bytes: int
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    priority: int
+    pinned: bool
+    retain: bool
+    device: str
+    wait_timeout_ms: int
+    def __init__(self, pool: _Optional[str] = ..., model_name: _Optional[str] = ..., cache_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., priority: _Optional[int] = ..., pinned: _Optional[bool] = ..., retain: _Optional[bool] = ..., device: _Optional[str] = ..., wait_timeout_ms: _Optional[int] = ...) -> None: ...
+
+class AllocateResponse(_message.Message):
+    __slots__ = ("cache", "handle")
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    cache: Cache
+    handle: Handle
+    def __init__(self, cache: _Optional[_Union[Cache, _Mapping]] = ..., handle: _Optional[_Union[Handle, _Mapping]] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("cache_id", "force")
+    CACHE_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    cache_id: str
+    force: bool
+    def __init__(self, cache_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("freed",)
+    FREED_FIELD_NUMBER: _ClassVar[int]
+    freed: bool
+    def __init__(self, freed: _Optional[bool] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("cache_id",)
+    CACHE_ID_FIELD_NUMBER: _ClassVar[int]
+    cache_id: str
+    def __init__(self, cache_id: _Optional[str] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("cache", "handle")
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    cache: Cache
+    handle: Handle
+    def __init__(self, cache: _Optional[_Union[Cache, _Mapping]] = ..., handle: _Optional[_Union[Handle, _Mapping]] = ...) -> None: ...
+
+class PinRequest(_message.Message):
+    __slots__ = ("cache_id",)
+    CACHE_ID_FIELD_NUMBER: _ClassVar[int]
+    cache_id: str
+    def __init__(self, cache_id: _Optional[str] = ...) -> None: ...
+
+class PinResponse(_message.Message):
+    __slots__ = ("cache", "handle")
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    cache: Cache
+    handle: Handle
+    def __init__(self, cache: _Optional[_Union[Cache, _Mapping]] = ..., handle: _Optional[_Union[Handle, _Mapping]] = ...) -> None: ...
+
+class UnpinRequest(_message.Message):
+    __slots__ = ("cache_id",)
+    CACHE_ID_FIELD_NUMBER: _ClassVar[int]
+    cache_id: str
+    def __init__(self, cache_id: _Optional[str] = ...) -> None: ...
+
+class UnpinResponse(_message.Message):
+    __slots__ = ("cache",)
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    cache: Cache
+    def __init__(self, cache: _Optional[_Union[Cache, _Mapping]] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "reserved_bytes", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "segments", "allocation_count", "eviction_count")
+    TOTAL_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LARGEST_FREE_EXTENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTATION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_CACHES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EVICTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    total_capacity_bytes: int
+    total_allocated_bytes: int
+    reserved_bytes: int
+    pinned_bytes: int
+    free_bytes: int
+    largest_free_extent_bytes: int
+    utilization_ratio: float
+    fragmentation_ratio: float
+    active_caches: int
+    segments: int
+    allocation_count: int
+    eviction_count: int
+    def __init__(self, total_capacity_bytes: _Optional[int] = ..., total_allocated_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., pinned_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_extent_bytes: _Optional[int] = ..., utilization_ratio: _Optional[float] = ..., fragmentation_ratio: _Optional[float] = ..., active_caches: _Optional[int] = ..., segments: _Optional[int] = ..., allocation_count: _Optional[int] = ..., eviction_count: _Optional[int] = ...) -> None: ...
+
+class DeviceStats(_message.Message):
+    __slots__ = ("device", "usage")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    usage: Usage
+    def __init__(self, device: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class PoolStats(_message.Message):
+    __slots__ = ("pool", "usage", "min_bytes", "max_bytes", "priority", "eviction_policy")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    EVICTION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    usage: Usage
+    min_bytes: int
+    max_bytes: int
+    priority: int
+    eviction_policy: str
+    def __init__(self, pool: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., min_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., eviction_policy: _Optional[str] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "allocation_count", "eviction_count", "devices", "pools", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "version", "instance_id", "uptime_seconds")
+    TOTAL_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTATION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_CACHES_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EVICTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LARGEST_FREE_EXTENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    total_capacity_bytes: int
+    total_allocated_bytes: int
+    utilization_ratio: float
+    fragmentation_ratio: float
+    active_caches: int
+    allocation_count: int
+    eviction_count: int
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceStats]
+    pools: _containers.RepeatedCompositeFieldContainer[PoolStats]
+    pinned_bytes: int
+    free_bytes: int
+    largest_free_extent_bytes: int
+    version: str
+    instance_id: str
+    uptime_seconds: float
+    def __init__(self, total_capacity_bytes: _Optional[int] = ..., total_allocated_bytes: _Optional[int] = ..., utilization_ratio: _Optional[float] = ..., fragmentation_ratio: _Optional[float] = ..., active_caches: _Optional[int] = ..., allocation_count: _Optional[int] = ..., eviction_count: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., pinned_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_extent_bytes: _Optional[int] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+
+class ListCachesRequest(_message.Message):
+    __slots__ = ("pool", "model_name", "state", "page_size", "page_token")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    model_name: str
+    state: CacheState
+    page_size: int
+    page_token: str
+    def __init__(self, pool: _Optional[str] = ..., model_name: _Optional[str] = ..., state: _Optional[_Union[CacheState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListCachesResponse(_message.Message):
+    __slots__ = ("caches", "next_page_token")
+    CACHES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    caches: _containers.RepeatedCompositeFieldContainer[Cache]
+    next_page_token: str
+    def __init__(self, caches: _Optional[_Iterable[_Union[Cache, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DefragmentRequest(_message.Message):
+    __slots__ = ("device", "pool", "dry_run")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    pool: str
+    dry_run: bool
+    def __init__(self, device: _Optional[str] = ..., pool: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class DefragmentResponse(_message.Message):
+    __slots__ = ("caches_moved", "bytes_moved", "fragmentation_before", "fragmentation_after", "segments_freed", "duration_seconds", "dry_run")
+    CACHES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTATION_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTATION_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FREED_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    caches_moved: int
+    bytes_moved: int
+    fragmentation_before: float
+    fragmentation_after: float
+    segments_freed: int
+    duration_seconds: float
+    dry_run: bool
+    def __init__(self, caches_moved: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., fragmentation_before: _Optional[float] = ..., fragmentation_after: _Optional[float] = ..., segments_freed: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., dry_run: _Optional[bool] = ...) -> None: ...
