@@ -1,0 +1,459 @@
+"""CUDA segments: one PyTorch allocation per segment, shared with clients by CUDA IPC.
+
+The recipe is ``research/ipc-mechanics.md`` section 1.7(a), and each step has a reason:
+
+* the allocator runs with ``expandable_segments:False`` (``configure_cuda_allocator_env``),
+  else handles are of the ``'e'`` kind that needs ``pidfd_getfd`` and fails in containers;
+* each segment is one ``torch.empty(nbytes, uint8)`` of a multiple of 2 MiB and at least
+  10 MiB, made right after ``empty_cache()``, so the caching allocator gives it a
+  ``cudaMalloc`` block of its own: a CUDA IPC handle maps the *whole* block, and a shared
+  block would expose other memory to clients. ``memory_snapshot()`` proves it;
+* the segment is zeroed and the device synchronized before ``_share_cuda_()``, so the
+  handle goes out with ``event_sync_required=False`` and clients never open an IPC event;
+* ``_share_cuda_()`` is called once per segment and its tuple cached: each call takes a
+  new ref-counter slot and may create an event.
+
+torch is imported lazily, inside functions, so that importing this module costs nothing
+on a machine without CUDA and the daemon can configure the allocator before torch loads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import re
+import struct
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvbroker.core.errors import ResourceExhausted
+from kvbroker.core.types import MiB, Move, SegmentInfo
+from kvbroker.memory.backend import CudaHandle, check_move, check_range
+
+logger = logging.getLogger(__name__)
+
+#: Every CUDA segment size is a multiple of this: the caching allocator rounds large
+#: requests up to 2 MiB, so such a request gets a block of exactly its size.
+CUDA_SEGMENT_ALIGNMENT_BYTES = 2 * MiB
+#: Requests below 10 MiB are carved out of shared 20 MiB blocks by the caching allocator;
+#: a segment must be at least this large to own its block.
+CUDA_MIN_SEGMENT_BYTES = 10 * MiB
+#: Overlapping moves whose source and destination are closer than this go through a
+#: staging buffer of ``STAGING_BYTES``; farther ones copy directly in chunks of the
+#: distance, which never overlap and cost no extra memory.
+DIRECT_CHUNK_MIN_BYTES = 2 * MiB
+STAGING_BYTES = 64 * MiB
+
+_ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+_EXPANDABLE = re.compile(r"expandable_segments\s*:\s*(\w+)", re.IGNORECASE)
+_BACKEND = re.compile(r"backend\s*:\s*(\w+)")
+#: torch's ``RefcountedMapAllocator`` puts a 64-byte header before the counter slots.
+_REF_COUNTER_HEADER_BYTES = 64
+#: ``/torch_<pid>_<random>`` in older torch, ``/torch_<pid>_<random>_<n>`` in 2.11+.
+_REF_COUNTER_NAME = re.compile(rb"/torch_\d+(?:_\d+){1,3}")
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """One visible GPU. ``uuid`` is its stable name; ``index`` is valid in this process only."""
+
+    uuid: str
+    index: int
+    name: str
+    total_bytes: int
+
+
+def _conf_problem(conf: str | None) -> str | None:
+    """What in an allocator config string stops CUDA IPC sharing, or None."""
+    if not conf:
+        return None
+    expandable = _EXPANDABLE.search(conf)
+    if expandable and expandable[1].lower() == "true":
+        return "expandable_segments:True"
+    backend = _BACKEND.search(conf)
+    if backend and backend[1] != "native":
+        return f"backend:{backend[1]}"
+    return None
+
+
+def _with_expandable_off(conf: str | None) -> str:
+    if not conf or not conf.strip(" ,"):
+        return "expandable_segments:False"
+    if _EXPANDABLE.search(conf):
+        return _EXPANDABLE.sub("expandable_segments:False", conf)
+    return conf.rstrip(" ,") + ",expandable_segments:False"
+
+
+def configure_cuda_allocator_env() -> None:
+    """Make PyTorch's CUDA allocator produce shareable ``cudaMalloc`` blocks.
+
+    Call it before anything imports torch. It sets ``PYTORCH_CUDA_ALLOC_CONF`` (and
+    ``PYTORCH_ALLOC_CONF`` when set) to the user's settings with
+    ``expandable_segments:False``, keeping the other keys.
+
+    Raises:
+        RuntimeError: torch is already imported and the environment asks for expandable
+            segments or a non-native backend, which can no longer be undone; or the
+            environment asks for a non-native backend (``cudaMallocAsync`` cannot share
+            IPC handles).
+    """
+    problems = [
+        f"{var}={os.environ[var]!r} ({problem})"
+        for var in _ALLOC_CONF_VARS
+        if (problem := _conf_problem(os.environ.get(var))) is not None
+    ]
+    if "torch" in sys.modules:
+        if problems:
+            raise RuntimeError(
+                "torch was imported before configure_cuda_allocator_env() with "
+                + "; ".join(problems)
+                + ": CUDA segments would not be shareable by IPC. Call "
+                "configure_cuda_allocator_env() before importing torch, or unset that setting."
+            )
+        return
+    if any("backend:" in p for p in problems):
+        raise RuntimeError(
+            "; ".join(problems) + ": only the native caching allocator can share CUDA IPC handles"
+        )
+    base = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = _with_expandable_off(base)
+    if "PYTORCH_ALLOC_CONF" in os.environ:
+        os.environ["PYTORCH_ALLOC_CONF"] = _with_expandable_off(os.environ["PYTORCH_ALLOC_CONF"])
+
+
+def gpu_uuid(torch: Any, index: int) -> str:
+    """The UUID of GPU ``index`` as the wire carries it: ``GPU-xxxxxxxx-...``."""
+    text = str(torch.cuda.get_device_properties(index).uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
+def discover_gpus() -> list[GpuInfo]:
+    """Every GPU this process sees, by UUID; empty without torch or CUDA.
+
+    Cost: initializes CUDA on first call (hundreds of milliseconds).
+    """
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        gpus.append(GpuInfo(gpu_uuid(torch, index), index, props.name, props.total_memory))
+    return gpus
+
+
+def plan_chunks(
+    src_offset: int,
+    dst_offset: int,
+    nbytes: int,
+    *,
+    same_segment: bool,
+    direct_min: int = DIRECT_CHUNK_MIN_BYTES,
+    staging: int = STAGING_BYTES,
+) -> list[tuple[int, int, int, bool]]:
+    """Split one memmove into copies that never overlap, in a safe order.
+
+    Overlapping moves whose ends are at least ``direct_min`` apart copy directly in
+    chunks of that distance; closer ones go through a staging buffer of ``staging`` bytes.
+
+    Returns:
+        ``(src_offset, dst_offset, nbytes, staged)`` tuples to run in order; ``staged``
+        copies go source -> staging buffer -> destination.
+
+    Invariant: each direct chunk's source and destination are disjoint, and no chunk
+    overwrites bytes a later chunk reads (forward order when sliding down, backward when
+    sliding up), so the result equals ``memmove``. Cost: O(nbytes / chunk) tuples.
+    """
+    if nbytes == 0 or (same_segment and src_offset == dst_offset):
+        return []
+    overlapping = same_segment and src_offset < dst_offset + nbytes and dst_offset < src_offset + nbytes
+    if not overlapping:
+        return [(src_offset, dst_offset, nbytes, False)]
+    gap = abs(dst_offset - src_offset)
+    staged = gap < direct_min
+    chunk = staging if staged else gap
+    starts = range(0, nbytes, chunk)
+    if dst_offset > src_offset:
+        starts = reversed(starts)
+    return [(src_offset + s, dst_offset + s, min(chunk, nbytes - s), staged) for s in starts]
+
+
+@dataclass(slots=True)
+class _CudaSegment:
+    info: SegmentInfo
+    tensor: Any  # torch.Tensor, uint8, 1-D, owning its cudaMalloc block
+    handle: CudaHandle | None  # None only while being created
+
+
+class CudaMemory:
+    """The ``SegmentMemory`` of one GPU, named by UUID.
+
+    Thread-safe: one lock serializes every method, because segment creation relies on
+    the caching allocator holding no cached block (``empty_cache`` then allocate) and
+    ``free`` must never release memory a copy is using.
+
+    Raises (constructor):
+        ValueError: no visible GPU has ``device_uuid`` (never falls back to another GPU).
+        RuntimeError: the CUDA allocator cannot share IPC handles (a non-native backend).
+    """
+
+    def __init__(self, device_uuid: str) -> None:
+        import torch
+
+        by_uuid = {gpu.uuid: gpu for gpu in discover_gpus()}
+        if device_uuid not in by_uuid:
+            raise ValueError(f"no visible GPU has UUID {device_uuid!r}; visible: {sorted(by_uuid)}")
+        backend = torch.cuda.get_allocator_backend()
+        if backend != "native":
+            raise RuntimeError(f"the CUDA allocator backend is {backend!r}; CUDA IPC needs 'native'")
+        self._torch = torch
+        self._uuid = device_uuid
+        self._index = by_uuid[device_uuid].index
+        self._device = torch.device("cuda", self._index)
+        self._stream = torch.cuda.Stream(device=self._device)
+        self._lock = threading.Lock()
+        self._segments: dict[int, _CudaSegment] = {}
+        self._closed = False
+
+    @property
+    def device_uuid(self) -> str:
+        return self._uuid
+
+    @property
+    def index(self) -> int:
+        return self._index
+
+    def create(self, segment: SegmentInfo) -> None:
+        """Allocate, zero, check and share one segment. See ``SegmentMemory.create``.
+
+        Cost: one ``cudaMalloc`` and a memset at device bandwidth, a device synchronize,
+        and a ``memory_snapshot()`` walk over the allocator's segments.
+
+        Raises:
+            ResourceExhausted: CUDA out of memory.
+            ValueError: id in use, or a size that is not a multiple of 2 MiB of at least
+                10 MiB (such a segment could not own its ``cudaMalloc`` block).
+            RuntimeError: the allocation does not own its block, or torch produced an
+                unexpected handle (e.g. expandable segments): never shared.
+        """
+        torch, nbytes = self._torch, segment.nbytes
+        if nbytes < CUDA_MIN_SEGMENT_BYTES or nbytes % CUDA_SEGMENT_ALIGNMENT_BYTES:
+            raise ValueError(
+                f"segment {segment.segment_id}: a CUDA segment must be a multiple of "
+                f"{CUDA_SEGMENT_ALIGNMENT_BYTES} bytes and at least {CUDA_MIN_SEGMENT_BYTES}, "
+                f"got {nbytes}"
+            )
+        with self._lock, torch.cuda.device(self._index):
+            if self._closed:
+                raise ValueError("CudaMemory is closed")
+            if segment.segment_id in self._segments:
+                raise ValueError(f"segment {segment.segment_id} already exists")
+            torch.cuda.empty_cache()  # no cached block may be split to serve this request
+            try:
+                tensor = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+            except torch.cuda.OutOfMemoryError as err:
+                free, _total = torch.cuda.mem_get_info(self._index)
+                raise ResourceExhausted(
+                    f"GPU {self._uuid} has no room for segment {segment.segment_id}",
+                    requested_bytes=nbytes,
+                    free_bytes=free,
+                    largest_free_extent_bytes=free,
+                    satisfiable=False,
+                ) from err
+            tensor.zero_()
+            torch.cuda.synchronize(self._index)
+            seg, shared = _CudaSegment(segment, tensor, None), None
+            del tensor  # `seg` holds the only reference, so _release really frees it
+            try:
+                self._check_owns_block(seg.tensor, nbytes)
+                shared = seg.tensor.untyped_storage()._share_cuda_()
+                seg.handle = self._handle_of(shared, nbytes)
+            except BaseException:
+                self._release(seg, shared)
+                raise
+            self._segments[segment.segment_id] = seg
+
+    def _check_owns_block(self, tensor: Any, nbytes: int) -> None:
+        address = tensor.data_ptr()
+        for block in self._torch.cuda.memory_snapshot():
+            if block.get("device") == self._index and block["address"] == address:
+                if block["total_size"] != nbytes or block.get("is_expandable", False):
+                    raise RuntimeError(
+                        f"the segment's allocation lies in a cudaMalloc block of "
+                        f"{block['total_size']} bytes (expandable: {block.get('is_expandable')}),"
+                        f" not one of its own {nbytes} bytes: sharing it would expose other memory"
+                    )
+                return
+        raise RuntimeError("the segment's allocation does not start a cudaMalloc block")
+
+    def _handle_of(self, shared: tuple[Any, ...], nbytes: int) -> CudaHandle:
+        _device, mem_handle, size, offset, rc_handle, rc_offset, _event, _sync = shared
+        mem_handle = bytes(mem_handle or b"")
+        if len(mem_handle) != 66 or mem_handle[1:2] != b"c" or offset != 0 or size != nbytes:
+            raise RuntimeError(
+                f"unexpected CUDA IPC handle from torch {self._torch.__version__}: "
+                f"{len(mem_handle)} bytes, kind {mem_handle[1:2]!r}, offset {offset}, size {size} "
+                f"(expected 66 bytes, kind b'c', offset 0, size {nbytes}); expandable segments?"
+            )
+        return CudaHandle(
+            device_uuid=self._uuid,
+            torch_version=self._torch.__version__,
+            mem_handle=mem_handle,
+            storage_size_bytes=size,
+            storage_offset_bytes=offset,
+            ref_counter_handle=bytes(rc_handle),
+            ref_counter_offset=rc_offset,
+            event_handle=bytes(64),  # synchronized before sharing: no event to wait on
+            event_sync_required=False,
+        )
+
+    def free(self, segment_id: int) -> None:
+        """Return the segment's memory to the device (``cudaFree``). Idempotent.
+
+        Freeing memory another process still maps is undefined behaviour in CUDA: the
+        daemon calls this only once no live session maps the segment. Clients may have
+        decremented torch's IPC ref counter any number of times (or never, if they died),
+        so the counter is reset to 0 first; otherwise torch would park the block in its
+        IPC limbo forever and the memory would never come back.
+        """
+        with self._lock:
+            seg = self._segments.pop(segment_id, None)
+            if seg is not None:
+                self._release(seg)
+
+    def _release(self, seg: _CudaSegment, shared: tuple[Any, ...] | None = None) -> None:
+        """Drop the segment's tensor and ``cudaFree`` its block. ``shared``: the
+        ``_share_cuda_()`` tuple when creation failed before ``seg.handle`` was set."""
+        torch = self._torch
+        with torch.cuda.device(self._index):
+            torch.cuda.synchronize(self._index)
+            if seg.handle is not None:
+                _reset_ref_counter(seg.handle.ref_counter_handle, seg.handle.ref_counter_offset)
+            elif shared is not None:
+                _reset_ref_counter(bytes(shared[4]), shared[5])
+            seg.tensor = None  # last reference: torch's IPC deleter returns the block
+            torch.cuda.ipc_collect()
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        """Free every segment and refuse new ones. Idempotent."""
+        with self._lock:
+            self._closed = True
+            segments, self._segments = list(self._segments.values()), {}
+            for seg in segments:
+                self._release(seg)
+
+    def __enter__(self) -> CudaMemory:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def handle(self, segment_id: int) -> CudaHandle:
+        """The segment's ``CudaHandle`` (cached at creation). ``KeyError`` if unknown."""
+        with self._lock:
+            return self._get(segment_id).handle
+
+    def segment_ids(self) -> list[int]:
+        with self._lock:
+            return sorted(self._segments)
+
+    def copy(self, moves: Sequence[Move]) -> None:
+        """Apply moves in order on a dedicated stream, then synchronize.
+
+        Every move is validated before the first byte moves. Overlapping moves are split
+        by ``plan_chunks``; a staging buffer of at most ``STAGING_BYTES`` is allocated only
+        when one needs it and released (with ``empty_cache``) before returning, so it
+        never stays cached where a later segment could be carved out of it.
+        Cost: device-to-device copies at memory bandwidth, one synchronize.
+        """
+        torch = self._torch
+        with self._lock:
+            sizes = {sid: seg.info.nbytes for sid, seg in self._segments.items()}
+            checked = [check_move(move, sizes) for move in moves]
+            staging = None
+            with torch.cuda.device(self._index), torch.cuda.stream(self._stream):
+                for src, dst in checked:
+                    source = self._segments[src.segment_id].tensor
+                    target = self._segments[dst.segment_id].tensor
+                    chunks = plan_chunks(
+                        src.offset, dst.offset, src.nbytes, same_segment=src.segment_id == dst.segment_id
+                    )
+                    for s, d, n, staged in chunks:
+                        if staged and staging is None:
+                            staging = torch.empty(STAGING_BYTES, dtype=torch.uint8, device=self._device)
+                        via = staging[:n].copy_(source[s : s + n]) if staged else source[s : s + n]
+                        target[d : d + n].copy_(via)
+                self._stream.synchronize()
+            if staging is not None:
+                del staging
+                torch.cuda.empty_cache()
+
+    def read(self, segment_id: int, offset: int, nbytes: int) -> bytes:
+        """Copy ``nbytes`` out of a segment (device to host, synchronous)."""
+        with self._lock:
+            seg = self._get(segment_id)
+            check_range(segment_id, seg.info.nbytes, offset, nbytes)
+            if nbytes == 0:
+                return b""
+            host = seg.tensor[offset : offset + nbytes].cpu()
+            return ctypes.string_at(host.data_ptr(), nbytes)
+
+    def write(self, segment_id: int, offset: int, data: bytes) -> None:
+        """Copy ``data`` into a segment (host to device, synchronous)."""
+        torch = self._torch
+        payload = bytearray(data)
+        with self._lock:
+            seg = self._get(segment_id)
+            check_range(segment_id, seg.info.nbytes, offset, len(payload))
+            if not payload:
+                return
+            source = torch.frombuffer(payload, dtype=torch.uint8)
+            seg.tensor[offset : offset + len(payload)].copy_(source)
+            torch.cuda.synchronize(self._index)
+
+    def _get(self, segment_id: int) -> _CudaSegment:
+        try:
+            return self._segments[segment_id]
+        except KeyError:
+            raise KeyError(f"segment {segment_id} does not exist on GPU {self._uuid}") from None
+
+
+def _reset_ref_counter(rc_handle: bytes, rc_offset: int) -> None:
+    """Set torch's CUDA-IPC ref counter slot of a shared block to 0.
+
+    The slot lives in the shm file ``/dev/shm/torch_<pid>_<n>`` that torch created at
+    ``_share_cuda_()``, after a 64-byte header, as int64 at index ``rc_offset``. With it
+    at 0, dropping the last tensor returns the block to the caching allocator instead of
+    parking it in limbo. If the file is missing or odd, nothing is written and the block
+    stays in limbo: memory is leaked, never freed under a client.
+    """
+    if not _REF_COUNTER_NAME.fullmatch(rc_handle):
+        logger.warning("unexpected CUDA IPC ref counter name %r; not reset", rc_handle)
+        return
+    path = "/dev/shm/" + rc_handle.decode("ascii").lstrip("/")
+    position = _REF_COUNTER_HEADER_BYTES + 8 * rc_offset
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as err:
+        if err.errno != errno.ENOENT:
+            logger.warning("cannot open CUDA IPC ref counter %s: %s", path, err)
+        return
+    try:
+        size = os.fstat(fd).st_size
+        if position + 8 > size:
+            logger.warning("CUDA IPC ref counter %s is %d bytes, slot %d is past it", path, size, rc_offset)
+            return
+        with mmap.mmap(fd, size, flags=mmap.MAP_SHARED) as counters:
+            struct.pack_into("<q", counters, position, 0)
+    finally:
+        os.close(fd)
