@@ -1,0 +1,239 @@
+"""The composition root: configuration -> devices -> backends -> core -> engine -> server.
+
+Lifecycle of ``kvbroker serve``:
+
+1. Load the configuration (defaults < TOML < ``KVBROKER_*`` < flags); an error stops the
+   start with a message naming the key, exit code 2.
+2. Pick devices: every visible GPU (``auto`` or ``cuda``), else the host device. The CUDA
+   allocator is configured (``expandable_segments:False``) before torch is imported.
+3. Unlink shm objects that a dead broker left behind, build the core, the backends, the
+   engine and the gRPC server (health + reflection), bind every address, start.
+4. On SIGTERM or SIGINT: health goes NOT_SERVING, in-flight calls get ``grace_seconds``
+   to finish, every segment is freed (host shm objects unlinked), the Unix socket is
+   removed, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+
+from kvbroker import __version__
+from kvbroker.config import ALL_DEVICES, BrokerConfig, ConfigError, load_config, parse_size
+from kvbroker.core import Broker, DeviceSpec, PoolSpec
+from kvbroker.core.errors import InvalidArgument
+from kvbroker.core.types import KiB
+from kvbroker.engine import Engine
+from kvbroker.memory.backend import SegmentMemory
+from kvbroker.memory.cuda import CUDA_MIN_SEGMENT_BYTES, CUDA_SEGMENT_ALIGNMENT_BYTES
+from kvbroker.server.app import BrokerServer, create_server
+
+log = logging.getLogger("kvbroker")
+
+HOST_DEVICE_ID = "host"
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The devices to serve: specs for the core and how to build each backend."""
+
+    specs: tuple[DeviceSpec, ...]
+    gpu_index_to_uuid: dict[int, str]
+
+
+def plan_devices(config: BrokerConfig) -> DevicePlan:
+    """Choose the devices: GPUs when asked for (or found, with ``auto``), else host."""
+    gpus = []
+    if config.device_kind in ("auto", "cuda"):
+        from kvbroker.memory.cuda import configure_cuda_allocator_env, discover_gpus
+
+        configure_cuda_allocator_env()
+        gpus = discover_gpus()
+        if config.device_kind == "cuda" and not gpus:
+            raise ConfigError("devices.kind", "is 'cuda' but no CUDA GPU is visible")
+    if gpus:
+        specs = tuple(
+            DeviceSpec(
+                gpu.uuid,
+                int(gpu.total_bytes * config.cuda_memory_fraction) // CUDA_SEGMENT_ALIGNMENT_BYTES * CUDA_SEGMENT_ALIGNMENT_BYTES,
+                CUDA_SEGMENT_ALIGNMENT_BYTES,
+                CUDA_MIN_SEGMENT_BYTES,
+            )
+            for gpu in gpus
+        )
+        return DevicePlan(specs, {gpu.index: gpu.uuid for gpu in gpus})
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4 * KiB
+    capacity = config.host_capacity_bytes // page * page
+    return DevicePlan((DeviceSpec(HOST_DEVICE_ID, capacity, page),), {})
+
+
+def pool_specs(config: BrokerConfig, devices: DevicePlan) -> list[PoolSpec]:
+    """Resolve each configured pool's device names against the devices served."""
+    known = [d.device_id for d in devices.specs]
+    specs = []
+    for index, pool in enumerate(config.pools):
+        resolved: list[str] = []
+        for name in pool.devices:
+            if name == ALL_DEVICES:
+                resolved.extend(d for d in known if d not in resolved)
+                continue
+            if name.startswith("cuda:") and name[5:].isdigit():
+                uuid = devices.gpu_index_to_uuid.get(int(name[5:]))
+                if uuid is None:
+                    raise ConfigError(f"pools[{index}].devices", f"{name} is not a visible GPU")
+                name = uuid
+            if name not in known:
+                raise ConfigError(
+                    f"pools[{index}].devices",
+                    f"unknown device {name!r} (served: {', '.join(known)})",
+                )
+            if name not in resolved:
+                resolved.append(name)
+        try:
+            specs.append(
+                PoolSpec(
+                    name=pool.name, devices=tuple(resolved), min_bytes=pool.min_bytes,
+                    max_bytes=pool.max_bytes, priority=pool.priority,
+                    eviction_policy=pool.eviction_policy, gc_threshold=pool.gc_threshold,
+                    block_bytes=pool.block_bytes, segment_bytes=pool.segment_bytes,
+                    default_cache_bytes=pool.default_cache_bytes, placement=pool.placement,
+                )
+            )
+        except InvalidArgument as err:
+            raise ConfigError(f"pools[{index}]", str(err)) from None
+    return specs
+
+
+def build_memories(devices: DevicePlan, instance_id: str, config: BrokerConfig) -> dict[str, SegmentMemory]:
+    memories: dict[str, SegmentMemory] = {}
+    for spec in devices.specs:
+        if spec.device_id == HOST_DEVICE_ID:
+            from kvbroker.memory.host import HostMemory, remove_stale_segments
+
+            stale = remove_stale_segments(config.shm_dir, instance_id=instance_id)
+            if stale:
+                log.warning("removed %d shm objects left by a dead broker: %s", len(stale), ", ".join(stale))
+            memories[spec.device_id] = HostMemory(instance_id, shm_dir=config.shm_dir)
+        else:
+            from kvbroker.memory.cuda import CudaMemory
+
+            memories[spec.device_id] = CudaMemory(spec.device_id)
+    return memories
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a Unix socket file that no process listens on (left by a crash)."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+    except OSError:
+        pass
+    else:
+        raise ConfigError("server.unix_socket", f"{path} is in use by another process")
+    finally:
+        probe.close()
+
+
+async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Run the daemon until SIGTERM/SIGINT (or until the task is cancelled)."""
+    devices = plan_devices(config)
+    pools = pool_specs(config, devices)
+    instance_id = secrets.token_hex(4)
+    broker = Broker(devices.specs, pools, id_prefix=instance_id)
+    memories = build_memories(devices, instance_id, config)
+    engine = Engine(broker, memories, instance_id)
+    server: BrokerServer | None = None
+    try:
+        if config.unix_socket:
+            _clear_stale_socket(config.unix_socket)
+        server = await create_server(engine, listen=config.listen or None, unix_socket=config.unix_socket or None)
+        await server.start()
+        if config.unix_socket:
+            os.chmod(config.unix_socket, 0o660)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        where = [f"tcp {config.listen.rsplit(':', 1)[0]}:{server.tcp_port}"] if config.listen else []
+        where += [f"unix {config.unix_socket}"] if config.unix_socket else []
+        log.info(
+            "kvbroker %s serving on %s; instance %s; devices %s; pools %s",
+            __version__, ", ".join(where), instance_id,
+            ", ".join(f"{d.device_id} ({d.capacity_bytes / 2**30:.2f} GiB)" for d in devices.specs),
+            ", ".join(p.name for p in pools),
+        )
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", config.grace_seconds)
+        await server.enter_shutdown()
+        await server.stop(config.grace_seconds)
+    finally:
+        await engine.close()
+        if config.unix_socket and server is not None:
+            try:
+                os.unlink(config.unix_socket)
+            except FileNotFoundError:
+                pass
+        log.info("stopped; all segments freed")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvbroker serve",
+        description="Serve KV-cache memory over gRPC (every visible GPU, else the host device).",
+    )
+    parser.add_argument("--config", help="TOML configuration file")
+    parser.add_argument("--listen", help="TCP address host:port (default 127.0.0.1:50051; '' disables)")
+    parser.add_argument("--unix-socket", help="Unix socket path (default /tmp/kvbroker.sock; '' disables)")
+    parser.add_argument("--devices", choices=("auto", "host", "cuda"), help="which devices to serve")
+    parser.add_argument("--host-capacity", help="bytes of host memory to serve, e.g. 2GiB")
+    parser.add_argument("--shm-dir", help="where host segments live (default /dev/shm)")
+    parser.add_argument("--grace-seconds", type=float, help="grace period for in-flight calls at shutdown")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--version", action="version", version=f"kvbroker {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``kvbroker serve``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        overrides = {
+            "listen": args.listen,
+            "unix_socket": args.unix_socket,
+            "device_kind": args.devices,
+            "host_capacity_bytes": None if args.host_capacity is None else parse_size("--host-capacity", args.host_capacity),
+            "shm_dir": args.shm_dir,
+            "grace_seconds": args.grace_seconds,
+            "log_level": args.log_level,
+        }
+        config = load_config(path=args.config, environ=os.environ, overrides=overrides)
+    except ConfigError as err:
+        print(f"kvbroker: configuration error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(serve(config))
+    except ConfigError as err:
+        print(f"kvbroker: configuration error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(f"kvbroker: cannot start: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""The gRPC adapter: translation between the wire and the engine, and server assembly."""

@@ -1,0 +1,275 @@
+"""Protobuf <-> domain translation, and the one table of domain errors -> status codes.
+
+Pure functions: no state, no I/O. Every rule about a field's shape that the wire adds
+(dtype and shape, optional priority, empty strings meaning "unset") lives here, and every
+error names the wire field, so ``INVALID_ARGUMENT`` tells the caller what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+
+from kvbroker.core import (
+    AllocationRequest,
+    BrokerStats,
+    CacheInfo,
+    CacheState,
+    Usage,
+)
+from kvbroker.core.errors import (
+    AlreadyExists,
+    BrokerError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from kvbroker.engine import CacheHandle, DefragmentResult
+from kvbroker.memory.backend import CudaHandle, HostHandle
+from kvbroker.v1 import broker_pb2 as pb
+
+#: The one mapping of domain errors to gRPC status codes. Anything else is a bug:
+#: INTERNAL, logged with its traceback by the servicer.
+STATUS_FOR_ERROR: dict[type[BrokerError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+#: Wire dtype -> (torch-style name, bytes per element).
+DTYPES: dict[int, tuple[str, int]] = {
+    pb.D_TYPE_UINT8: ("uint8", 1),
+    pb.D_TYPE_INT8: ("int8", 1),
+    pb.D_TYPE_INT16: ("int16", 2),
+    pb.D_TYPE_INT32: ("int32", 4),
+    pb.D_TYPE_INT64: ("int64", 8),
+    pb.D_TYPE_FLOAT16: ("float16", 2),
+    pb.D_TYPE_BFLOAT16: ("bfloat16", 2),
+    pb.D_TYPE_FLOAT32: ("float32", 4),
+    pb.D_TYPE_FLOAT64: ("float64", 8),
+    pb.D_TYPE_BOOL: ("bool", 1),
+    pb.D_TYPE_FLOAT8_E4M3FN: ("float8_e4m3fn", 1),
+    pb.D_TYPE_FLOAT8_E5M2: ("float8_e5m2", 1),
+}
+_DTYPE_BY_NAME = {name: value for value, (name, _) in DTYPES.items()}
+
+_STATE_TO_PB = {CacheState.RESIDENT: pb.CACHE_STATE_RESIDENT, CacheState.EVICTED: pb.CACHE_STATE_EVICTED}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+
+MAX_WAIT_TIMEOUT_MS = 3_600_000
+MAX_SHAPE_DIMS = 16
+
+
+def status_for(err: BrokerError) -> grpc.StatusCode:
+    """The status code of a domain error (the most specific class in the table)."""
+    for cls in type(err).__mro__:
+        code = STATUS_FOR_ERROR.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+# -- requests -------------------------------------------------------------------------
+
+
+def allocation_request(msg: pb.AllocateRequest, holder: str) -> tuple[AllocationRequest, float]:
+    """Decode an ``AllocateRequest``; returns the core request and the wait in seconds.
+
+    Size rules: ``size_bytes``, or ``dtype`` + ``shape`` (size = element size x product),
+    or neither (the pool's default size, decided by the core). Both given must agree.
+    """
+    shape = tuple(msg.shape)
+    dtype_name = ""
+    if msg.dtype != pb.D_TYPE_UNSPECIFIED:
+        if msg.dtype not in DTYPES:
+            raise InvalidArgument("dtype", f"unknown dtype value {msg.dtype}")
+        dtype_name, itemsize = DTYPES[msg.dtype]
+    nbytes = msg.size_bytes
+    if shape:
+        if not dtype_name:
+            raise InvalidArgument("dtype", "is required when shape is given")
+        if len(shape) > MAX_SHAPE_DIMS:
+            raise InvalidArgument("shape", f"has {len(shape)} dimensions (at most {MAX_SHAPE_DIMS})")
+        if any(n <= 0 for n in shape):
+            raise InvalidArgument("shape", f"dimensions must be positive, got {list(shape)}")
+        from_shape = itemsize * math.prod(shape)
+        if nbytes and nbytes != from_shape:
+            raise InvalidArgument(
+                "size_bytes",
+                f"{nbytes} disagrees with dtype {dtype_name} and shape {list(shape)} "
+                f"({from_shape} bytes); give one or the other",
+            )
+        nbytes = from_shape
+    elif dtype_name and nbytes % itemsize:
+        raise InvalidArgument(
+            "size_bytes", f"{nbytes} is not a multiple of the {dtype_name} element size ({itemsize})"
+        )
+    if msg.wait_timeout_ms > MAX_WAIT_TIMEOUT_MS:
+        raise InvalidArgument("wait_timeout_ms", f"must be at most {MAX_WAIT_TIMEOUT_MS}")
+    request = AllocationRequest(
+        pool=msg.pool,
+        nbytes=nbytes,
+        holder=holder,
+        cache_id=msg.cache_id or None,
+        model_name=msg.model_name,
+        priority=msg.priority if msg.HasField("priority") else None,
+        pinned=msg.pinned,
+        retain=msg.retain,
+        device_hint=msg.device or None,
+        dtype=dtype_name,
+        shape=shape,
+    )
+    return request, msg.wait_timeout_ms / 1000.0
+
+
+def cache_state(value: int) -> CacheState | None:
+    """Decode a state filter (UNSPECIFIED: no filter)."""
+    if value == pb.CACHE_STATE_UNSPECIFIED:
+        return None
+    state = _STATE_FROM_PB.get(value)
+    if state is None:
+        raise InvalidArgument("state", f"unknown cache state value {value}")
+    return state
+
+
+def required_id(field: str, value: str) -> str:
+    if not value:
+        raise InvalidArgument(field, "is required")
+    return value
+
+
+# -- responses ------------------------------------------------------------------------
+
+
+def cache_message(info: CacheInfo) -> pb.Cache:
+    return pb.Cache(
+        cache_id=info.cache_id,
+        pool=info.pool,
+        model_name=info.model_name,
+        nbytes=info.nbytes,
+        reserved_bytes=info.reserved_bytes,
+        device=info.device_id,
+        state=_STATE_TO_PB[info.state],
+        epoch=info.epoch,
+        pinned=info.pinned,
+        pin_count=info.pin_count,
+        holder_count=len(info.holders),
+        retain=info.retain,
+        priority=info.priority,
+        dtype=_DTYPE_BY_NAME.get(info.dtype, pb.D_TYPE_UNSPECIFIED),
+        shape=info.shape,
+        created_at_unix_seconds=info.created_at,
+        last_access_unix_seconds=info.last_access_at,
+        access_count=info.access_count,
+    )
+
+
+def handle_message(handle: CacheHandle) -> pb.Handle:
+    msg = pb.Handle(
+        instance_id=handle.instance_id,
+        server_pid=handle.server_pid,
+        segment_id=handle.segment.segment_id,
+        segment_generation=handle.segment.generation,
+        byte_offset=handle.byte_offset,
+        nbytes=handle.nbytes,
+        epoch=handle.epoch,
+    )
+    backend = handle.backend
+    if isinstance(backend, HostHandle):
+        msg.host.CopyFrom(
+            pb.HostSegmentHandle(
+                shm_name=backend.shm_name,
+                size_bytes=backend.size_bytes,
+                st_dev=backend.st_dev,
+                st_ino=backend.st_ino,
+            )
+        )
+    elif isinstance(backend, CudaHandle):
+        msg.cuda.CopyFrom(
+            pb.CudaSegmentHandle(
+                device_uuid=backend.device_uuid,
+                torch_version=backend.torch_version,
+                mem_handle=backend.mem_handle,
+                storage_size_bytes=backend.storage_size_bytes,
+                storage_offset_bytes=backend.storage_offset_bytes,
+                ref_counter_handle=backend.ref_counter_handle,
+                ref_counter_offset=backend.ref_counter_offset,
+                event_handle=backend.event_handle,
+                event_sync_required=backend.event_sync_required,
+            )
+        )
+    else:
+        raise TypeError(f"unknown segment handle {type(backend).__name__}")
+    return msg
+
+
+def usage_message(usage: Usage, allocation_count: int, eviction_count: int) -> pb.Usage:
+    return pb.Usage(
+        total_capacity_bytes=usage.capacity_bytes,
+        total_allocated_bytes=usage.allocated_bytes,
+        reserved_bytes=usage.reserved_bytes,
+        pinned_bytes=usage.pinned_bytes,
+        free_bytes=usage.free_bytes,
+        largest_free_extent_bytes=usage.largest_free_extent_bytes,
+        utilization_ratio=usage.utilization_ratio,
+        fragmentation_ratio=usage.fragmentation_ratio,
+        active_caches=usage.active_caches,
+        segments=usage.segments,
+        allocation_count=allocation_count,
+        eviction_count=eviction_count,
+    )
+
+
+def stats_message(stats: BrokerStats, *, version: str, instance_id: str, uptime_seconds: float) -> pb.StatsResponse:
+    total = stats.total
+    return pb.StatsResponse(
+        total_capacity_bytes=total.capacity_bytes,
+        total_allocated_bytes=total.allocated_bytes,
+        utilization_ratio=total.utilization_ratio,
+        fragmentation_ratio=total.fragmentation_ratio,
+        active_caches=total.active_caches,
+        allocation_count=stats.allocation_count,
+        eviction_count=stats.eviction_count,
+        pinned_bytes=total.pinned_bytes,
+        free_bytes=total.free_bytes,
+        largest_free_extent_bytes=total.largest_free_extent_bytes,
+        devices=[
+            pb.DeviceStats(
+                device=d.device_id,
+                usage=usage_message(d.usage, d.allocation_count, d.eviction_count),
+            )
+            for d in stats.devices
+        ],
+        pools=[
+            pb.PoolStats(
+                pool=p.pool,
+                usage=usage_message(p.usage, p.allocation_count, p.eviction_count),
+                min_bytes=p.min_bytes,
+                max_bytes=p.max_bytes,
+                priority=p.priority,
+                eviction_policy=p.eviction_policy,
+            )
+            for p in stats.pools
+        ],
+        version=version,
+        instance_id=instance_id,
+        uptime_seconds=uptime_seconds,
+    )
+
+
+def defragment_message(result: DefragmentResult) -> pb.DefragmentResponse:
+    return pb.DefragmentResponse(
+        caches_moved=result.caches_moved,
+        bytes_moved=result.bytes_moved,
+        fragmentation_before=result.fragmentation_before,
+        fragmentation_after=result.fragmentation_after,
+        segments_freed=result.segments_freed,
+        duration_seconds=result.duration_seconds,
+        dry_run=result.dry_run,
+    )
