@@ -1,0 +1,326 @@
+"""Client side of handles: map each broker segment once per process, hand out views.
+
+A ``kvbroker.v1.Handle`` names a segment (host shared memory or a CUDA allocation) and a
+byte range in it. ``SegmentMapper`` maps the segment the first time it sees it, keyed by
+``(instance_id, segment_id, segment_generation)``, and every later view of that segment
+is a slice of the same base tensor: zero-copy, and mapping a 1 GiB cache costs what a
+1 MiB one does once its segment is mapped.
+
+Every field of a handle is validated before it reaches the kernel or the CUDA driver,
+following ``research/ipc-mechanics.md`` sections 1.7 and 5.5. This module imports only
+the generated ``kvbroker.v1`` code of the broker, never a server module.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import re
+import stat
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from kvbroker.v1 import broker_pb2
+
+SHM_NAME_PATTERN = re.compile(r"kvb-[A-Za-z0-9_.-]{1,200}")
+#: torch's ref-counter shm name: ``/torch_<pid>_<random>`` (older) or with ``_<n>`` (2.11+).
+_REF_COUNTER_NAME = re.compile(rb"/torch_\d+(?:_\d+){1,3}")
+#: Handle framing versions of torch's caching allocator this client understands.
+_KNOWN_HANDLE_VERSIONS = (1, 2)
+
+
+class HandleError(ValueError):
+    """A handle that cannot be mapped, or a view that does not fit it."""
+
+
+class StaleHandleError(HandleError):
+    """The segment the handle names is gone or is another object now.
+
+    The broker freed the segment or restarted: ask it again (attach the cache) for a
+    fresh handle.
+    """
+
+
+class DeviceNotVisibleError(HandleError):
+    """The segment lives on a GPU this process cannot see.
+
+    Never mapped through another GPU: CUDA could silently open a slow peer mapping.
+    Make the GPU visible (``CUDA_VISIBLE_DEVICES``) or ask for host memory.
+    """
+
+
+class UnsupportedHandleError(HandleError):
+    """This process cannot open the handle: a different torch handle framing, a
+    non-native CUDA allocator, or the broker's own process."""
+
+
+#: Proto ``DType`` values and the torch dtypes they stand for: the one table.
+DTYPE_TO_TORCH: dict[int, torch.dtype] = {
+    broker_pb2.D_TYPE_UINT8: torch.uint8,
+    broker_pb2.D_TYPE_INT8: torch.int8,
+    broker_pb2.D_TYPE_INT16: torch.int16,
+    broker_pb2.D_TYPE_INT32: torch.int32,
+    broker_pb2.D_TYPE_INT64: torch.int64,
+    broker_pb2.D_TYPE_FLOAT16: torch.float16,
+    broker_pb2.D_TYPE_BFLOAT16: torch.bfloat16,
+    broker_pb2.D_TYPE_FLOAT32: torch.float32,
+    broker_pb2.D_TYPE_FLOAT64: torch.float64,
+    broker_pb2.D_TYPE_BOOL: torch.bool,
+    broker_pb2.D_TYPE_FLOAT8_E4M3FN: torch.float8_e4m3fn,
+    broker_pb2.D_TYPE_FLOAT8_E5M2: torch.float8_e5m2,
+}
+_TORCH_TO_DTYPE = {dtype: value for value, dtype in DTYPE_TO_TORCH.items()}
+
+
+def dtype_to_proto(dtype: torch.dtype) -> int:
+    """The proto ``DType`` value of a torch dtype. Raises ``ValueError`` if unsupported."""
+    try:
+        return _TORCH_TO_DTYPE[dtype]
+    except KeyError:
+        supported = ", ".join(str(d) for d in DTYPE_TO_TORCH.values())
+        raise ValueError(f"dtype {dtype} has no kvbroker DType; supported: {supported}") from None
+
+
+def dtype_from_proto(value: int) -> torch.dtype:
+    """The torch dtype of a proto ``DType`` value. Raises ``ValueError`` if unknown."""
+    try:
+        return DTYPE_TO_TORCH[value]
+    except KeyError:
+        raise ValueError(f"DType value {value} has no torch dtype") from None
+
+
+class SegmentKey(NamedTuple):
+    """What identifies one mapped segment: a reused segment id gets a new generation."""
+
+    instance_id: str
+    segment_id: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Mapped:
+    identity: tuple[object, ...]  # the handle fields that name the memory itself
+    base: torch.Tensor  # uint8, the whole segment
+
+
+class SegmentMapper:
+    """Maps broker segments into this process, once each, and returns views of them.
+
+    Lifetime: a host segment's ``mmap`` object is referenced by its base tensor (through
+    ``torch.frombuffer``) and is never closed explicitly, because closing a mapping that
+    tensors use turns their next access into a SIGSEGV; it is unmapped when the last view
+    is garbage-collected. ``drop`` only forgets the cache entry. A CUDA segment's storage
+    likewise closes its IPC mapping when its last view dies.
+
+    Thread-safe: mapping happens under a lock, so concurrent first uses map once.
+
+    Args:
+        shm_dir: where host segment objects live (``/dev/shm``).
+        populate: map host segments with ``MAP_POPULATE``: about 60 ms per GiB at map
+            time instead of a page fault on each first access.
+    """
+
+    def __init__(self, *, shm_dir: str = "/dev/shm", populate: bool = True) -> None:
+        self._shm_dir = shm_dir
+        self._populate = populate
+        self._lock = threading.Lock()
+        self._mapped: dict[SegmentKey, _Mapped] = {}
+        self._uuid_to_index: dict[str, int] | None = None
+
+    @staticmethod
+    def key_of(handle: broker_pb2.Handle) -> SegmentKey:
+        return SegmentKey(handle.instance_id, handle.segment_id, handle.segment_generation)
+
+    def view(
+        self,
+        handle: broker_pb2.Handle,
+        dtype: torch.dtype | None = None,
+        shape: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """A zero-copy tensor over the handle's byte range.
+
+        Args:
+            handle: from the broker (Allocate, Attach or Pin).
+            dtype: element type; default ``torch.uint8``.
+            shape: default: 1-D over all of ``handle.nbytes``. The view may be smaller
+                than the range, never larger.
+
+        Raises:
+            HandleError: (or a subclass) the handle is invalid, stale or unmappable, the
+                offset is not a multiple of the element size, or the view does not fit.
+
+        Cost: the first view of a segment maps it; later ones are slices (microseconds).
+        """
+        base = self.segment(handle)
+        offset, nbytes = handle.byte_offset, handle.nbytes
+        if offset + nbytes > base.numel():
+            raise HandleError(
+                f"handle range [{offset}, {offset + nbytes}) exceeds its segment of {base.numel()} bytes"
+            )
+        if dtype is None and shape is None:
+            return base[offset : offset + nbytes]
+        dtype = torch.uint8 if dtype is None else dtype
+        itemsize = dtype.itemsize
+        if offset % itemsize:
+            raise HandleError(f"byte offset {offset} is not a multiple of {dtype}'s size {itemsize}")
+        if shape is None:
+            if nbytes % itemsize:
+                raise HandleError(f"{nbytes} bytes is not a whole number of {dtype} elements")
+            shape = (nbytes // itemsize,)
+        dims = tuple(int(d) for d in shape)
+        if any(d < 0 for d in dims):
+            raise HandleError(f"shape {dims} has a negative dimension")
+        need = math.prod(dims) * itemsize
+        if need > nbytes:
+            raise HandleError(f"a {dtype} view of shape {dims} needs {need} bytes; the handle has {nbytes}")
+        return base[offset : offset + need].view(dtype).view(dims)
+
+    def segment(self, handle: broker_pb2.Handle) -> torch.Tensor:
+        """The whole segment as one uint8 tensor, mapped on first use and cached."""
+        key = self.key_of(handle)
+        kind = handle.WhichOneof("segment")
+        if kind is None:
+            raise HandleError("handle carries no segment (neither host nor cuda)")
+        if not handle.instance_id:
+            raise HandleError("handle has no instance_id")
+        identity = _identity(handle, kind)
+        with self._lock:
+            mapped = self._mapped.get(key)
+            if mapped is None:
+                base = self._map_host(handle.host) if kind == "host" else self._map_cuda(handle)
+                mapped = self._mapped[key] = _Mapped(identity, base)
+            elif mapped.identity != identity:
+                raise StaleHandleError(
+                    f"segment {key} is mapped already, but this handle names other memory: "
+                    "the broker restarted with the same instance id?"
+                )
+            return mapped.base
+
+    def drop(self, key: SegmentKey) -> bool:
+        """Forget a segment; True if it was mapped. Views keep their memory valid."""
+        with self._lock:
+            return self._mapped.pop(key, None) is not None
+
+    def drop_instance(self, instance_id: str) -> int:
+        """Forget every segment of one broker instance; returns how many."""
+        with self._lock:
+            keys = [k for k in self._mapped if k.instance_id == instance_id]
+            for key in keys:
+                del self._mapped[key]
+            return len(keys)
+
+    def keys(self) -> list[SegmentKey]:
+        with self._lock:
+            return list(self._mapped)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._mapped
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._mapped)
+
+    def _map_host(self, host: broker_pb2.HostSegmentHandle) -> torch.Tensor:
+        if not SHM_NAME_PATTERN.fullmatch(host.shm_name):
+            raise HandleError(f"shm_name {host.shm_name!r} does not match {SHM_NAME_PATTERN.pattern}")
+        if host.size_bytes == 0:
+            raise HandleError("host segment has size_bytes 0")
+        path = os.path.join(self._shm_dir, host.shm_name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)  # never O_CREAT
+        except FileNotFoundError:
+            raise StaleHandleError(f"{path} does not exist: the broker freed the segment or restarted") from None
+        except OSError as err:
+            raise HandleError(f"cannot open {path}: {err.strerror}") from err
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise HandleError(f"{path} is not a regular file")
+            if (st.st_dev, st.st_ino) != (host.st_dev, host.st_ino):
+                raise StaleHandleError(
+                    f"{path} is another object than the handle names (device/inode "
+                    f"{st.st_dev}/{st.st_ino}, expected {host.st_dev}/{host.st_ino})"
+                )
+            if st.st_size < host.size_bytes:
+                raise StaleHandleError(f"{path} has {st.st_size} bytes, fewer than the handle's {host.size_bytes}")
+            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if self._populate else 0)
+            mapping = mmap.mmap(fd, host.size_bytes, flags=flags)
+        finally:
+            os.close(fd)
+        return torch.frombuffer(mapping, dtype=torch.uint8)  # keeps `mapping` referenced
+
+    def _map_cuda(self, handle: broker_pb2.Handle) -> torch.Tensor:
+        cuda = handle.cuda
+        if handle.server_pid == os.getpid():
+            raise UnsupportedHandleError(
+                "this handle comes from this very process: CUDA cannot open its own IPC "
+                "handle; use the broker's tensor directly"
+            )
+        index = self._cuda_index(cuda.device_uuid)
+        backend = torch.cuda.get_allocator_backend()
+        if backend != "native":
+            raise UnsupportedHandleError(
+                f"this process's CUDA allocator is {backend!r}; it cannot open CUDA IPC handles"
+            )
+        mem_handle = bytes(cuda.mem_handle)
+        framed = len(mem_handle) == 66 and mem_handle[1:2] == b"c" and mem_handle[0] in _KNOWN_HANDLE_VERSIONS
+        if not (framed or len(mem_handle) == 64):
+            raise UnsupportedHandleError(
+                f"unsupported CUDA handle framing ({len(mem_handle)} bytes, kind "
+                f"{mem_handle[1:2]!r}) from torch {cuda.torch_version or '?'}; this is torch "
+                f"{torch.__version__}"
+            )
+        if not _REF_COUNTER_NAME.fullmatch(bytes(cuda.ref_counter_handle)):
+            raise HandleError(f"bad ref counter name {bytes(cuda.ref_counter_handle)!r}")
+        if len(cuda.event_handle) != 64:
+            raise HandleError(f"event handle has {len(cuda.event_handle)} bytes, expected 64")
+        if cuda.storage_size_bytes == 0:
+            raise HandleError("CUDA segment has storage_size_bytes 0")
+        with torch.cuda.device(index):
+            storage = torch.UntypedStorage._new_shared_cuda(
+                index,
+                mem_handle,
+                cuda.storage_size_bytes,
+                cuda.storage_offset_bytes,
+                bytes(cuda.ref_counter_handle),
+                cuda.ref_counter_offset,
+                bytes(cuda.event_handle),
+                bool(cuda.event_sync_required),
+            )
+        empty = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", index))
+        return empty.set_(storage, 0, (cuda.storage_size_bytes,), (1,))
+
+    def _cuda_index(self, device_uuid: str) -> int:
+        """This process's index of the GPU named ``device_uuid``; never another GPU."""
+        if self._uuid_to_index is None:
+            if not torch.cuda.is_available():
+                raise DeviceNotVisibleError(
+                    f"the segment is on GPU {device_uuid}, but this process has no CUDA device"
+                )
+            self._uuid_to_index = {_gpu_uuid(i): i for i in range(torch.cuda.device_count())}
+        try:
+            return self._uuid_to_index[device_uuid]
+        except KeyError:
+            raise DeviceNotVisibleError(
+                f"GPU {device_uuid} is not visible to this process (visible: {sorted(self._uuid_to_index)})"
+            ) from None
+
+
+def _gpu_uuid(index: int) -> str:
+    """The wire form of a GPU's UUID, ``GPU-xxxxxxxx-...``, as the broker writes it."""
+    text = str(torch.cuda.get_device_properties(index).uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
+def _identity(handle: broker_pb2.Handle, kind: str) -> tuple[object, ...]:
+    if kind == "host":
+        h = handle.host
+        return ("host", h.shm_name, h.size_bytes, h.st_dev, h.st_ino)
+    c = handle.cuda
+    return ("cuda", c.device_uuid, bytes(c.mem_handle), c.storage_size_bytes, c.storage_offset_bytes)
