@@ -1,0 +1,83 @@
+"""Defragment through the RPC: every unpinned cache keeps its bytes, read through a fresh
+mapping in a fresh process, and the figures are right."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from kvbroker_client import BrokerClient
+
+from .conftest import ROOT
+
+MiB = 1 << 20
+
+READER = textwrap.dedent(
+    """
+    import json, sys, torch
+    from kvbroker_client import BrokerClient
+    sums = {}
+    with BrokerClient(sys.argv[1]) as client:
+        for cache_id in sys.argv[2:]:
+            cache = client.attach(cache_id)
+            t = cache.tensor()
+            sums[cache_id] = [int(t.to(torch.int64).sum()), int(t[0]), int(t[-1]), cache.handle.byte_offset]
+            cache.release()
+    print(json.dumps(sums))
+    """
+)
+
+
+def read_in_fresh_process(daemon, cache_ids):
+    done = subprocess.run(
+        [sys.executable, "-c", READER, daemon.target, *cache_ids],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_defragment_moves_unpinned_caches_and_keeps_their_bytes(daemon):
+    with BrokerClient(daemon.target) as client:
+        client.defragment()  # start from a packed layout
+        caches = []
+        for i in range(12):
+            cache = client.allocate("default", size_bytes=2 * MiB, retain=True, cache_id=f"defrag-{i}")
+            t = cache.tensor()
+            t.copy_(torch.randint(0, 256, (t.numel(),), dtype=torch.uint8, generator=torch.Generator().manual_seed(i)))
+            caches.append(cache)
+        pinned = caches[7]
+        pinned.pin()
+        for cache in caches[0:7:2]:
+            cache.release(force=True)
+        kept = [c for c in caches if not c.released]
+        expected = {c.cache_id: [int(c.tensor().to(torch.int64).sum()), int(c.tensor()[0]), int(c.tensor()[-1])] for c in kept}
+        offsets = {c.cache_id: c.handle.byte_offset for c in kept}
+
+        dry = client.defragment(pool="default", dry_run=True)
+        assert dry.dry_run and dry.caches_moved > 0 and dry.fragmentation_before > 0
+        stats_before = client.stats()
+        assert client.stats().fragmentation_ratio == stats_before.fragmentation_ratio  # dry run moved nothing
+
+        result = client.defragment(pool="default")
+        assert result.caches_moved == dry.caches_moved
+        assert result.bytes_moved == result.caches_moved * 2 * MiB
+        assert result.fragmentation_before > result.fragmentation_after
+        assert result.fragmentation_after == 0.0
+        assert result.duration_seconds > 0
+
+        after = read_in_fresh_process(daemon, list(expected))
+        for cache_id, sums in expected.items():
+            assert after[cache_id][:3] == sums, cache_id
+        moved = [cid for cid in expected if after[cid][3] != offsets[cid]]
+        assert len(moved) == result.caches_moved
+        assert pinned.cache_id not in moved
+        assert client.stats().pools[0].usage.fragmentation_ratio == 0.0
+
+        pinned.unpin()
+        for cache in kept:
+            cache.release(force=True)
