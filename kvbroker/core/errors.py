@@ -1,0 +1,79 @@
+"""Typed domain errors of the broker core.
+
+One class per gRPC status the daemon maps them to (the mapping table lives in
+``kvbroker.server``; the core never imports grpc). Client misuse raises one of these;
+a broken invariant is a bug and raises ``AssertionError``/``RuntimeError`` instead, so
+that the two are never confused (Plasma's ``RAY_CHECK`` vs ``PlasmaError``).
+
+Every message names the offending field or object, because it travels to the operator
+verbatim.
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Base of every error a client can provoke. ``str(err)`` is the client-facing text."""
+
+
+class InvalidArgument(BrokerError):
+    """A field is malformed or out of range (maps to INVALID_ARGUMENT).
+
+    Attributes:
+        field: the request field at fault, e.g. ``"size_bytes"``.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFound(BrokerError):
+    """An unknown pool, device or cache id (maps to NOT_FOUND)."""
+
+
+class AlreadyExists(BrokerError):
+    """A cache id that is already in use (maps to ALREADY_EXISTS)."""
+
+
+class FailedPrecondition(BrokerError):
+    """The object exists but is in the wrong state: evicted, pinned, not pinned
+    (maps to FAILED_PRECONDITION)."""
+
+
+class ResourceExhausted(BrokerError):
+    """A request that cannot be placed now (maps to RESOURCE_EXHAUSTED).
+
+    Attributes:
+        requested_bytes: the block-rounded size that was asked for.
+        free_bytes: free bytes the pool could reach on the candidate devices (inside its
+            segments plus the device budget it may still claim).
+        largest_free_extent_bytes: the largest contiguous free extent among them.
+        satisfiable: True when the request would fit once other caches are released
+            (the pool's quota and the device capacity allow it); False when it can never
+            fit, so waiting for memory is pointless.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        requested_bytes: int,
+        free_bytes: int,
+        largest_free_extent_bytes: int,
+        satisfiable: bool,
+    ) -> None:
+        super().__init__(
+            f"{message} (requested {requested_bytes} bytes, {free_bytes} bytes free, "
+            f"largest free extent {largest_free_extent_bytes} bytes)"
+        )
+        self.requested_bytes = requested_bytes
+        self.free_bytes = free_bytes
+        self.largest_free_extent_bytes = largest_free_extent_bytes
+        self.satisfiable = satisfiable
+
+
+class DeadlineExceeded(BrokerError):
+    """A waiting allocation found no room before its ``wait_timeout_ms`` ran out (maps to
+    DEADLINE_EXCEEDED). The core decides that a request could fit once memory is freed
+    (``ResourceExhausted.satisfiable``); the daemon does the waiting."""

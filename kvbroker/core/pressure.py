@@ -1,0 +1,196 @@
+"""The pressure ladder: what the broker gives up, in which order, to place a request.
+
+DESIGN.md §4, on one candidate arena (the requesting pool's share of one device):
+
+1. Evict idle retained caches (no holder, no pin, ``retain``) of equal or lower
+   priority, in the pool's policy order: nobody is using them.
+2. If the arena's free bytes suffice but are fragmented, return a compaction plan (the
+   daemon copies, commits and asks again): moving bytes loses nothing, evicting does.
+3. Evict unpinned caches of equal or lower priority in the pool's policy order, checking
+   after each eviction whether the request fits (or fits after compaction).
+4. Take whole segments from other pools on the same device (empty ones first, then
+   ones whose every cache may be evicted), only from pools that stay at or above their
+   ``min_bytes``, lowest pool priority first; the freed budget becomes a new segment.
+
+A pinned cache is never evicted or moved at any step. Waiting (``wait_timeout_ms``) is
+the daemon's: it uses ``ResourceExhausted.satisfiable`` to decide whether to queue.
+
+Cost: only requests that do not fit pay for this; each step is O(caches of the pool)
+for the victim walk, and compaction plans are capped at ``MAX_PLANS`` per request so a
+layout that pins block every plan cannot turn eviction quadratic.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvbroker.core.types import CacheState, CompactionPlan, SegmentInfo
+
+if TYPE_CHECKING:
+    from kvbroker.core.broker import Broker
+    from kvbroker.core.records import ArenaRecord, CacheRecord
+
+MAX_PLANS = 4
+
+
+def make_room(
+    broker: Broker,
+    arena: ArenaRecord,
+    reserved: int,
+    priority: int,
+    retired: list[SegmentInfo],
+    evicted: list[str],
+    *,
+    allow_eviction: bool,
+    allow_compaction: bool,
+) -> bool | CompactionPlan:
+    """Run the ladder on ``arena`` until ``reserved`` bytes fit.
+
+    Returns True when the request now fits (in a free extent or as a new segment), a
+    ``CompactionPlan`` when compaction would make it fit, False when this arena cannot
+    make room. Evictions and retirements done on the way are appended to ``evicted`` and
+    ``retired`` (they stand even when the ladder fails: the bytes are free for others).
+    """
+    plans = 0
+
+    def fits() -> bool:
+        if arena.free.largest_extent() >= reserved or _can_grow(broker, arena, reserved):
+            return True
+        return _retire_own_empty(broker, arena, reserved, retired)
+
+    def compaction() -> CompactionPlan | None:
+        nonlocal plans
+        if not allow_compaction or plans >= MAX_PLANS or arena.free.free_bytes < reserved:
+            return None
+        plans += 1
+        device, pool = arena.device.spec.device_id, arena.pool.spec.name
+        plan = broker.plan_compaction(device=device, pool=pool)
+        return plan if plan.moves and plan.largest_free_extent_after >= reserved else None
+
+    if fits():
+        return True
+    if allow_eviction:
+        for rec in _victims(arena, reserved, priority, idle_only=True):
+            broker._evict(rec, "idle retained cache reclaimed")
+            evicted.append(rec.cache_id)
+            if fits():
+                return True
+    plan = compaction()
+    if plan is not None:
+        return plan
+    if not allow_eviction:
+        return False
+    for rec in _victims(arena, reserved, priority, idle_only=False):
+        broker._evict(rec, f"evicted by pool {arena.pool.spec.name!r} policy")
+        evicted.append(rec.cache_id)
+        if fits():
+            return True
+        plan = compaction()
+        if plan is not None:
+            return plan
+    return _take_segments(broker, arena, reserved, priority, retired, evicted)
+
+
+def _victims(arena: ArenaRecord, reserved: int, priority: int, *, idle_only: bool):
+    """Evictable caches of ``arena`` in the pool's policy order."""
+    pool = arena.pool
+    device_id = arena.device.spec.device_id
+    caches = pool_caches(arena)
+    for cache_id in pool.policy.victims(reserved):
+        rec = caches.get(cache_id)
+        if rec is None or rec.device_id != device_id or rec.pin_count or rec.priority > priority:
+            continue
+        if idle_only and (rec.holders or not rec.retain):
+            continue
+        yield rec
+
+
+def pool_caches(arena: ArenaRecord) -> dict[str, CacheRecord]:
+    """Resident caches of one arena by id. Cost: O(caches of the arena)."""
+    return {cid: rec for seg in arena.segments.values() for cid, rec in seg.caches.items()}
+
+
+def _can_grow(broker: Broker, arena: ArenaRecord, reserved: int) -> bool:
+    granule = max(arena.device.spec.segment_alignment_bytes, arena.pool.spec.block_bytes)
+    return -(-reserved // granule) * granule <= broker._headroom(arena)
+
+
+def _retire_own_empty(
+    broker: Broker, arena: ArenaRecord, reserved: int, retired: list[SegmentInfo]
+) -> bool:
+    """Retire the arena's empty segments if that lets a big enough segment be created
+    (a request larger than any of them). Retires nothing when it would not help."""
+    empty = sorted(
+        (seg.info.nbytes, sid) for sid, seg in arena.segments.items() if not seg.caches
+    )
+    granule = max(arena.device.spec.segment_alignment_bytes, arena.pool.spec.block_bytes)
+    need = -(-reserved // granule) * granule
+    if not empty or broker._headroom(arena) + sum(n for n, _ in empty) < need:
+        return False
+    for _, segment_id in empty:
+        retired.append(broker.retire_segment(segment_id))
+        if _can_grow(broker, arena, reserved):
+            return True
+    return False
+
+
+def _take_segments(
+    broker: Broker,
+    arena: ArenaRecord,
+    reserved: int,
+    priority: int,
+    retired: list[SegmentInfo],
+    evicted: list[str],
+) -> bool:
+    pool = arena.pool
+    granule = max(arena.device.spec.segment_alignment_bytes, pool.spec.block_bytes)
+    need = -(-reserved // granule) * granule
+    # Retiring our own empty segments counts as room only if the pool's quota then
+    # allows a segment of the needed size.
+    candidates = []
+    for other in broker._pools.values():
+        other_arena = other.arenas.get(arena.device.spec.device_id)
+        if other_arena is None:
+            continue
+        for seg in other_arena.segments.values():
+            if other is not pool and other.reserved_bytes - seg.info.nbytes < other.spec.min_bytes:
+                continue
+            recs = list(seg.caches.values())
+            if any(r.pin_count or r.priority > priority for r in recs):
+                continue
+            if other is pool and recs:
+                continue  # our own caches were already offered to the policy
+            live = sum(r.reserved_bytes for r in recs)
+            candidates.append((live > 0, other.spec.priority, live, seg.info.segment_id, other, recs))
+    candidates.sort(key=lambda c: c[:4])
+    # Choose first, act after: a segment is taken only if enough of them can be taken to
+    # place the request (else nothing is evicted or retired, and no retired segment is
+    # lost with the ResourceExhausted that follows), and each other pool's min_bytes is
+    # checked against what it keeps after every segment chosen from it so far.
+    unreserved = arena.device.unreserved_bytes
+    own_reserved = pool.reserved_bytes
+    kept: dict[str, int] = {}
+    chosen = []
+    for _, _, _, segment_id, other, recs in candidates:
+        nbytes = broker._segments[segment_id].info.nbytes
+        if other is pool:
+            own_reserved -= nbytes
+        else:
+            left = kept.get(other.spec.name, other.reserved_bytes) - nbytes
+            if left < other.spec.min_bytes:
+                continue
+            kept[other.spec.name] = left
+        unreserved += nbytes
+        chosen.append((segment_id, recs))
+        if min(unreserved, pool.max_bytes - own_reserved) // granule * granule >= need:
+            break
+    else:
+        return False
+    for segment_id, recs in chosen:
+        for rec in recs:
+            if rec.state is CacheState.RESIDENT:
+                broker._evict(rec, f"memory reclaimed for pool {pool.spec.name!r}")
+                evicted.append(rec.cache_id)
+        retired.append(broker.retire_segment(segment_id))
+    assert _can_grow(broker, arena, reserved), "taking the chosen segments made no room"
+    return True

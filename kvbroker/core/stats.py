@@ -1,0 +1,102 @@
+"""Statistics snapshots: every figure of the seeds' ``get_pool_statistics`` in base units.
+
+Definitions (the same for every scope: a device, a pool, the whole broker):
+
+- ``capacity_bytes``: a device's capacity; a pool's quota (``max_bytes``); the sum of
+  the devices' capacities in total.
+- ``reserved_bytes``: bytes held by segments. ``allocated_bytes``: bytes of resident
+  caches (block-rounded). ``free_bytes = capacity - allocated``: what the scope could
+  still place, inside segments or as new ones.
+- ``largest_free_extent_bytes``: the largest contiguous free range, inside a segment or
+  as a new segment from the unreserved budget.
+- ``fragmentation_ratio``: ``1 - largest free extent / free bytes`` over the free space
+  inside segments (unreserved budget is never fragmented).
+- ``utilization_ratio``: ``allocated / capacity``.
+
+Cost: O(segments + free extents); called per Stats RPC and per Prometheus scrape, never
+on the allocation path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from kvbroker.core.compaction import fragmentation
+from kvbroker.core.types import BrokerStats, DeviceStats, PoolStats, Usage
+
+if TYPE_CHECKING:
+    from kvbroker.core.broker import Broker
+    from kvbroker.core.records import ArenaRecord, DeviceRecord, PoolRecord
+
+
+def _usage(arenas: list[ArenaRecord], capacity: int, unreserved: int) -> Usage:
+    allocated = sum(a.allocated_bytes for a in arenas)
+    extents = [n for a in arenas for _, n in a.free.extents()]
+    largest_inside = max(extents, default=0)
+    return Usage(
+        capacity_bytes=capacity,
+        reserved_bytes=sum(a.reserved_bytes for a in arenas),
+        allocated_bytes=allocated,
+        pinned_bytes=sum(a.pinned_bytes for a in arenas),
+        free_bytes=capacity - allocated,
+        largest_free_extent_bytes=max(largest_inside, max(unreserved, 0)),
+        fragmentation_ratio=fragmentation(extents) if extents else 0.0,
+        utilization_ratio=allocated / capacity if capacity else 0.0,
+        active_caches=sum(a.live_caches for a in arenas),
+        segments=sum(len(a.segments) for a in arenas),
+    )
+
+
+def snapshot(
+    devices: Iterable[DeviceRecord], pools: Iterable[PoolRecord], broker: Broker
+) -> BrokerStats:
+    """Build a ``BrokerStats`` from the broker's records."""
+    pools = list(pools)
+    devices = list(devices)
+    arenas_by_device: dict[str, list[ArenaRecord]] = {d.spec.device_id: [] for d in devices}
+    for pool in pools:
+        for device_id, arena in pool.arenas.items():
+            arenas_by_device[device_id].append(arena)
+    device_stats = tuple(
+        DeviceStats(
+            device_id=d.spec.device_id,
+            usage=_usage(arenas_by_device[d.spec.device_id], d.spec.capacity_bytes, d.unreserved_bytes),
+            allocation_count=d.allocation_count,
+            eviction_count=d.eviction_count,
+        )
+        for d in devices
+    )
+    pool_stats = tuple(
+        PoolStats(
+            pool=p.spec.name,
+            usage=_usage(
+                list(p.arenas.values()),
+                p.max_bytes,
+                min(
+                    p.max_bytes - p.reserved_bytes,
+                    max(a.device.unreserved_bytes for a in p.arenas.values()),
+                ),
+            ),
+            min_bytes=p.spec.min_bytes,
+            max_bytes=p.max_bytes,
+            priority=p.spec.priority,
+            eviction_policy=p.spec.eviction_policy,
+            allocation_count=p.allocation_count,
+            eviction_count=p.eviction_count,
+        )
+        for p in pools
+    )
+    all_arenas = [a for arenas in arenas_by_device.values() for a in arenas]
+    total = _usage(
+        all_arenas,
+        sum(d.spec.capacity_bytes for d in devices),
+        max((d.unreserved_bytes for d in devices), default=0),
+    )
+    return BrokerStats(
+        total=total,
+        allocation_count=broker.allocation_count,
+        eviction_count=broker.eviction_count,
+        devices=device_stats,
+        pools=pool_stats,
+    )

@@ -1,0 +1,359 @@
+"""Value objects of the broker core: specs that come in, immutable views that go out.
+
+The core speaks integers (segment ids, byte offsets, byte counts) and strings (ids). It
+never sees a pointer, a tensor or a file. Records that the core mutates are private to
+the modules that own them; what leaves the core is one of the frozen classes below, so a
+caller can never change broker state behind its back (vLLM's ``KVCacheBlocks``).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from kvbroker.core.errors import InvalidArgument
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+#: The holder that stands for calls made without a session (an operator's grpcurl).
+ANONYMOUS_HOLDER = ""
+
+#: Ids travel in logs, metrics exemplars and file names: printable ASCII, no spaces.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,127}")
+ID_MAX_CHARS = 128
+
+
+def validate_id(field_name: str, value: str) -> str:
+    """Return ``value`` if it is a well-formed id, else raise ``InvalidArgument``.
+
+    An id is 1 to 128 printable ASCII characters from ``[A-Za-z0-9._:/@+=-]`` starting
+    with a letter or digit. Cost: one regex match.
+    """
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        shown = value if isinstance(value, str) and len(value) <= 40 else f"{str(value)[:40]!r}..."
+        raise InvalidArgument(
+            field_name,
+            f"{shown!r} is not a valid id (1 to {ID_MAX_CHARS} characters of "
+            "A-Z a-z 0-9 . _ : / @ + = -, starting with a letter or digit)",
+        )
+    return value
+
+
+class CacheState(enum.Enum):
+    """Where a cache's bytes are. ``EVICTED`` caches keep their record until their
+    holders release them, so a holder learns what happened instead of getting NOT_FOUND."""
+
+    RESIDENT = "resident"
+    EVICTED = "evicted"
+
+
+class Placement(enum.Enum):
+    """How a pool spreads new caches over its devices."""
+
+    LEAST_LOADED = "least_loaded"
+    ROUND_ROBIN = "round_robin"
+
+
+class EventKind(enum.Enum):
+    EVICTED = "evicted"
+    MOVED = "moved"
+    SEGMENT_RETIRED = "segment_retired"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """One device the broker owns.
+
+    Attributes:
+        device_id: ``"host"`` or a GPU UUID such as ``"GPU-8d1c..."`` (never an index).
+        capacity_bytes: the budget the broker may reserve as segments on this device.
+        segment_alignment_bytes: every segment size is a multiple of this (2 MiB for
+            CUDA so that each segment owns its own ``cudaMalloc`` block; the page size for
+            host shared memory).
+        min_segment_bytes: no segment is smaller (10 MiB for CUDA: below that, torch's
+            caching allocator carves blocks out of a shared 20 MiB segment, and an IPC
+            handle would expose the neighbours).
+    """
+
+    device_id: str
+    capacity_bytes: int
+    segment_alignment_bytes: int = 4 * KiB
+    min_segment_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        validate_id("device", self.device_id)
+        if self.capacity_bytes <= 0:
+            raise InvalidArgument("capacity_bytes", f"must be positive, got {self.capacity_bytes}")
+        if self.segment_alignment_bytes <= 0:
+            raise InvalidArgument(
+                "segment_alignment_bytes", f"must be positive, got {self.segment_alignment_bytes}"
+            )
+        if not 0 <= self.min_segment_bytes <= self.capacity_bytes:
+            raise InvalidArgument(
+                "min_segment_bytes", f"must be in [0, capacity], got {self.min_segment_bytes}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """A tenant's space: which devices it may use, how much, and how it evicts.
+
+    Attributes:
+        name: the pool's id.
+        devices: device ids the pool may place caches on, in preference order.
+        min_bytes: guaranteed bytes: other pools may not take the pool below this.
+        max_bytes: quota on the bytes of the pool's segments; ``None`` means the
+            devices' capacity.
+        priority: default priority of the pool's caches; eviction takes only caches of
+            equal or lower priority than the request.
+        eviction_policy: a name from ``kvbroker.core.eviction.POLICIES``.
+        gc_threshold: utilization ratio above which background reclamation starts.
+        block_bytes: allocation granule: cache sizes and offsets are multiples of it.
+        segment_bytes: preferred size of a new segment (a larger cache gets a segment
+            of its own size).
+        default_cache_bytes: size used when a request gives neither a size nor a shape
+            (0: such a request is invalid).
+        placement: how new caches are spread over ``devices``.
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    min_bytes: int = 0
+    max_bytes: int | None = None
+    priority: int = 0
+    eviction_policy: str = "lru"
+    gc_threshold: float = 0.9
+    block_bytes: int = 64 * KiB
+    segment_bytes: int = 256 * MiB
+    default_cache_bytes: int = 0
+    placement: Placement = Placement.LEAST_LOADED
+
+    def __post_init__(self) -> None:
+        validate_id("pool", self.name)
+        if not self.devices:
+            raise InvalidArgument(f"pools.{self.name}.devices", "a pool needs at least one device")
+        if len(set(self.devices)) != len(self.devices):
+            raise InvalidArgument(f"pools.{self.name}.devices", "lists a device twice")
+        checks = [
+            ("min_bytes", self.min_bytes >= 0, "must be >= 0"),
+            ("max_bytes", self.max_bytes is None or self.max_bytes > 0, "must be > 0"),
+            (
+                "max_bytes",
+                self.max_bytes is None or self.max_bytes >= self.min_bytes,
+                "must be >= min_bytes",
+            ),
+            ("gc_threshold", 0.0 < self.gc_threshold <= 1.0, "must be in (0, 1]"),
+            (
+                "block_bytes",
+                self.block_bytes > 0 and self.block_bytes & (self.block_bytes - 1) == 0,
+                "must be a positive power of two",
+            ),
+            ("segment_bytes", self.segment_bytes >= self.block_bytes, "must be >= block_bytes"),
+            ("default_cache_bytes", self.default_cache_bytes >= 0, "must be >= 0"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise InvalidArgument(f"pools.{self.name}.{name}", f"{why}, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationRequest:
+    """What a client asks for. Validated by the broker, not here, so that every error
+    names the wire field.
+
+    Attributes:
+        nbytes: requested size (rounded up to the pool's block size when placed).
+        cache_id: the id to give the cache; ``None`` lets the broker generate one.
+        priority: ``None`` takes the pool's priority.
+        pinned: pin the cache for ``holder`` at once.
+        retain: keep the cache after its last holder releases it.
+        device_hint: place on this device if the pool may use it and it fits there.
+        dtype, shape: metadata that the client stub uses to build its tensor view.
+    """
+
+    pool: str
+    nbytes: int
+    holder: str = ANONYMOUS_HOLDER
+    cache_id: str | None = None
+    model_name: str = ""
+    priority: int | None = None
+    pinned: bool = False
+    retain: bool = False
+    device_hint: str | None = None
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
+
+
+class Extent(NamedTuple):
+    """A contiguous byte range of one segment.
+
+    A NamedTuple rather than a frozen dataclass: it is built on every allocation and a
+    frozen dataclass's ``__init__`` costs several times more (measured in
+    ``benchmarks/fragmentation.py``'s per-op loop).
+    """
+
+    segment_id: int
+    offset: int
+    nbytes: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentInfo:
+    """A segment as the backends see it: create it, map it, free it.
+
+    ``generation`` is unique per segment over the broker's life; a handle carries it so a
+    client can tell a reused segment id from the one it mapped.
+    """
+
+    segment_id: int
+    generation: int
+    pool: str
+    device_id: str
+    nbytes: int
+
+
+class CacheInfo(NamedTuple):
+    """An immutable view of one cache.
+
+    ``nbytes`` is what was asked for; ``reserved_bytes`` is the block-rounded size it
+    occupies. ``extents`` is a tuple so that a future paged mode needs no new type; in
+    contiguous mode it holds exactly one extent (none once evicted). A NamedTuple because
+    every allocate, attach and pin returns one (see ``Extent``).
+    """
+
+    cache_id: str
+    pool: str
+    model_name: str
+    nbytes: int
+    reserved_bytes: int
+    device_id: str
+    extents: tuple[Extent, ...]
+    state: CacheState
+    epoch: int
+    pin_count: int
+    holders: frozenset[str]
+    retain: bool
+    priority: int
+    created_at: float
+    last_access_at: float
+    access_count: int
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
+
+    @property
+    def pinned(self) -> bool:
+        return self.pin_count > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something the broker did to a cache or segment that its holders must learn.
+
+    For ``EVICTED`` and ``MOVED``, ``recipients`` are the cache's holders and ``epoch`` its
+    new epoch; for ``SEGMENT_RETIRED``, the segment's mappers.
+    """
+
+    kind: EventKind
+    recipients: frozenset[str]
+    cache_id: str = ""
+    segment_id: int = -1
+    epoch: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Copy ``nbytes`` of one cache from ``source`` to ``destination``.
+
+    Moves are applied in plan order; a later move may read bytes an earlier one wrote.
+    Source and destination may overlap inside one segment (a slide down), so a backend
+    must copy with memmove semantics.
+    """
+
+    cache_id: str
+    source: Extent
+    destination: Extent
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionPlan:
+    """Moves that pack a set of arenas; computed by ``plan``, applied by ``commit``.
+
+    ``token`` ties the plan to the broker state it was computed from: ``commit`` refuses a
+    plan made stale by any mutation in between.
+    """
+
+    moves: tuple[Move, ...]
+    fragmentation_before: float
+    fragmentation_after: float
+    segments_emptied: tuple[int, ...]
+    largest_free_extent_after: int
+    token: int
+
+    @property
+    def bytes_moved(self) -> int:
+        return sum(m.destination.nbytes for m in self.moves)
+
+    @property
+    def caches_moved(self) -> int:
+        return len(self.moves)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Byte accounting of one scope (a segment set, a pool, a device or the whole broker).
+
+    ``capacity_bytes`` is the scope's budget (device capacity; for a pool, the bytes of
+    its segments). ``fragmentation_ratio`` is ``1 - largest_free_extent / free`` over
+    free space inside segments (0 when nothing is free).
+    """
+
+    capacity_bytes: int
+    reserved_bytes: int
+    allocated_bytes: int
+    pinned_bytes: int
+    free_bytes: int
+    largest_free_extent_bytes: int
+    fragmentation_ratio: float
+    utilization_ratio: float
+    active_caches: int
+    segments: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStats:
+    device_id: str
+    usage: Usage
+    allocation_count: int
+    eviction_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    pool: str
+    usage: Usage
+    min_bytes: int
+    max_bytes: int
+    priority: int
+    eviction_policy: str
+    allocation_count: int
+    eviction_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStats:
+    """One consistent snapshot: every figure of the seeds' ``get_pool_statistics``."""
+
+    total: Usage
+    allocation_count: int
+    eviction_count: int
+    devices: tuple[DeviceStats, ...] = field(default_factory=tuple)
+    pools: tuple[PoolStats, ...] = field(default_factory=tuple)
