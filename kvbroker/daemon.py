@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -173,6 +174,9 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
             ", ".join(f"{d.device_id} ({d.capacity_bytes / 2**30:.2f} GiB)" for d in devices.specs),
             ", ".join(p.name for p in pools),
         )
+        # Everything built so far lives as long as the daemon: move it out of the
+        # collector's generations so collections on the request path stay short.
+        gc.freeze()
         if ready is not None:
             ready.set()
         await stop.wait()
