@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvbroker.core import (
     AllocationRequest,
@@ -41,9 +42,9 @@ from kvbroker.memory.backend import SegmentHandle, SegmentMemory
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class CacheHandle:
-    """Everything a client needs to map one cache: the segment and the range in it."""
+class CacheHandle(NamedTuple):
+    """Everything a client needs to map one cache: the segment and the range in it.
+    (A NamedTuple: one is built per allocate, attach and pin.)"""
 
     instance_id: str
     server_pid: int
@@ -86,6 +87,9 @@ class Engine:
         self._freed = asyncio.Condition()
         self._pid = os.getpid()
         self._closed = False
+        # segment id -> (segment, backend handle): both are fixed for a segment's life,
+        # and every allocate, attach and pin needs them.
+        self._segment_handles: dict[int, tuple[SegmentInfo, SegmentHandle]] = {}
 
     # -- allocation -------------------------------------------------------------------
 
@@ -225,19 +229,19 @@ class Engine:
         if info.state is not CacheState.RESIDENT or not info.extents:
             raise FailedPrecondition(f"cache {info.cache_id!r} was evicted")
         extent = info.extents[0]
-        segment = self.broker.segment(extent.segment_id)
+        cached = self._segment_handles.get(extent.segment_id)
+        if cached is None:
+            segment = self.broker.segment(extent.segment_id)
+            cached = (segment, self._memories[segment.device_id].handle(segment.segment_id))
+            self._segment_handles[extent.segment_id] = cached
+        segment, backend = cached
         return CacheHandle(
-            instance_id=self.instance_id,
-            server_pid=self._pid,
-            segment=segment,
-            backend=self._memories[segment.device_id].handle(segment.segment_id),
-            byte_offset=extent.offset,
-            nbytes=info.nbytes,
-            epoch=info.epoch,
+            self.instance_id, self._pid, segment, backend, extent.offset, info.nbytes, info.epoch
         )
 
     async def _free_segments(self, segments: tuple[SegmentInfo, ...]) -> None:
         for segment in segments:
+            self._segment_handles.pop(segment.segment_id, None)
             await asyncio.to_thread(self._memory(segment).free, segment.segment_id)
 
     async def _notify_freed(self) -> None:

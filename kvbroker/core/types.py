@@ -160,10 +160,9 @@ class PoolSpec:
                 raise InvalidArgument(f"pools.{self.name}.{name}", f"{why}, got {getattr(self, name)}")
 
 
-@dataclass(frozen=True, slots=True)
-class AllocationRequest:
+class AllocationRequest(NamedTuple):
     """What a client asks for. Validated by the broker, not here, so that every error
-    names the wire field.
+    names the wire field. A NamedTuple: one is built per Allocate RPC (see ``Extent``).
 
     Attributes:
         nbytes: requested size (rounded up to the pool's block size when placed).

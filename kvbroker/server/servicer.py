@@ -57,11 +57,17 @@ def _translate_errors(
     return wrapper
 
 
+@functools.lru_cache(maxsize=4096)
+def _valid_session_id(value: str) -> str:
+    """Validate a session id once per distinct value (every RPC of a session sends it)."""
+    return validate_id(SESSION_METADATA_KEY, value)
+
+
 def holder_of(context: grpc.aio.ServicerContext) -> str:
     """The caller's holder id from its metadata (anonymous without one)."""
     for key, value in context.invocation_metadata() or ():
         if key == SESSION_METADATA_KEY:
-            return validate_id(SESSION_METADATA_KEY, value)
+            return _valid_session_id(value)
     return ANONYMOUS_HOLDER
 
 
