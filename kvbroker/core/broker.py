@@ -608,12 +608,15 @@ class Broker:
         return info
 
     def _exhausted(self, pool: PoolRecord, arenas: list[ArenaRecord], reserved: int) -> ResourceExhausted:
-        # The pool's quota is shared by its devices: count the unreserved budget once.
+        # The pool's quota is shared by its devices: count the unreserved budget once,
+        # and only where a segment can be made of it (not below a device's minimum).
+        headroom = {
+            id(a): h if (h := self._headroom(a)) >= pressure._segment_need(a, 1) else 0
+            for a in arenas
+        }
         quota_room = max(pool.max_bytes - pool.reserved_bytes, 0)
-        free = sum(a.free.free_bytes for a in arenas) + min(
-            sum(self._headroom(a) for a in arenas), quota_room
-        )
-        largest = max(max(a.free.largest_extent(), self._headroom(a)) for a in arenas)
+        free = sum(a.free.free_bytes for a in arenas) + min(sum(headroom.values()), quota_room)
+        largest = max(max(a.free.largest_extent(), headroom[id(a)]) for a in arenas)
         ceiling = min(pool.max_bytes, max(a.device.spec.capacity_bytes for a in arenas))
         return ResourceExhausted(
             f"pool {pool.spec.name!r} cannot place the cache now",

@@ -49,7 +49,9 @@ def make_room(
     Returns True when the request now fits (in a free extent or as a new segment), a
     ``CompactionPlan`` when compaction would make it fit, False when this arena cannot
     make room. Evictions and retirements done on the way are appended to ``evicted`` and
-    ``retired`` (they stand even when the ladder fails: the bytes are free for others).
+    ``retired``. Policy eviction runs only when evicting everything it may evict could
+    make room, so a request that cannot succeed destroys no cache for nothing (idle
+    retained caches, which nobody uses, may still go).
     """
     plans = 0
 
@@ -80,15 +82,34 @@ def make_room(
         return plan
     if not allow_eviction:
         return False
-    for rec in _victims(arena, reserved, priority, idle_only=False):
-        broker._evict(rec, f"evicted by pool {arena.pool.spec.name!r} policy")
-        evicted.append(rec.cache_id)
-        if fits():
-            return True
-        plan = compaction()
-        if plan is not None:
-            return plan
+    if _policy_eviction_can_help(broker, arena, reserved, priority):
+        for rec in _victims(arena, reserved, priority, idle_only=False):
+            broker._evict(rec, f"evicted by pool {arena.pool.spec.name!r} policy")
+            evicted.append(rec.cache_id)
+            if fits():
+                return True
+            plan = compaction()
+            if plan is not None:
+                return plan
     return _take_segments(broker, arena, reserved, priority, retired, evicted)
+
+
+def _policy_eviction_can_help(broker: Broker, arena: ArenaRecord, reserved: int, priority: int) -> bool:
+    """Whether evicting every cache the request may evict in this arena could make room:
+    the freed bytes plus the free ones reach the request (compaction then joins them),
+    or whole segments freed that way let a big enough segment be made. When neither
+    holds, eviction would destroy caches and still fail, so the ladder skips it.
+    Cost: O(caches of the arena)."""
+    free = arena.free.free_bytes
+    growable = broker._headroom(arena)
+    for seg in arena.segments.values():
+        evictable = sum(
+            r.reserved_bytes for r in seg.caches.values() if not r.pin_count and r.priority <= priority
+        )
+        free += evictable
+        if evictable == sum(r.reserved_bytes for r in seg.caches.values()):
+            growable += seg.info.nbytes
+    return free >= reserved or growable >= _segment_need(arena, reserved)
 
 
 def _victims(arena: ArenaRecord, reserved: int, priority: int, *, idle_only: bool):
@@ -110,9 +131,16 @@ def pool_caches(arena: ArenaRecord) -> dict[str, CacheRecord]:
     return {cid: rec for seg in arena.segments.values() for cid, rec in seg.caches.items()}
 
 
-def _can_grow(broker: Broker, arena: ArenaRecord, reserved: int) -> bool:
+def _segment_need(arena: ArenaRecord, reserved: int) -> int:
+    """The smallest segment ``Broker._grow`` would create for ``reserved`` bytes: the
+    size rounded up to the granule, and never below the device's minimum segment."""
     granule = max(arena.device.spec.segment_alignment_bytes, arena.pool.spec.block_bytes)
-    return -(-reserved // granule) * granule <= broker._headroom(arena)
+    floor = -(-arena.device.spec.min_segment_bytes // granule) * granule
+    return max(-(-reserved // granule) * granule, floor)
+
+
+def _can_grow(broker: Broker, arena: ArenaRecord, reserved: int) -> bool:
+    return _segment_need(arena, reserved) <= broker._headroom(arena)
 
 
 def _retire_own_empty(
@@ -123,8 +151,7 @@ def _retire_own_empty(
     empty = sorted(
         (seg.info.nbytes, sid) for sid, seg in arena.segments.items() if not seg.caches
     )
-    granule = max(arena.device.spec.segment_alignment_bytes, arena.pool.spec.block_bytes)
-    need = -(-reserved // granule) * granule
+    need = _segment_need(arena, reserved)
     if not empty or broker._headroom(arena) + sum(n for n, _ in empty) < need:
         return False
     for _, segment_id in empty:
@@ -144,7 +171,7 @@ def _take_segments(
 ) -> bool:
     pool = arena.pool
     granule = max(arena.device.spec.segment_alignment_bytes, pool.spec.block_bytes)
-    need = -(-reserved // granule) * granule
+    need = _segment_need(arena, reserved)
     # Retiring our own empty segments counts as room only if the pool's quota then
     # allows a segment of the needed size.
     candidates = []

@@ -951,3 +951,40 @@ def test_a_first_segment_may_claim_the_whole_device_budget() -> None:
     assert r.new_segment.nbytes == 256 * K
     r = alloc(b, pool="q")
     assert r.evicted == ("x",)
+
+
+def test_ladder_knows_the_minimum_segment_size() -> None:
+    # 16 KiB of budget are left, but no segment may be smaller than 32 KiB: the ladder
+    # must not stop at "a segment can be made", and must take pool a's segment instead.
+    b = make(
+        pools=[PoolSpec("a", ("d0",), block_bytes=4 * K, segment_bytes=8 * K, priority=0),
+               PoolSpec("b", ("d0",), block_bytes=4 * K, segment_bytes=8 * K, priority=5)],
+        devices=[DeviceSpec("d0", 48 * K, 4 * K, min_segment_bytes=32 * K)],
+    )
+    assert alloc(b, 8 * K, pool="a", cache_id="a0").new_segment.nbytes == 32 * K
+    with pytest.raises(ResourceExhausted) as err:
+        b.allocate(req(8 * K, pool="b", priority=-1))  # may not take a0 (priority 0)
+    assert err.value.free_bytes == 0 and err.value.largest_free_extent_bytes == 0
+    r = alloc(b, 8 * K, pool="b", priority=5)
+    assert r.evicted == ("a0",) and [s.pool for s in r.retired_segments] == ["a"]
+    assert r.new_segment.nbytes == 32 * K
+
+
+def test_a_request_that_cannot_succeed_evicts_nothing() -> None:
+    # One 64 KiB segment: 32 KiB pinned, 32 KiB in evictable caches. A 48 KiB request
+    # could only fit by evicting the pinned cache, so no cache is sacrificed for it.
+    b = make(
+        devices=[DeviceSpec("d0", 64 * K, 4 * K)],
+        pools=[PoolSpec("p", ("d0",), block_bytes=4 * K, segment_bytes=64 * K)],
+    )
+    alloc(b, 32 * K, cache_id="pinned", pinned=True)
+    for i in range(4):
+        alloc(b, 8 * K, cache_id=f"victim-{i}")
+    with pytest.raises(ResourceExhausted):
+        b.allocate(req(48 * K))
+    assert {c.cache_id for c in b.caches()} == {"pinned", "victim-0", "victim-1", "victim-2", "victim-3"}
+    assert b.eviction_count == 0
+    # A 16 KiB request can succeed by eviction, and evicts only what it needs.
+    place(b, 16 * K, cache_id="new")
+    assert b.eviction_count == 2
+    audit(b)

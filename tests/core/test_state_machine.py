@@ -43,7 +43,7 @@ K = 1024
 
 DEVICES = (
     DeviceSpec("d0", 192 * K, 4 * K),
-    DeviceSpec("d1", 128 * K, 16 * K),
+    DeviceSpec("d1", 128 * K, 16 * K, min_segment_bytes=32 * K),
 )
 POOLS = (
     PoolSpec("a", ("d0", "d1"), min_bytes=48 * K, max_bytes=192 * K, priority=0,
@@ -58,6 +58,7 @@ POOLS = (
 SPEC = {p.name: p for p in POOLS}
 CAPACITY = {d.device_id: d.capacity_bytes for d in DEVICES}
 ALIGN = {d.device_id: d.segment_alignment_bytes for d in DEVICES}
+MIN_SEGMENT = {d.device_id: d.min_segment_bytes for d in DEVICES}
 HOLDERS = ("", "s1", "s2")
 
 sizes = st.one_of(
@@ -141,6 +142,7 @@ class BrokerMachine(RuleBasedStateMachine):
         assert info.pool == pool and info.device_id in SPEC[pool].devices
         granule = max(ALIGN[info.device_id], SPEC[pool].block_bytes)
         assert info.nbytes > 0 and info.nbytes % granule == 0
+        assert info.nbytes >= MIN_SEGMENT[info.device_id]
         self.mem[info.segment_id] = bytearray(info.nbytes)  # zero-filled, as a backend's
         self.segment_pool[info.segment_id] = info
 
