@@ -354,6 +354,7 @@ class Daemon:
         flags = [
             "--devices", "host", "--listen", "127.0.0.1:0",
             "--unix-socket", self.socket_path, "--host-capacity", HOST_CAPACITY,
+            "--metrics-listen", "127.0.0.1:0",
         ]
         via_daemon = [
             sys.executable, "-c",

@@ -1,7 +1,7 @@
 """The ``kvbroker`` command: run the daemon, and the operator's views of a running one.
 
     kvbroker serve [daemon flags...]      run the broker (``kvbroker serve --help``)
-    kvbroker stats                        capacity and usage: total, per device, per pool
+    kvbroker stats                        capacity and usage (total, per device, per pool), RPC latencies
     kvbroker ls [--pool P] [--model M] [--state resident|evicted]
     kvbroker defrag [--device D] [--pool P] [--dry-run]
 
@@ -163,7 +163,32 @@ def render_stats(stats: pb.StatsResponse) -> str:
             for p in stats.pools
         ]  # fmt: skip
         parts += ["", render_table(("POOL", "MIN", "MAX", "PRIORITY", "POLICY"), pool_rows, "lrrrl")]
+    if stats.methods:
+        parts += ["", f"RPCs in the last {format_duration(stats.window_seconds)}:", render_methods(stats.methods)]
     return "\n".join(parts)
+
+
+def format_latency(seconds: float) -> str:
+    """A latency for people: ``"0.62 ms"``, ``"12.5 ms"``, ``"1.20 s"``; ``"-"`` for NaN."""
+    if math.isnan(seconds):
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    ms = seconds * 1000
+    return f"{ms:.2f} ms" if ms < 9.995 else f"{ms:.1f} ms" if ms < 99.95 else f"{ms:.0f} ms"
+
+
+def render_methods(methods: Sequence[pb.MethodStats]) -> str:
+    """Per-method calls, errors and latency percentiles (the Stats RPC's ``methods``),
+    busiest first; the error column lists the status codes."""
+    rows = [
+        [m.method, str(m.calls), str(m.errors), format_latency(m.p50_seconds), format_latency(m.p95_seconds),
+         format_latency(m.p99_seconds),
+         ", ".join(f"{code} {n}" for code, n in sorted(m.errors_by_code.items(), key=lambda kv: (-kv[1], kv[0])))
+         or "-"]
+        for m in sorted(methods, key=lambda m: (-m.calls, m.method))
+    ]  # fmt: skip
+    return render_table(("METHOD", "CALLS", "ERRORS", "P50", "P95", "P99", "ERROR CODES"), rows, "lrrrrrl")
 
 
 def _state_name(state: int) -> str:

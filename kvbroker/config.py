@@ -22,6 +22,7 @@ from kvbroker.core.types import GiB, MiB, Placement
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_UNIX_SOCKET = "/tmp/kvbroker.sock"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
 DEVICE_KINDS = ("auto", "host", "cuda")
 ALL_DEVICES = "*"
 
@@ -84,6 +85,10 @@ class BrokerConfig:
     shm_dir: str = "/dev/shm"
     grace_seconds: float = 5.0
     log_level: str = "INFO"
+    lease_seconds: float = 10.0
+    segment_idle_seconds: float = 30.0
+    #: Prometheus ``/metrics`` address (host:port); "" serves no metrics.
+    metrics_listen: str = DEFAULT_METRICS_LISTEN
     pools: tuple[PoolConfig, ...] = field(default_factory=lambda: (PoolConfig("default"),))
 
 
@@ -95,6 +100,8 @@ _POOL_KEYS = {
 _SECTIONS = {
     "server": {"listen": str, "unix_socket": str, "grace_seconds": float, "log_level": str},
     "devices": {"kind": str, "host_capacity": "size", "cuda_memory_fraction": float, "shm_dir": str},
+    "telemetry": {"metrics_listen": str},
+    "sessions": {"lease_seconds": float, "segment_idle_seconds": float},
 }
 _ENV = {
     "KVBROKER_LISTEN": ("listen", str),
@@ -105,6 +112,9 @@ _ENV = {
     "KVBROKER_SHM_DIR": ("shm_dir", str),
     "KVBROKER_GRACE_SECONDS": ("grace_seconds", float),
     "KVBROKER_LOG_LEVEL": ("log_level", str),
+    "KVBROKER_METRICS_LISTEN": ("metrics_listen", str),
+    "KVBROKER_LEASE_SECONDS": ("lease_seconds", float),
+    "KVBROKER_SEGMENT_IDLE_SECONDS": ("segment_idle_seconds", float),
 }
 _SECTION_FIELD = {("devices", "kind"): "device_kind", ("devices", "host_capacity"): "host_capacity_bytes"}
 
@@ -171,12 +181,18 @@ def _validate(config: BrokerConfig, key_of: Mapping[str, str]) -> BrokerConfig:
         raise ConfigError(key("cuda_memory_fraction"), "must be in (0, 1]")
     if config.grace_seconds < 0:
         raise ConfigError(key("grace_seconds"), "must be >= 0")
+    if not 0.1 <= config.lease_seconds <= 3600:
+        raise ConfigError(key("lease_seconds"), f"must be in [0.1, 3600] seconds, got {config.lease_seconds}")
+    if config.segment_idle_seconds < 0:
+        raise ConfigError(key("segment_idle_seconds"), "must be >= 0")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(key("log_level"), "must be one of DEBUG, INFO, WARNING, ERROR")
     if not config.listen and not config.unix_socket:
         raise ConfigError(key("listen"), "the daemon needs a TCP address or a Unix socket")
-    if config.listen and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}", config.listen):
-        raise ConfigError(key("listen"), f"expected host:port, got {config.listen!r}")
+    for name in ("listen", "metrics_listen"):
+        value = getattr(config, name)
+        if value and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}", value):
+            raise ConfigError(key(name), f"expected host:port, got {value!r}")
     if not config.pools:
         raise ConfigError("pools", "at least one pool is required")
     seen: set[str] = set()
@@ -196,7 +212,7 @@ def load_config(
     """Build the configuration from a TOML file, the environment and flag overrides.
 
     Args:
-        path: a TOML file (``[server]``, ``[devices]``, ``[[pools]]``), or None.
+        path: a TOML file (``[server]``, ``[devices]``, ``[telemetry]``, ``[[pools]]``), or None.
         environ: the environment to read ``KVBROKER_*`` from.
         overrides: values from flags, keyed by ``BrokerConfig`` field name
             (``None`` values are ignored).

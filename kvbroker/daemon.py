@@ -31,10 +31,11 @@ from kvbroker.config import ALL_DEVICES, BrokerConfig, ConfigError, load_config,
 from kvbroker.core import Broker, DeviceSpec, PoolSpec
 from kvbroker.core.errors import InvalidArgument
 from kvbroker.core.types import KiB
-from kvbroker.engine import Engine
+from kvbroker.engine import Engine, EngineSettings
 from kvbroker.memory.backend import SegmentMemory
 from kvbroker.memory.cuda import CUDA_MIN_SEGMENT_BYTES, CUDA_SEGMENT_ALIGNMENT_BYTES
 from kvbroker.server.app import BrokerServer, create_server
+from kvbroker.telemetry.service import Telemetry
 
 log = logging.getLogger("kvbroker")
 
@@ -151,15 +152,33 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
     devices = plan_devices(config)
     pools = pool_specs(config, devices)
     instance_id = secrets.token_hex(4)
+    try:
+        telemetry = Telemetry.create(
+            instance_id=instance_id, pools=tuple(p.name for p in pools),
+            metrics_listen=config.metrics_listen, environ=os.environ,
+        )  # fmt: skip
+    except ValueError as err:  # an unsupported OTEL_* value; the message starts with it
+        key, _, message = str(err).partition(": ")
+        raise ConfigError(key, message) from None
     broker = Broker(devices.specs, pools, id_prefix=instance_id)
     memories = build_memories(devices, instance_id, config)
-    engine = Engine(broker, memories, instance_id)
+    settings = EngineSettings(
+        lease_seconds=config.lease_seconds,
+        segment_idle_seconds=config.segment_idle_seconds,
+        tick_seconds=min(0.25, config.lease_seconds / 4),
+    )
+    engine = Engine(broker, memories, instance_id, settings, observer=telemetry.observer)
     server: BrokerServer | None = None
     try:
         if config.unix_socket:
             _clear_stale_socket(config.unix_socket)
-        server = await create_server(engine, listen=config.listen or None, unix_socket=config.unix_socket or None)
+        server = await create_server(
+            engine, listen=config.listen or None, unix_socket=config.unix_socket or None,
+            interceptors=telemetry.interceptors,
+        )  # fmt: skip
+        await telemetry.start(engine)
         await server.start()
+        engine.start()
         if config.unix_socket:
             os.chmod(config.unix_socket, 0o660)
         stop = asyncio.Event()
@@ -182,8 +201,10 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
         await stop.wait()
         log.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", config.grace_seconds)
         await server.enter_shutdown()
+        await engine.shutting_down()
         await server.stop(config.grace_seconds)
     finally:
+        await telemetry.stop()
         await engine.close()
         if config.unix_socket and server is not None:
             try:
@@ -205,7 +226,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host-capacity", help="bytes of host memory to serve, e.g. 2GiB")
     parser.add_argument("--shm-dir", help="where host segments live (default /dev/shm)")
     parser.add_argument("--grace-seconds", type=float, help="grace period for in-flight calls at shutdown")
+    parser.add_argument("--lease-seconds", type=float, help="a session without a call or heartbeat this long is ended")
+    parser.add_argument("--segment-idle-seconds", type=float, help="an empty segment this idle goes back to the device")
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--metrics-listen", help="Prometheus /metrics address host:port (default 127.0.0.1:9464; '' disables)")
     parser.add_argument("--version", action="version", version=f"kvbroker {__version__}")
     return parser
 
@@ -221,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             "host_capacity_bytes": None if args.host_capacity is None else parse_size("--host-capacity", args.host_capacity),
             "shm_dir": args.shm_dir,
             "grace_seconds": args.grace_seconds,
+            "lease_seconds": args.lease_seconds,
+            "segment_idle_seconds": args.segment_idle_seconds,
             "log_level": args.log_level,
+            "metrics_listen": args.metrics_listen,
         }
         config = load_config(path=args.config, environ=os.environ, overrides=overrides)
     except ConfigError as err:

@@ -6,6 +6,15 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 KVBROKER_EXTRAS=dev source "$root/scripts/bootstrap.sh"
 cd "$root"
+# tests/telemetry run a real Prometheus server and promtool: Debian's prometheus package
+# has both (the package's service is not started; the tests start their own).
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  echo "== installing Debian's prometheus package (promtool and the server, for tests/telemetry) =="
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo -n"; fi
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 echo "== generated protobuf code matches proto/ =="
 .venv/bin/python scripts/gen_proto.py --check
 echo "== import layering (import-linter) =="

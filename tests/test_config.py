@@ -81,3 +81,14 @@ def test_environment_errors_name_the_variable():
 def test_missing_file_is_reported():
     with pytest.raises(ConfigError, match="--config"):
         load_config(path="/nonexistent/kvbroker.toml")
+
+
+def test_session_timing_keys(tmp_path):
+    path = write(tmp_path, "[sessions]\nlease_seconds = 2.5\nsegment_idle_seconds = 0\n")
+    config = load_config(path=path)
+    assert (config.lease_seconds, config.segment_idle_seconds) == (2.5, 0.0)
+    assert load_config(environ={"KVBROKER_LEASE_SECONDS": "4"}).lease_seconds == 4.0
+    with pytest.raises(ConfigError, match="sessions.lease_seconds"):
+        load_config(path=write(tmp_path, "[sessions]\nlease_seconds = 0\n"))
+    with pytest.raises(ConfigError, match="KVBROKER_SEGMENT_IDLE_SECONDS"):
+        load_config(environ={"KVBROKER_SEGMENT_IDLE_SECONDS": "-1"})

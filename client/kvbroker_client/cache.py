@@ -107,6 +107,27 @@ class _CacheBase:
         self._dtype = dtype
         self._shape = tuple(int(d) for d in shape) if shape is not None else None
         self._released = False
+        # Set from the session's event thread: the epoch the broker moved or evicted at.
+        self._moved_epoch = 0
+        self._evicted = False
+
+    def _note_event(self, kind: int, epoch: int) -> None:
+        """Apply an EVICTED or MOVED event (called by the session's watcher)."""
+        if kind == pb.EVENT_KIND_EVICTED:
+            self._evicted = True
+        elif epoch > self._moved_epoch:
+            self._moved_epoch = epoch
+
+    @property
+    def stale(self) -> bool:
+        """True when the broker moved the cache since this object's handle was issued:
+        the next ``tensor()`` (sync) or ``refresh()`` fetches the new place."""
+        return self._moved_epoch > self._handle.epoch
+
+    @property
+    def evicted(self) -> bool:
+        """True once the broker said it evicted the cache (or a record says so)."""
+        return self._evicted or self._info.state == pb.CACHE_STATE_EVICTED
 
     @property
     def cache_id(self) -> str:
@@ -170,8 +191,10 @@ class _CacheBase:
         """
         if self._released:
             raise PreconditionFailed(f"cache {self.cache_id!r} was released by this client")
-        if self._info.state == pb.CACHE_STATE_EVICTED:
-            raise CacheEvicted(f"cache {self.cache_id!r} was evicted")
+        if self.evicted:
+            raise CacheEvicted(f"cache {self.cache_id!r} was evicted by the broker; its bytes are gone")
+        if self.stale:
+            self._resolve_moved()
         if dtype is not None:
             resolved = to_torch_dtype(dtype)
         else:
@@ -179,6 +202,9 @@ class _CacheBase:
             if shape is None:
                 shape = self._shape
         return process_mapper().view(self._handle, resolved, shape)
+
+    def _resolve_moved(self) -> None:
+        raise NotImplementedError
 
     def _update(self, info: pb.Cache, handle: pb.Handle | None = None) -> None:
         self._info = info
@@ -200,6 +226,15 @@ class Cache(_CacheBase):
     it on exit."""
 
     _client: BrokerClient
+
+    def _resolve_moved(self) -> None:
+        """Fetch the cache's new place after a MOVED event (one Attach)."""
+        response = self._client._attach(self.cache_id)
+        self._update(response.cache, response.handle)
+
+    def refresh(self) -> None:
+        """Fetch the cache's current record and handle from the broker."""
+        self._resolve_moved()
 
     def release(self, force: bool = False) -> bool:
         """Drop this client's hold (and its pins). Harmless when already released.
@@ -258,6 +293,17 @@ class AsyncCache(_CacheBase):
     synchronous: it never talks to the broker."""
 
     _client: AsyncBrokerClient
+
+    def _resolve_moved(self) -> None:
+        raise PreconditionFailed(
+            f"cache {self.cache_id!r} was moved by the broker: `await cache.refresh()` (or use "
+            "`async with cache.pinned()`) before building a view"
+        )
+
+    async def refresh(self) -> None:
+        """Fetch the cache's current record and handle (after a move)."""
+        response = await self._client._attach(self.cache_id)
+        self._update(response.cache, response.handle)
 
     async def release(self, force: bool = False) -> bool:
         """Like ``Cache.release``."""

@@ -7,9 +7,11 @@ themselves to the broker with one session id (the ``kvbroker-session-id`` metada
 two clients holding the same cache are two holders: one's release never frees the
 other's cache.
 
-Lifetime: a client holds what it allocates or attaches until the cache is released;
-``close()`` (or leaving ``with``) releases every cache this client still holds, as a
-session that ends does. A cache that must outlive its producer is allocated with
+Lifetime: a client with a session id (the default) opens a broker session (a Watch stream
+and heartbeats, ``kvbroker_client.session``): the broker drops its holds if the process
+dies or hangs, and tells it when its caches are evicted or moved. A client holds what it
+allocates or attaches until the cache is released; ``close()`` (or leaving ``with``)
+releases every cache this client still holds and ends the session. A cache that must outlive its producer is allocated with
 ``retain=True`` (or attached by its consumer before the producer closes).
 
 Cost: one RPC per call, except ``list_caches`` (one per page). Channels connect lazily on
@@ -30,6 +32,7 @@ from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
 from kvbroker_client.cache import AsyncCache, Cache, DTypeLike, to_proto_dtype, to_torch_dtype
 from kvbroker_client.errors import InvalidRequest, KvBrokerError, from_rpc_error
+from kvbroker_client.session import AsyncSession, SyncSession
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -150,7 +153,8 @@ class _ClientBase:
             del self._held[cache.cache_id]
 
     def _take_held(self) -> list[Any]:
-        held, self._held = list(self._held.values()), {}
+        held = list(self._held.values())
+        self._held.clear()  # in place: the session's event handler shares this dict
         return held
 
     def __repr__(self) -> str:
@@ -179,6 +183,10 @@ class BrokerClient(_ClientBase):
         super().__init__(target, timeout_s, session_id)
         self._channel = grpc.insecure_channel(target, options=list(options))
         self._stub = broker_pb2_grpc.CacheBrokerStub(self._channel)
+        self._session: SyncSession | None = None
+        if self._session_id:
+            self._session = SyncSession(self._stub, self._session_id, self._metadata, self._held)
+            self._session.state.opened.wait(timeout_s)
 
     def _call(self, method: Callable[..., Response], request: Any, timeout: float | None = None) -> Response:
         self._check_open()
@@ -237,6 +245,15 @@ class BrokerClient(_ClientBase):
     def _pin(self, cache_id: str) -> pb.PinResponse:
         return self._call(self._stub.Pin, pb.PinRequest(cache_id=cache_id))
 
+    def _attach(self, cache_id: str) -> pb.AttachResponse:
+        return self._call(self._stub.Attach, pb.AttachRequest(cache_id=cache_id))
+
+    def report_unmapped(self) -> None:
+        """Report now the retired segments no tensor of this process uses any more (the
+        session also does it in the background, every 0.2 s)."""
+        if self._session is not None:
+            self._session.report_unmapped_now()
+
     def _unpin(self, cache_id: str) -> pb.UnpinResponse:
         return self._call(self._stub.Unpin, pb.UnpinRequest(cache_id=cache_id))
 
@@ -276,6 +293,8 @@ class BrokerClient(_ClientBase):
             except KvBrokerError:
                 cache._released = True  # the broker is gone or refused; the hold dies with the session
         self._closed = True
+        if self._session is not None:
+            self._session.close()
         self._channel.close()
 
     def __enter__(self) -> BrokerClient:
@@ -300,9 +319,13 @@ class AsyncBrokerClient(_ClientBase):
         super().__init__(target, timeout_s, session_id)
         self._channel = grpc.aio.insecure_channel(target, options=list(options))
         self._stub = broker_pb2_grpc.CacheBrokerStub(self._channel)
+        self._session: AsyncSession | None = None
 
     async def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
         self._check_open()
+        if self._session is None and self._session_id:
+            # The session's stream and heartbeat need the running loop: opened on first use.
+            self._session = AsyncSession(self._stub, self._session_id, self._metadata, self._held)
         try:
             return await method(request, timeout=timeout or self._deadline(), metadata=self._metadata)
         except grpc.RpcError as err:
@@ -344,6 +367,9 @@ class AsyncBrokerClient(_ClientBase):
     async def _pin(self, cache_id: str) -> pb.PinResponse:
         return await self._call(self._stub.Pin, pb.PinRequest(cache_id=cache_id))
 
+    async def _attach(self, cache_id: str) -> pb.AttachResponse:
+        return await self._call(self._stub.Attach, pb.AttachRequest(cache_id=cache_id))
+
     async def _unpin(self, cache_id: str) -> pb.UnpinResponse:
         return await self._call(self._stub.Unpin, pb.UnpinRequest(cache_id=cache_id))
 
@@ -379,6 +405,8 @@ class AsyncBrokerClient(_ClientBase):
             except KvBrokerError:
                 cache._released = True
         self._closed = True
+        if self._session is not None:
+            await self._session.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncBrokerClient:

@@ -21,7 +21,7 @@ import stat
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -122,14 +122,18 @@ class SegmentMapper:
     Args:
         shm_dir: where host segment objects live (``/dev/shm``).
         populate: map host segments with ``MAP_POPULATE``: about 60 ms per GiB at map
-            time instead of a page fault on each first access.
+            time instead of a page fault on each first access. Off by default: mapping
+            then costs the same for 1 MiB and 1 GiB (about 0.3 ms), and a worker pays
+            for the pages it touches.
     """
 
-    def __init__(self, *, shm_dir: str = "/dev/shm", populate: bool = True) -> None:
+    def __init__(self, *, shm_dir: str = "/dev/shm", populate: bool = False) -> None:
         self._shm_dir = shm_dir
         self._populate = populate
         self._lock = threading.Lock()
         self._mapped: dict[SegmentKey, _Mapped] = {}
+        # Retired segments whose views may still be alive: key -> weak ref to the storage.
+        self._retiring: dict[SegmentKey, Any] = {}
         self._uuid_to_index: dict[str, int] | None = None
 
     @staticmethod
@@ -205,6 +209,30 @@ class SegmentMapper:
         """Forget a segment; True if it was mapped. Views keep their memory valid."""
         with self._lock:
             return self._mapped.pop(key, None) is not None
+
+    def retire(self, key: SegmentKey) -> None:
+        """The broker retired this segment: forget it, and watch for its last view to die
+        (the mapping is unmapped then). See ``still_mapped``."""
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        with self._lock:
+            mapped = self._mapped.pop(key, None)
+            if mapped is not None:
+                self._retiring[key] = StorageWeakRef(mapped.base.untyped_storage())
+
+    def still_mapped(self, key: SegmentKey) -> bool:
+        """Whether any tensor of this process still uses the segment (mapped, or retired
+        with a view alive). Cost: a dict look-up and a weak-reference check."""
+        with self._lock:
+            if key in self._mapped:
+                return True
+            ref = self._retiring.get(key)
+            if ref is None:
+                return False
+            if ref.expired():
+                del self._retiring[key]
+                return False
+            return True
 
     def drop_instance(self, instance_id: str) -> int:
         """Forget every segment of one broker instance; returns how many."""

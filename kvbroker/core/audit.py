@@ -54,6 +54,11 @@ def audit(broker: Broker) -> None:
                     f"segment {segment_id}: used {used} + free != size {seg.info.nbytes}"
                 )
                 reserved += seg.info.nbytes
+            for segment_id, seg in arena.draining.items():
+                assert seg.draining and not seg.caches and seg.mappers, segment_id
+                assert broker._segments[segment_id] is seg
+                reserved += seg.info.nbytes
+            assert arena.draining_bytes == sum(s.info.nbytes for s in arena.draining.values())
             assert sorted(arena.free.segment_ids()) == sorted(arena.segments)
             assert (allocated, pinned, live) == (
                 arena.allocated_bytes, arena.pinned_bytes, arena.live_caches,
@@ -66,7 +71,8 @@ def audit(broker: Broker) -> None:
         assert in_segments == device.reserved_bytes, device.spec.device_id
         allocated = sum(a.allocated_bytes for a in arenas)
         free_inside = sum(a.free.free_bytes for a in arenas)
-        assert allocated + free_inside + device.unreserved_bytes == device.spec.capacity_bytes
+        draining = sum(a.draining_bytes for a in arenas)
+        assert allocated + free_inside + draining + device.unreserved_bytes == device.spec.capacity_bytes
         assert device.unreserved_bytes >= 0
     for cache_id, rec in broker._caches.items():
         assert rec.pin_count == sum(rec.pins.values()) and rec.pin_count >= 0, cache_id

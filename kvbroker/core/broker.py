@@ -364,6 +364,8 @@ class Broker:
         if rec.holders or (rec.retain and not force and rec.state is CacheState.RESIDENT):
             return False
         was_resident = rec.state is CacheState.RESIDENT
+        if was_resident:
+            rec.pool.arenas[rec.device_id].release_count += 1
         self._free(rec, CacheState.RESIDENT if was_resident else CacheState.EVICTED)
         return was_resident
 
@@ -408,7 +410,7 @@ class Broker:
         rec = self._resident(cache_id)
         if rec.pin_count:
             raise FailedPrecondition(f"cache {cache_id!r} is pinned and cannot be evicted")
-        self._evict(rec, reason)
+        self._evict(rec, reason, cause="operator")
         return rec.info()
 
     # -- compaction and segments ------------------------------------------------------
@@ -435,15 +437,19 @@ class Broker:
     def commit(self, plan: CompactionPlan) -> tuple[SegmentInfo, ...]:
         """Apply a plan whose bytes the backend has copied: move the extents, bump the
         moved caches' epochs and queue MOVED events. Emptied segments go back to the
-        device; they are returned for the backend to free.
+        device (``release_segment``): the unmapped ones are returned for the backend to
+        free, the mapped ones drain until their mappers unmap them.
 
         Raises ``FailedPrecondition`` when anything changed since the plan was made.
         """
         if plan.token != self._version:
             raise FailedPrecondition("the compaction plan is stale: the broker changed since")
+        compacted: set[ArenaRecord] = set()
         for move in plan.moves:
             rec = self._caches[move.cache_id]
             arena = rec.pool.arenas[rec.device_id]
+            arena.moved_bytes += move.destination.nbytes
+            compacted.add(arena)
             src = address(move.source.segment_id, move.source.offset)
             dst = address(move.destination.segment_id, move.destination.offset)
             assert rec.address == src and rec.pin_count == 0, move
@@ -455,39 +461,121 @@ class Broker:
             rec.address = dst
             rec.epoch += 1
             self._queue_event(EventKind.MOVED, rec, "compaction")
+        for arena in compacted:
+            arena.compaction_count += 1
         retired = []
         now = self._clock()
         for segment_id in plan.segments_emptied:
             self._segments[segment_id].empty_since = now
-            retired.append(self.retire_segment(segment_id))
+            info = self.release_segment(segment_id, "emptied by compaction")
+            if info is not None:
+                retired.append(info)
         self._version += 1
         return tuple(retired)
 
     def retire_segment(self, segment_id: int) -> SegmentInfo:
-        """Return an empty segment's bytes to its device. Raises ``FailedPrecondition``
-        when the segment still holds caches."""
+        """Return an empty, unmapped segment's bytes to its device (also ends a draining
+        segment). Raises ``FailedPrecondition`` when the segment still holds caches or a
+        session still maps it."""
         seg = self._segments.get(segment_id)
         if seg is None:
             raise NotFound(f"segment {segment_id} does not exist")
         if seg.caches:
             raise FailedPrecondition(f"segment {segment_id} still holds {len(seg.caches)} caches")
+        if seg.mappers:
+            raise FailedPrecondition(f"segment {segment_id} is still mapped by {len(seg.mappers)} sessions")
         info = seg.info
         arena = self._pools[info.pool].arenas[info.device_id]
-        arena.free.remove_segment(segment_id)
-        del arena.segments[segment_id], self._segments[segment_id]
+        if seg.draining:
+            del arena.draining[segment_id]
+            arena.draining_bytes -= info.nbytes
+        else:
+            arena.free.remove_segment(segment_id)
+            del arena.segments[segment_id]
+        del self._segments[segment_id]
         arena.pool.reserved_bytes -= info.nbytes
         arena.device.reserved_bytes -= info.nbytes
         self._version += 1
         return info
 
+    def release_segment(self, segment_id: int, reason: str) -> SegmentInfo | None:
+        """Give an empty segment back: retire it now if nobody maps it (returned, for the
+        backend to free), else take it out of placement and tell its mappers to unmap
+        it (SEGMENT_RETIRED); the last ``note_unmapped`` then retires it."""
+        seg = self._segments[segment_id]
+        if not seg.mappers:
+            return self.retire_segment(segment_id)
+        if not seg.draining:
+            if seg.caches:
+                raise FailedPrecondition(f"segment {segment_id} still holds {len(seg.caches)} caches")
+            arena = self._pools[seg.info.pool].arenas[seg.info.device_id]
+            arena.free.remove_segment(segment_id)
+            del arena.segments[segment_id]
+            arena.draining[segment_id] = seg
+            arena.draining_bytes += seg.info.nbytes
+            seg.draining = True
+            self._events.append(
+                Event(
+                    EventKind.SEGMENT_RETIRED, frozenset(seg.mappers), segment_id=segment_id,
+                    segment_generation=seg.info.generation, reason=reason,
+                )
+            )
+            self._version += 1
+        return None
+
     def retire_idle_segments(self, idle_seconds: float) -> list[SegmentInfo]:
-        """Retire every segment that has been empty for at least ``idle_seconds``."""
+        """Give back every segment that has been empty for at least ``idle_seconds``:
+        retired now when unmapped (returned), else drained (see ``release_segment``).
+        This is how one pool's memory becomes another's after a burst."""
         now = self._clock()
         idle = [
             sid for sid, seg in self._segments.items()
-            if not seg.caches and seg.empty_since is not None and now - seg.empty_since >= idle_seconds
+            if not seg.caches and not seg.draining and seg.empty_since is not None
+            and now - seg.empty_since >= idle_seconds
         ]
-        return [self.retire_segment(sid) for sid in idle]
+        retired = [self.release_segment(sid, "idle") for sid in idle]
+        return [info for info in retired if info is not None]
+
+    def reclaim(self, *, max_victims: int = 64) -> list[str]:
+        """Background reclamation above ``gc_threshold`` (see ``pressure.reclaim``);
+        returns the evicted ids, at most ``max_victims`` per call."""
+        evicted = pressure.reclaim(self, max_victims=max_victims)
+        if evicted:
+            self._version += 1
+        return evicted
+
+    # -- sessions and mappings --------------------------------------------------------
+
+    def note_mapped(self, segment_id: int, holder: str) -> None:
+        """Record that ``holder`` was handed ``segment_id``'s handle (and may map it).
+        The anonymous holder is not tracked: it has no session to report unmapping."""
+        if holder != ANONYMOUS_HOLDER:
+            self._segments[segment_id].mappers.add(holder)
+
+    def note_unmapped(self, segment_id: int, holder: str) -> SegmentInfo | None:
+        """Record that ``holder`` unmapped ``segment_id``; returns the segment when this
+        retired it (its last mapper of a draining segment), for the backend to free.
+        Unknown segments are ignored (already retired)."""
+        seg = self._segments.get(segment_id)
+        if seg is None:
+            return None
+        seg.mappers.discard(holder)
+        if seg.draining and not seg.mappers:
+            return self.retire_segment(segment_id)
+        return None
+
+    def end_session(self, holder: str) -> tuple[list[str], list[SegmentInfo]]:
+        """A session ended (its stream broke or its lease ran out): drop its holds and
+        pins, free its non-retained caches, forget its mappings (a dead process maps
+        nothing). Returns the freed cache ids and the segments retired as a result.
+        Cost: O(caches + segments)."""
+        freed = self.drop_holder(holder)
+        retired = []
+        for segment_id in [sid for sid, seg in self._segments.items() if holder in seg.mappers]:
+            info = self.note_unmapped(segment_id, holder)
+            if info is not None:
+                retired.append(info)
+        return freed, retired
 
     # -- internals shared with the pressure ladder ------------------------------------
 
@@ -667,9 +755,14 @@ class Broker:
         rec.pool.policy.on_remove(rec.cache_id)
         rec.address = -1
 
-    def _evict(self, rec: CacheRecord, reason: str) -> None:
-        """Evict a resident unpinned cache: bytes freed, epoch bumped, holders told."""
+    def _evict(self, rec: CacheRecord, reason: str, *, cause: str) -> None:
+        """Evict a resident unpinned cache: bytes freed, epoch bumped, holders told.
+        ``reason`` is told to the holders; ``cause`` (one of ``EVICTION_CAUSES``) is
+        counted per arena for telemetry."""
         assert rec.pin_count == 0 and rec.state is CacheState.RESIDENT, rec.cache_id
+        arena = rec.pool.arenas[rec.device_id]
+        arena.evictions[cause] = arena.evictions.get(cause, 0) + 1
+        arena.evicted_bytes[cause] = arena.evicted_bytes.get(cause, 0) + rec.reserved_bytes
         self._release_bytes(rec)
         rec.state = CacheState.EVICTED
         rec.epoch += 1

@@ -60,9 +60,19 @@ class CacheRecord:
 
 @dataclass(slots=True, eq=False)
 class SegmentRecord:
+    """A segment, its caches, and the sessions that map it.
+
+    ``mappers`` are the holders that were handed this segment's handle and have not
+    reported unmapping it. A ``draining`` segment is empty and retired from placement,
+    waiting for its last mapper: freeing memory another process still maps is undefined
+    behaviour on CUDA and keeps RAM in use on the host.
+    """
+
     info: SegmentInfo
     caches: dict[str, CacheRecord] = field(default_factory=dict)
     empty_since: float | None = None
+    mappers: set[str] = field(default_factory=set)
+    draining: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -73,13 +83,24 @@ class ArenaRecord:
     device: DeviceRecord
     free: FreeSpace
     segments: dict[int, SegmentRecord] = field(default_factory=dict)
+    #: Retired from placement, waiting for their mappers to unmap (see SegmentRecord).
+    draining: dict[int, SegmentRecord] = field(default_factory=dict)
+    draining_bytes: int = 0
     allocated_bytes: int = 0
     pinned_bytes: int = 0
     live_caches: int = 0
+    #: Cumulative counts for telemetry (``ArenaCounters``): evictions and their bytes by
+    #: cause (``EVICTION_CAUSES``), caches freed by a release, compactions that moved
+    #: caches of this arena and the bytes they moved.
+    evictions: dict[str, int] = field(default_factory=dict)
+    evicted_bytes: dict[str, int] = field(default_factory=dict)
+    release_count: int = 0
+    compaction_count: int = 0
+    moved_bytes: int = 0
 
     @property
     def reserved_bytes(self) -> int:
-        return self.allocated_bytes + self.free.free_bytes
+        return self.allocated_bytes + self.free.free_bytes + self.draining_bytes
 
 
 @dataclass(slots=True, eq=False)

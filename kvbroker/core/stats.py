@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from kvbroker.core.compaction import fragmentation
-from kvbroker.core.types import BrokerStats, DeviceStats, PoolStats, Usage
+from kvbroker.core.types import ArenaCounters, BrokerStats, DeviceStats, PoolStats, Usage
 
 if TYPE_CHECKING:
     from kvbroker.core.broker import Broker
@@ -99,4 +99,17 @@ def snapshot(
         eviction_count=broker.eviction_count,
         devices=device_stats,
         pools=pool_stats,
+        arenas=tuple(
+            ArenaCounters(
+                pool=p.spec.name,
+                device_id=device_id,
+                evictions=tuple(a.evictions.items()),
+                evicted_bytes=tuple(a.evicted_bytes.items()),
+                releases=a.release_count,
+                compactions=a.compaction_count,
+                moved_bytes=a.moved_bytes,
+            )
+            for p in pools
+            for device_id, a in p.arenas.items()
+        ),
     )

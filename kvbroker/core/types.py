@@ -62,6 +62,7 @@ class EventKind(enum.Enum):
     EVICTED = "evicted"
     MOVED = "moved"
     SEGMENT_RETIRED = "segment_retired"
+    SHUTTING_DOWN = "shutting_down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +267,7 @@ class Event:
     segment_id: int = -1
     epoch: int = 0
     reason: str = ""
+    segment_generation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,12 +349,36 @@ class PoolStats:
     eviction_count: int
 
 
+#: Why a cache was evicted, as a bounded label value: ``idle`` (an idle retained cache
+#: reclaimed under pressure), ``policy`` (the pool's policy made room), ``reclaim`` (its
+#: segment was taken for another pool), ``threshold`` (background reclamation above
+#: ``gc_threshold``), ``operator`` (``Broker.evict``).
+EVICTION_CAUSES = ("idle", "policy", "reclaim", "threshold", "operator")
+
+
+@dataclass(frozen=True, slots=True)
+class ArenaCounters:
+    """Cumulative counts of one pool's share of one device since the broker started
+    (they only grow). ``evictions`` and ``evicted_bytes`` are ``(cause, n)`` pairs, one
+    per cause of ``EVICTION_CAUSES`` that happened."""
+
+    pool: str
+    device_id: str
+    evictions: tuple[tuple[str, int], ...] = ()
+    evicted_bytes: tuple[tuple[str, int], ...] = ()
+    releases: int = 0
+    compactions: int = 0
+    moved_bytes: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerStats:
-    """One consistent snapshot: every figure of the seeds' ``get_pool_statistics``."""
+    """One consistent snapshot: every figure of the seeds' ``get_pool_statistics``, and
+    the cumulative counters per arena (pool x device) that telemetry exports."""
 
     total: Usage
     allocation_count: int
     eviction_count: int
     devices: tuple[DeviceStats, ...] = field(default_factory=tuple)
     pools: tuple[PoolStats, ...] = field(default_factory=tuple)
+    arenas: tuple[ArenaCounters, ...] = field(default_factory=tuple)

@@ -9,6 +9,7 @@ balancers read before the server stops taking calls.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -45,8 +46,15 @@ class BrokerServer:
         await self.server.stop(grace_seconds)
 
 
-async def create_server(engine: Engine, *, listen: str | None, unix_socket: str | None) -> BrokerServer:
+async def create_server(
+    engine: Engine,
+    *,
+    listen: str | None,
+    unix_socket: str | None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> BrokerServer:
     """Build the server and bind ``listen`` (host:port) and ``unix_socket`` (a path).
+    ``interceptors`` see every call (telemetry's: durations, status codes, spans).
 
     Raises:
         RuntimeError: an address could not be bound (named in the message).
@@ -54,6 +62,7 @@ async def create_server(engine: Engine, *, listen: str | None, unix_socket: str 
     if not listen and not unix_socket:
         raise ValueError("the server needs a TCP address or a Unix socket")
     server = grpc.aio.server(
+        interceptors=list(interceptors) or None,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

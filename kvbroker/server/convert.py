@@ -16,6 +16,8 @@ from kvbroker.core import (
     BrokerStats,
     CacheInfo,
     CacheState,
+    Event,
+    EventKind,
     Usage,
 )
 from kvbroker.core.errors import (
@@ -27,7 +29,7 @@ from kvbroker.core.errors import (
     NotFound,
     ResourceExhausted,
 )
-from kvbroker.engine import CacheHandle, DefragmentResult
+from kvbroker.engine import CacheHandle, DefragmentResult, RpcStats
 from kvbroker.memory.backend import CudaHandle, HostHandle
 from kvbroker.v1 import broker_pb2 as pb
 
@@ -263,6 +265,19 @@ def stats_message(stats: BrokerStats, *, version: str, instance_id: str, uptime_
     )
 
 
+def add_rpc_stats(response: pb.StatsResponse, rpc: RpcStats | None) -> pb.StatsResponse:
+    """Fill ``methods`` and ``window_seconds`` (left empty when telemetry is off)."""
+    if rpc is not None:
+        response.window_seconds = rpc.window_seconds
+        for m in rpc.methods:
+            response.methods.add(
+                method=m.method, calls=m.calls, errors=sum(n for _, n in m.errors_by_code),
+                p50_seconds=m.p50_seconds, p95_seconds=m.p95_seconds, p99_seconds=m.p99_seconds,
+                errors_by_code=dict(m.errors_by_code),
+            )  # fmt: skip
+    return response
+
+
 def defragment_message(result: DefragmentResult) -> pb.DefragmentResponse:
     return pb.DefragmentResponse(
         caches_moved=result.caches_moved,
@@ -272,4 +287,23 @@ def defragment_message(result: DefragmentResult) -> pb.DefragmentResponse:
         segments_freed=result.segments_freed,
         duration_seconds=result.duration_seconds,
         dry_run=result.dry_run,
+    )
+
+
+_EVENT_KIND_TO_PB = {
+    EventKind.EVICTED: pb.EVENT_KIND_EVICTED,
+    EventKind.MOVED: pb.EVENT_KIND_MOVED,
+    EventKind.SEGMENT_RETIRED: pb.EVENT_KIND_SEGMENT_RETIRED,
+    EventKind.SHUTTING_DOWN: pb.EVENT_KIND_SHUTTING_DOWN,
+}
+
+
+def event_message(event: Event) -> pb.WatchEvent:
+    return pb.WatchEvent(
+        kind=_EVENT_KIND_TO_PB[event.kind],
+        cache_id=event.cache_id,
+        epoch=event.epoch,
+        segment_id=max(event.segment_id, 0),
+        segment_generation=event.segment_generation,
+        reason=event.reason,
     )

@@ -11,10 +11,11 @@ metadata; calls without it act as the one anonymous holder (an operator's grpcur
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
@@ -60,6 +61,8 @@ def _translate_errors(
 @functools.lru_cache(maxsize=4096)
 def _valid_session_id(value: str) -> str:
     """Validate a session id once per distinct value (every RPC of a session sends it)."""
+    if not value:
+        raise convert.InvalidArgument(SESSION_METADATA_KEY, "is required to open a session")
     return validate_id(SESSION_METADATA_KEY, value)
 
 
@@ -107,12 +110,13 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
 
     @_translate_errors
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
-        return convert.stats_message(
+        response = convert.stats_message(
             self._engine.stats(),
             version=__version__,
             instance_id=self._engine.instance_id,
             uptime_seconds=time.time() - self._engine.started_at,
         )
+        return convert.add_rpc_stats(response, self._engine.observer.rpc_stats())
 
     @_translate_errors
     async def ListCaches(self, request: pb.ListCachesRequest, context) -> pb.ListCachesResponse:
@@ -131,6 +135,50 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
         page = caches[:page_size]
         token = page[-1].cache_id if len(caches) > page_size else ""
         return pb.ListCachesResponse(caches=[convert.cache_message(c) for c in page], next_page_token=token)
+
+    async def Watch(self, request: pb.WatchRequest, context) -> AsyncIterator[pb.WatchEvent]:
+        """Open the caller's session and stream its events until the stream breaks (the
+        session then ends at once: a killed client is reclaimed in milliseconds)."""
+        try:
+            session_id = holder_of(context) or _valid_session_id(request.session_id or "")
+            session = self._engine.watch(
+                session_id, client_name=request.client_name[:128], pid=request.pid, host=request.host[:256]
+            )
+        except BrokerError as err:
+            await context.abort(convert.status_for(err), str(err))
+        try:
+            yield pb.WatchEvent(
+                kind=pb.EVENT_KIND_SESSION_OPENED,
+                session_id=session_id,
+                lease_seconds=self._engine.sessions.lease_seconds,
+                instance_id=self._engine.instance_id,
+            )
+            while True:
+                event = await session.events.get()
+                if event is None:
+                    return
+                yield convert.event_message(event)
+        finally:
+            # Shielded: the stream's task is being cancelled when the client vanished,
+            # and the session's end must run to completion all the same.
+            await asyncio.shield(self._engine.end_session(session_id, "watch stream closed"))
+
+    @_translate_errors
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
+        holder = holder_of(context)
+        if not holder:
+            raise convert.InvalidArgument(SESSION_METADATA_KEY, "is required to heartbeat a session")
+        return pb.HeartbeatResponse(lease_seconds=self._engine.heartbeat(holder))
+
+    @_translate_errors
+    async def ReportUnmapped(self, request: pb.ReportUnmappedRequest, context) -> pb.ReportUnmappedResponse:
+        holder = holder_of(context)
+        if not holder:
+            raise convert.InvalidArgument(SESSION_METADATA_KEY, "is required to report an unmapping")
+        if not request.segment_id:
+            raise convert.InvalidArgument("segment_id", "is required")
+        await self._engine.report_unmapped(request.segment_id, request.segment_generation, holder)
+        return pb.ReportUnmappedResponse()
 
     @_translate_errors
     async def Defragment(self, request: pb.DefragmentRequest, context) -> pb.DefragmentResponse:

@@ -28,6 +28,15 @@ class CacheState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CACHE_STATE_UNSPECIFIED: _ClassVar[CacheState]
     CACHE_STATE_RESIDENT: _ClassVar[CacheState]
     CACHE_STATE_EVICTED: _ClassVar[CacheState]
+
+class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_KIND_UNSPECIFIED: _ClassVar[EventKind]
+    EVENT_KIND_SESSION_OPENED: _ClassVar[EventKind]
+    EVENT_KIND_EVICTED: _ClassVar[EventKind]
+    EVENT_KIND_MOVED: _ClassVar[EventKind]
+    EVENT_KIND_SEGMENT_RETIRED: _ClassVar[EventKind]
+    EVENT_KIND_SHUTTING_DOWN: _ClassVar[EventKind]
 D_TYPE_UNSPECIFIED: DType
 D_TYPE_UINT8: DType
 D_TYPE_INT8: DType
@@ -44,6 +53,12 @@ D_TYPE_FLOAT8_E5M2: DType
 CACHE_STATE_UNSPECIFIED: CacheState
 CACHE_STATE_RESIDENT: CacheState
 CACHE_STATE_EVICTED: CacheState
+EVENT_KIND_UNSPECIFIED: EventKind
+EVENT_KIND_SESSION_OPENED: EventKind
+EVENT_KIND_EVICTED: EventKind
+EVENT_KIND_MOVED: EventKind
+EVENT_KIND_SEGMENT_RETIRED: EventKind
+EVENT_KIND_SHUTTING_DOWN: EventKind
 
 class Cache(_message.Message):
     __slots__ = ("cache_id", "pool", "model_name", "nbytes", "reserved_bytes", "device", "state", "epoch", "pinned", "pin_count", "holder_count", "retain", "priority", "dtype", "shape", "created_at_unix_seconds", "last_access_unix_seconds", "access_count")
@@ -286,7 +301,7 @@ class PoolStats(_message.Message):
     def __init__(self, pool: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., min_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., eviction_policy: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "allocation_count", "eviction_count", "devices", "pools", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "version", "instance_id", "uptime_seconds")
+    __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "allocation_count", "eviction_count", "devices", "pools", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "version", "instance_id", "uptime_seconds", "methods", "window_seconds")
     TOTAL_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     UTILIZATION_RATIO_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +317,8 @@ class StatsResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     total_capacity_bytes: int
     total_allocated_bytes: int
     utilization_ratio: float
@@ -317,7 +334,34 @@ class StatsResponse(_message.Message):
     version: str
     instance_id: str
     uptime_seconds: float
-    def __init__(self, total_capacity_bytes: _Optional[int] = ..., total_allocated_bytes: _Optional[int] = ..., utilization_ratio: _Optional[float] = ..., fragmentation_ratio: _Optional[float] = ..., active_caches: _Optional[int] = ..., allocation_count: _Optional[int] = ..., eviction_count: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., pinned_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_extent_bytes: _Optional[int] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    methods: _containers.RepeatedCompositeFieldContainer[MethodStats]
+    window_seconds: float
+    def __init__(self, total_capacity_bytes: _Optional[int] = ..., total_allocated_bytes: _Optional[int] = ..., utilization_ratio: _Optional[float] = ..., fragmentation_ratio: _Optional[float] = ..., active_caches: _Optional[int] = ..., allocation_count: _Optional[int] = ..., eviction_count: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., pinned_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_extent_bytes: _Optional[int] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., methods: _Optional[_Iterable[_Union[MethodStats, _Mapping]]] = ..., window_seconds: _Optional[float] = ...) -> None: ...
+
+class MethodStats(_message.Message):
+    __slots__ = ("method", "calls", "errors", "p50_seconds", "p95_seconds", "p99_seconds", "errors_by_code")
+    class ErrorsByCodeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    P50_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    P95_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    P99_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_BY_CODE_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    calls: int
+    errors: int
+    p50_seconds: float
+    p95_seconds: float
+    p99_seconds: float
+    errors_by_code: _containers.ScalarMap[str, int]
+    def __init__(self, method: _Optional[str] = ..., calls: _Optional[int] = ..., errors: _Optional[int] = ..., p50_seconds: _Optional[float] = ..., p95_seconds: _Optional[float] = ..., p99_seconds: _Optional[float] = ..., errors_by_code: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ListCachesRequest(_message.Message):
     __slots__ = ("pool", "model_name", "state", "page_size", "page_token")
@@ -368,3 +412,59 @@ class DefragmentResponse(_message.Message):
     duration_seconds: float
     dry_run: bool
     def __init__(self, caches_moved: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., fragmentation_before: _Optional[float] = ..., fragmentation_after: _Optional[float] = ..., segments_freed: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("session_id", "client_name", "pid", "host")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    client_name: str
+    pid: int
+    host: str
+    def __init__(self, session_id: _Optional[str] = ..., client_name: _Optional[str] = ..., pid: _Optional[int] = ..., host: _Optional[str] = ...) -> None: ...
+
+class WatchEvent(_message.Message):
+    __slots__ = ("kind", "cache_id", "epoch", "segment_id", "segment_generation", "reason", "session_id", "lease_seconds", "instance_id")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    kind: EventKind
+    cache_id: str
+    epoch: int
+    segment_id: int
+    segment_generation: int
+    reason: str
+    session_id: str
+    lease_seconds: float
+    instance_id: str
+    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., cache_id: _Optional[str] = ..., epoch: _Optional[int] = ..., segment_id: _Optional[int] = ..., segment_generation: _Optional[int] = ..., reason: _Optional[str] = ..., session_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("lease_seconds",)
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    lease_seconds: float
+    def __init__(self, lease_seconds: _Optional[float] = ...) -> None: ...
+
+class ReportUnmappedRequest(_message.Message):
+    __slots__ = ("segment_id", "segment_generation")
+    SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    segment_id: int
+    segment_generation: int
+    def __init__(self, segment_id: _Optional[int] = ..., segment_generation: _Optional[int] = ...) -> None: ...
+
+class ReportUnmappedResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -75,6 +75,21 @@ class CacheBrokerStub:
                 request_serializer=kvbroker_dot_v1_dot_broker__pb2.DefragmentRequest.SerializeToString,
                 response_deserializer=kvbroker_dot_v1_dot_broker__pb2.DefragmentResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/kvbroker.v1.CacheBroker/Watch',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.WatchRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.WatchEvent.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/kvbroker.v1.CacheBroker/Heartbeat',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
+        self.ReportUnmapped = channel.unary_unary(
+                '/kvbroker.v1.CacheBroker/ReportUnmapped',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.ReportUnmappedRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.ReportUnmappedResponse.FromString,
+                _registered_method=True)
 
 
 class CacheBrokerServicer:
@@ -137,6 +152,29 @@ class CacheBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """Opens a session and streams its events. The session ends when the stream breaks or
+        its lease runs out without a heartbeat; then its holds and pins are dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Renews the caller's session lease (any call with the session id renews it too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportUnmapped(self, request, context):
+        """Tells the broker the caller no longer maps a segment (after SEGMENT_RETIRED), so
+        its memory can go back to the device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +217,21 @@ def add_CacheBrokerServicer_to_server(servicer, server):
                     servicer.Defragment,
                     request_deserializer=kvbroker_dot_v1_dot_broker__pb2.DefragmentRequest.FromString,
                     response_serializer=kvbroker_dot_v1_dot_broker__pb2.DefragmentResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.WatchRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.WatchEvent.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.HeartbeatRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'ReportUnmapped': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportUnmapped,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.ReportUnmappedRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.ReportUnmappedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +451,87 @@ class CacheBroker:
             '/kvbroker.v1.CacheBroker/Defragment',
             kvbroker_dot_v1_dot_broker__pb2.DefragmentRequest.SerializeToString,
             kvbroker_dot_v1_dot_broker__pb2.DefragmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/Watch',
+            kvbroker_dot_v1_dot_broker__pb2.WatchRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/Heartbeat',
+            kvbroker_dot_v1_dot_broker__pb2.HeartbeatRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportUnmapped(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/ReportUnmapped',
+            kvbroker_dot_v1_dot_broker__pb2.ReportUnmappedRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.ReportUnmappedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,7 +72,8 @@ def start_daemon(tmp_path: Path, *args: str, env: dict[str, str] | None = None) 
     log_path = tmp_path / "daemon.log"
     cmd = [
         sys.executable, "-m", "kvbroker", "serve", "--devices", "host",
-        "--listen", f"127.0.0.1:{port}", "--unix-socket", sock, "--grace-seconds", "2", *args,
+        "--listen", f"127.0.0.1:{port}", "--unix-socket", sock, "--grace-seconds", "2",
+        "--metrics-listen", "", *args,
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

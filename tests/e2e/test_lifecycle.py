@@ -99,7 +99,7 @@ def _port_free(port: int) -> bool:
 
 
 def test_zero_config_start_serves_the_host_device_on_the_defaults(tmp_path):
-    if not _port_free(50051) or os.path.exists("/tmp/kvbroker.sock"):
+    if not _port_free(50051) or not _port_free(9464) or os.path.exists("/tmp/kvbroker.sock"):
         pytest.skip("the default address is taken by another broker on this machine")
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVBROKER_")}
     log = tmp_path / "log"

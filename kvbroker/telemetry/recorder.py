@@ -1,0 +1,170 @@
+"""The counters and histograms that hooks feed (as opposed to the gauges and core counters
+read from ``BrokerStats`` at scrape time).
+
+Fed by the engine's observer hooks and the RPC interceptor, on the event loop only: not
+thread-safe by design, and a reader takes a ``RecorderSnapshot`` on the loop. Series are
+keyed by catalogue name and label values, so the exporters need no table of their own.
+
+Every hook is O(1): a dict lookup, a ``bisect`` and integer additions (about a
+microsecond), and every label value is bounded here (unknown pools and reasons collapse
+to fixed values), so no client input can grow the number of series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import NamedTuple
+
+from kvbroker.core.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from kvbroker.engine import MethodStats, RpcStats
+from kvbroker.telemetry.catalogue import BY_NAME
+from kvbroker.telemetry.histogram import Histogram, HistogramValue, Window
+
+#: The service whose methods ``kvbroker stats`` names without their service.
+BROKER_SERVICE = "kvbroker.v1.CacheBroker"
+
+_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
+    (ResourceExhausted, "exhausted"),
+    (DeadlineExceeded, "timeout"),
+    (InvalidArgument, "invalid"),
+    (NotFound, "not_found"),
+    (AlreadyExists, "already_exists"),
+    (FailedPrecondition, "failed_precondition"),
+    (asyncio.CancelledError, "cancelled"),
+)
+
+#: The engine's session-end reasons -> label values.
+SESSION_END_REASONS = {"watch stream closed": "stream_closed", "lease expired": "lease_expired"}
+
+_ALLOCATIONS = BY_NAME["kvbroker_allocations_total"].name
+_WAIT = BY_NAME["kvbroker_allocation_wait_seconds"]
+_COMPACTION = BY_NAME["kvbroker_compaction_duration_seconds"]
+_RPC = BY_NAME["kvbroker_rpc_duration_seconds"]
+_OPENED = BY_NAME["kvbroker_sessions_opened_total"].name
+_RECLAIMED = BY_NAME["kvbroker_sessions_reclaimed_total"].name
+
+
+def outcome_of(error: BaseException | None) -> str:
+    """The ``outcome`` label of an Allocate that ended with ``error`` (None: ok)."""
+    if error is None:
+        return "ok"
+    for cls, outcome in _OUTCOMES:
+        if isinstance(error, cls):
+            return outcome
+    return "error"
+
+
+class RecorderSnapshot(NamedTuple):
+    """Copies of every series: catalogue name -> label values -> value."""
+
+    counters: dict[str, dict[tuple[str, ...], int]]
+    histograms: dict[str, dict[tuple[str, ...], HistogramValue]]
+    started_at: float  # unix seconds: the start of every cumulative series
+
+
+class _RpcSeries:
+    __slots__ = ("histogram", "window")
+
+    def __init__(self) -> None:
+        self.histogram = Histogram(_RPC.buckets)
+        self.window = Window(len(_RPC.buckets) + 1)
+
+
+class Recorder:
+    """Series fed by hooks.
+
+    Args:
+        pools: the configured pool names (other names become ``""``).
+        clock: monotonic seconds, for the recent window of ``rpc_stats``.
+    """
+
+    def __init__(self, pools: tuple[str, ...], *, clock=time.monotonic) -> None:
+        self._pools = frozenset(pools)
+        self._clock = clock
+        self.started_at = time.time()
+        self._started_mono = clock()
+        self._counters: dict[str, dict[tuple[str, ...], int]] = {
+            _ALLOCATIONS: {}, _OPENED: {(): 0}, _RECLAIMED: {}
+        }
+        self._histograms: dict[str, dict[tuple[str, ...], Histogram]] = {_WAIT.name: {}, _COMPACTION.name: {}}
+        self._rpcs: dict[tuple[str, str, str], _RpcSeries] = {}
+        self._window_shape = Window(0)  # every RPC window has this shape: it gives the span
+
+    # -- hooks (the engine's Observer methods, and the interceptor's) --------------------
+
+    def allocation_finished(self, pool: str, error: BaseException | None) -> None:
+        key = (pool if pool in self._pools else "", outcome_of(error))
+        series = self._counters[_ALLOCATIONS]
+        series[key] = series.get(key, 0) + 1
+
+    def allocation_waited(self, pool: str, seconds: float) -> None:
+        self._observe(_WAIT.name, (pool if pool in self._pools else "",), _WAIT.buckets, seconds)
+
+    def compaction_copied(self, device: str, nbytes: int, seconds: float) -> None:
+        self._observe(_COMPACTION.name, (device,), _COMPACTION.buckets, seconds)
+
+    def session_opened(self) -> None:
+        series = self._counters[_OPENED]
+        series[()] = series.get((), 0) + 1
+
+    def session_reclaimed(self, reason: str) -> None:
+        key = (SESSION_END_REASONS.get(reason, "other"),)
+        series = self._counters[_RECLAIMED]
+        series[key] = series.get(key, 0) + 1
+
+    def rpc_finished(self, service: str, method: str, code: str, seconds: float) -> None:
+        """One RPC ended with status ``code`` (a ``grpc.StatusCode`` name) after
+        ``seconds``. Service and method come from the server's registered handlers."""
+        key = (service, method, code)
+        series = self._rpcs.get(key)
+        if series is None:
+            series = self._rpcs[key] = _RpcSeries()
+        series.window.add(series.histogram.observe(seconds), self._clock())
+
+    # -- readers (on the loop) -------------------------------------------------------------
+
+    def snapshot(self) -> RecorderSnapshot:
+        histograms = {
+            name: {key: h.value() for key, h in series.items()} for name, series in self._histograms.items()
+        }
+        histograms[_RPC.name] = {key: s.histogram.value() for key, s in self._rpcs.items()}
+        counters = {name: dict(series) for name, series in self._counters.items()}
+        return RecorderSnapshot(counters, histograms, self.started_at)
+
+    def rpc_stats(self) -> RpcStats:
+        """Calls, errors by code and P50/P95/P99 per method over the recent window."""
+        now = self._clock()
+        by_method: dict[tuple[str, str], tuple[list[int], dict[str, int]]] = {}
+        for (service, method, code), series in self._rpcs.items():
+            counts = series.window.counts(now)
+            calls = sum(counts)
+            if not calls:
+                continue
+            merged, errors = by_method.setdefault((service, method), ([0] * len(counts), {}))
+            for i, n in enumerate(counts):
+                merged[i] += n
+            if code != "OK":
+                errors[code] = errors.get(code, 0) + calls
+        methods = []
+        for (service, method), (counts, errors) in sorted(by_method.items()):
+            name = method if service == BROKER_SERVICE else f"{service}/{method}"
+            p50, p95, p99 = (HistogramValue(_RPC.buckets, tuple(counts), 0.0, 0, 0.0, 0.0).quantile(q)
+                             for q in (0.5, 0.95, 0.99))  # fmt: skip
+            methods.append(MethodStats(name, sum(counts), tuple(sorted(errors.items())), p50, p95, p99))
+        window = min(self._window_shape.span(now), now - self._started_mono)
+        return RpcStats(window, tuple(methods))
+
+    def _observe(self, name: str, key: tuple[str, ...], buckets: tuple[float, ...], value: float) -> None:
+        series = self._histograms[name]
+        histogram = series.get(key)
+        if histogram is None:
+            histogram = series[key] = Histogram(buckets)
+        histogram.observe(value)

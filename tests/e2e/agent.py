@@ -1,0 +1,67 @@
+"""A model worker under remote control, for end-to-end tests: a separate process with
+its own BrokerClient (its own session) that executes one JSON command per stdin line
+and answers one JSON line: {"ok": ...} or {"error": "<exception class>", "message": ...}.
+
+Run: python -m tests.e2e.agent TARGET
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+from kvbroker_client import BrokerClient
+
+
+def run(client: BrokerClient, caches: dict, op: str, command: dict):
+    """One command. A function of its own so that no view outlives it in a local."""
+    if op == "allocate":
+        cache = client.allocate(**command)
+        caches[cache.cache_id] = cache
+        return cache.cache_id
+    if op == "attach":
+        cache = client.attach(command["cache_id"])
+        caches[cache.cache_id] = cache
+        return cache.cache_id
+    if op in ("fill", "check"):
+        t = caches[command["cache_id"]].tensor()
+        expected = torch.arange(t.numel(), dtype=torch.int64).remainder(251).to(torch.uint8) ^ command["salt"]
+        if op == "fill":
+            t.copy_(expected)
+            return True
+        return bool(torch.equal(t, expected))
+    if op == "offset":
+        return caches[command["cache_id"]].handle.byte_offset
+    if op == "release":
+        return caches.pop(command["cache_id"]).release(force=command.get("force", False))
+    if op == "drop_views":
+        import gc
+
+        gc.collect()
+        client.report_unmapped()
+        return True
+    if op == "sleep":
+        time.sleep(command["seconds"])
+        return True
+    raise ValueError(f"unknown op {op!r}")
+
+
+def main() -> None:
+    client = BrokerClient(sys.argv[1])
+    caches: dict = {}
+    print(json.dumps({"ok": client.session_id}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        op = command.pop("op")
+        try:
+            result = run(client, caches, op, command)
+            print(json.dumps({"ok": result}), flush=True)
+        except Exception as err:  # noqa: BLE001 - reported to the test as data
+            print(json.dumps({"error": type(err).__name__, "message": str(err)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

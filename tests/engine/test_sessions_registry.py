@@ -1,0 +1,63 @@
+"""SessionRegistry: leases, streams and event delivery."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvbroker.core.errors import AlreadyExists
+from kvbroker.core.types import Event, EventKind
+from kvbroker.sessions import SessionRegistry
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_leases_expire_unless_renewed():
+    async def body():
+        clock = Clock()
+        registry = SessionRegistry(2.0, clock)
+        assert registry.touch("a") is True and registry.touch("a") is False
+        registry.watch("b", client_name="w", pid=1, host="h")
+        clock.now += 1.5
+        registry.touch("a")
+        clock.now += 1.0
+        assert registry.expired() == ["b"]
+        clock.now += 1.5
+        assert sorted(registry.expired()) == ["a", "b"]
+
+    asyncio.run(body())
+
+
+def test_one_stream_per_session_and_events_reach_watchers_only():
+    async def body():
+        registry = SessionRegistry(5.0)
+        session, opened = registry.watch("s", client_name="w", pid=7, host="h")
+        assert opened and session.pid == 7
+        with pytest.raises(AlreadyExists):
+            registry.watch("s", client_name="w", pid=7, host="h")
+        registry.touch("lease-only")
+        queued = registry.deliver([Event(EventKind.EVICTED, frozenset({"s", "lease-only", "gone"}), cache_id="c")])
+        assert queued == 1
+        assert (await session.events.get()).cache_id == "c"
+        registry.close("s")
+        assert await session.events.get() is None, "closing ends the stream"
+        assert "s" not in registry
+
+    asyncio.run(body())
+
+
+def test_a_lease_only_session_can_start_watching():
+    async def body():
+        registry = SessionRegistry(5.0)
+        registry.touch("s")
+        _, opened = registry.watch("s", client_name="w", pid=1, host="h")
+        assert opened is False
+
+    asyncio.run(body())
