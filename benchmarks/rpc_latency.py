@@ -877,7 +877,9 @@ def run_handoff(daemon: Daemon, workdir: str, *, runs: int, remaps: int, warm_at
             for label, nbytes in HANDOFF_SIZES:
                 t0 = time.perf_counter()
                 reply = broker.Allocate(
-                    pb.AllocateRequest(pool=POOL, size_bytes=nbytes, model_name="rpc-latency-bench"),
+                    # retain: these outlive this session's lease (the benchmark holds no
+                    # Watch stream and no heartbeat), and are force-released at the end.
+                    pb.AllocateRequest(pool=POOL, size_bytes=nbytes, model_name="rpc-latency-bench", retain=True),
                     timeout=120.0, metadata=md,
                 )
                 allocate_s = time.perf_counter() - t0
@@ -916,7 +918,7 @@ def run_handoff(daemon: Daemon, workdir: str, *, runs: int, remaps: int, warm_at
             chunks.clear()
             del views
             for cache in caches:
-                broker.Release(pb.ReleaseRequest(cache_id=cache["cache_id"]), timeout=CALL_TIMEOUT_S, metadata=md)
+                broker.Release(pb.ReleaseRequest(cache_id=cache["cache_id"], force=True), timeout=CALL_TIMEOUT_S, metadata=md)
 
     def median(kind: str, label: str, key: str) -> float:
         return statistics.median(s[kind][label][key] for s in samples)
@@ -1129,7 +1131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with grpc.insecure_channel(daemon.target) as channel:
             broker = broker_pb2_grpc.CacheBrokerStub(channel)
             attach_target = broker.Allocate(
-                pb.AllocateRequest(pool=POOL, size_bytes=ALLOC_BYTES, model_name="rpc-latency-bench"),
+                pb.AllocateRequest(pool=POOL, size_bytes=ALLOC_BYTES, model_name="rpc-latency-bench", retain=True),
                 timeout=120.0, metadata=metadata(session),
             )
         attach_id = attach_target.cache.cache_id
@@ -1170,7 +1172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         with grpc.insecure_channel(daemon.target) as channel:
             broker = broker_pb2_grpc.CacheBrokerStub(channel)
-            broker.Release(pb.ReleaseRequest(cache_id=attach_id), timeout=CALL_TIMEOUT_S, metadata=metadata(session))
+            broker.Release(pb.ReleaseRequest(cache_id=attach_id, force=True), timeout=CALL_TIMEOUT_S, metadata=metadata(session))
             stats = broker.Stats(pb.StatsRequest(), timeout=CALL_TIMEOUT_S)
             result["daemon_final"] = {"active_caches": stats.active_caches, "allocation_count": stats.allocation_count}
             if stats.active_caches:
