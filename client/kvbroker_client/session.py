@@ -58,7 +58,9 @@ class SessionState:
         self.opened = threading.Event()
         self.shutting_down = False
         self.ended = False
+        self.instance_id = ""
         self.pending_unmaps: set[tuple[str, int, int]] = set()
+        self._since_beat = 0.0
 
     def apply(self, event: pb.WatchEvent) -> None:
         kind = event.kind
@@ -74,11 +76,25 @@ class SessionState:
             from kvbroker_client.cache import process_mapper
             from kvbroker_client.mapping import SegmentKey
 
-            key = SegmentKey(getattr(self, "instance_id", ""), event.segment_id, event.segment_generation)
+            key = SegmentKey(self.instance_id, event.segment_id, event.segment_generation)
             process_mapper().retire(key)
             self.pending_unmaps.add(key)
         elif kind == pb.EVENT_KIND_SHUTTING_DOWN:
             self.shutting_down = True
+
+    def due(self, elapsed_s: float) -> tuple[list[pb.ReportUnmappedRequest], bool]:
+        """One poll of the background loop, ``elapsed_s`` after the previous one: the
+        unmapping reports to send now, and whether a heartbeat is due (every third of
+        the lease)."""
+        reports = [
+            pb.ReportUnmappedRequest(segment_id=segment_id, segment_generation=generation)
+            for _, segment_id, generation in self.unmapped()
+        ]
+        self._since_beat += elapsed_s
+        beat = self._since_beat >= self.lease_seconds / 3
+        if beat:
+            self._since_beat = 0.0
+        return reports, beat
 
     def unmapped(self) -> list[tuple[str, int, int]]:
         """Retired segments that no tensor of this process uses any more (to report)."""
@@ -118,30 +134,23 @@ class SyncSession:
             self.state.opened.set()
 
     def _beat(self) -> None:
-        since_beat = 0.0
         while not self._stop.wait(UNMAP_POLL_SECONDS):
             if self.state.ended:
                 return
+            reports, beat = self.state.due(UNMAP_POLL_SECONDS)
             try:
-                for instance_id, segment_id, generation in self.state.unmapped():
-                    self._stub.ReportUnmapped(
-                        pb.ReportUnmappedRequest(segment_id=segment_id, segment_generation=generation),
-                        metadata=self._metadata, timeout=10,
-                    )
-                since_beat += UNMAP_POLL_SECONDS
-                if since_beat >= self.state.lease_seconds / 3:
-                    since_beat = 0.0
+                for report in reports:
+                    self._stub.ReportUnmapped(report, metadata=self._metadata, timeout=10)
+                if beat:
                     self._stub.Heartbeat(pb.HeartbeatRequest(), metadata=self._metadata, timeout=10)
             except grpc.RpcError as err:
                 log.debug("kvbroker heartbeat failed: %s", err.details())
 
     def report_unmapped_now(self) -> None:
         """Report retired segments no longer in use without waiting for the next poll."""
-        for _, segment_id, generation in self.state.unmapped():
-            self._stub.ReportUnmapped(
-                pb.ReportUnmappedRequest(segment_id=segment_id, segment_generation=generation),
-                metadata=self._metadata, timeout=10,
-            )
+        reports, _ = self.state.due(0.0)
+        for report in reports:
+            self._stub.ReportUnmapped(report, metadata=self._metadata, timeout=10)
 
     def close(self) -> None:
         """End the stream (the broker then ends the session) and stop the threads."""
@@ -174,18 +183,13 @@ class AsyncSession:
             self.state.opened.set()
 
     async def _beat(self) -> None:
-        since_beat = 0.0
         while not self.state.ended:
             await asyncio.sleep(UNMAP_POLL_SECONDS)
+            reports, beat = self.state.due(UNMAP_POLL_SECONDS)
             try:
-                for _, segment_id, generation in self.state.unmapped():
-                    await self._stub.ReportUnmapped(
-                        pb.ReportUnmappedRequest(segment_id=segment_id, segment_generation=generation),
-                        metadata=self._metadata, timeout=10,
-                    )
-                since_beat += UNMAP_POLL_SECONDS
-                if since_beat >= self.state.lease_seconds / 3:
-                    since_beat = 0.0
+                for report in reports:
+                    await self._stub.ReportUnmapped(report, metadata=self._metadata, timeout=10)
+                if beat:
                     await self._stub.Heartbeat(pb.HeartbeatRequest(), metadata=self._metadata, timeout=10)
             except grpc.RpcError as err:
                 log.debug("kvbroker heartbeat failed: %s", err.details())
