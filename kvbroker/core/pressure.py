@@ -83,7 +83,8 @@ def make_room(
     if not allow_eviction:
         return False
     pool = arena.pool
-    if pool.reserved_bytes < pool.spec.min_bytes:
+    kept = pool.reserved_bytes - sum(a.draining_bytes for a in pool.arenas.values())
+    if kept < pool.spec.min_bytes:
         # Below its guaranteed minimum, a pool takes from pools above theirs before it
         # evicts its own caches.
         taken = _take_segments(broker, arena, reserved, priority, retired, evicted)
@@ -179,9 +180,10 @@ def _take_segments(
 ) -> bool | None:
     """Take whole segments from other pools (and our own empty ones) on this device.
 
-    Returns True when the request can now be placed, None when the chosen segments are
-    draining (their mappers were told to unmap; the room arrives with that, so a waiting
-    request is served then), False when no choice of segments would make room."""
+    Returns True when the request can now be placed, None when the room will come from
+    draining segments (the chosen mapped ones, whose mappers were just told to unmap, or
+    ones already draining; a waiting request is served once they unmapped), False when
+    no choice of segments would make room."""
     pool = arena.pool
     granule = max(arena.device.spec.segment_alignment_bytes, pool.spec.block_bytes)
     need = _segment_need(arena, reserved)

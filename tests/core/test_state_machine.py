@@ -9,6 +9,17 @@ step it checks the accounting (``audit`` and independent sums), that extents nev
 overlap, that quotas and minimums hold, that pinned caches never move or vanish, and,
 with a ``bytearray`` per segment into which every new cache writes a unique pattern and
 every plan's moves are copied with memmove semantics, that no cache's bytes ever change.
+
+Sessions (holder ids opened by a rule) allocate, attach and pin as the daemon does: each
+handle handed out is followed by ``note_mapped`` for its segment. The model tracks which
+live session maps which segment, which segments drain (out of placement, waiting for
+their mappers) and the SEGMENT_RETIRED events each session received; sessions report
+unmapping (``note_unmapped``) or crash (``end_session``). Checked: no segment is retired
+while a live session maps it, a draining segment never holds a cache, a retired segment
+id never comes back, and a drained segment is retired exactly when its last mapper
+leaves. Waiting: a request that failed with ``satisfiable=True`` is retried after the
+caches in its way are released (and the drained segments unmapped), and must then fit;
+one that failed with ``satisfiable=False`` must fail again, even on an empty broker.
 """
 
 from __future__ import annotations
@@ -59,7 +70,11 @@ SPEC = {p.name: p for p in POOLS}
 CAPACITY = {d.device_id: d.capacity_bytes for d in DEVICES}
 ALIGN = {d.device_id: d.segment_alignment_bytes for d in DEVICES}
 MIN_SEGMENT = {d.device_id: d.min_segment_bytes for d in DEVICES}
-HOLDERS = ("", "s1", "s2")
+HOLDERS = ("", "s1", "s2")  # holders that never map a segment
+#: Where a rule draws a holder from ``ANY_HOLDER``, "#i" stands for the i-th live
+#: session (if any): a session maps the segment of every handle it is handed.
+ANY_HOLDER = st.sampled_from(HOLDERS + ("#0", "#1", "#2"))
+MAX_SESSIONS = 4
 
 sizes = st.one_of(
     st.integers(1, 24 * K),
@@ -70,11 +85,13 @@ small_sizes = st.integers(1, 16 * K)
 
 
 class Clock:
+    """A manual clock: time stands still until a rule advances it, so the model knows
+    when each segment became empty (for idle retirement)."""
+
     def __init__(self) -> None:
         self.now = 0.0
 
     def __call__(self) -> float:
-        self.now += 1.0
         return self.now
 
 
@@ -93,8 +110,9 @@ class Record:
 class BrokerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.b = Broker(DEVICES, POOLS, clock=Clock())
-        self.mem: dict[int, bytearray] = {}
+        self.clock = Clock()
+        self.b = Broker(DEVICES, POOLS, clock=self.clock)
+        self.mem: dict[int, bytearray] = {}  # live segments, draining ones included
         self.segment_pool: dict[int, SegmentInfo] = {}
         self.pattern: dict[str, bytes] = {}  # resident caches
         self.where: dict[str, Extent] = {}  # resident caches
@@ -107,6 +125,18 @@ class BrokerMachine(RuleBasedStateMachine):
         self.expected_events: list[tuple] = []
         self.reserved_before: dict[str, int] = {}
         self.shrink_ok: set[str] = set()
+        # Sessions and mappings.
+        self.sessions: list[str] = []  # live sessions
+        self.session_serial = 0
+        self.mapped: dict[int, set[str]] = {}  # segment -> live sessions mapping it
+        self.draining: set[int] = set()
+        self.drain_ok = False  # whether the current step may drain segments
+        self.drained_now: set[int] = set()  # segments the last settled step drained
+        self.inbox: dict[str, list[tuple[int, int]]] = {}  # SEGMENT_RETIRED (id, generation)
+        self.retired_ids: set[int] = set()
+        self.empty_at: dict[int, float] = {}  # placeable empty segment -> since when
+        # Requests that failed: (allocation args, satisfiable).
+        self.waiting: list[tuple[tuple, bool]] = []
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -118,33 +148,73 @@ class BrokerMachine(RuleBasedStateMachine):
             return f"never-{index}"
         return self.ids[index % len(self.ids)]
 
-    def _pool_reserved(self) -> dict[str, int]:
-        return {p.pool: p.usage.reserved_bytes for p in self.b.stats().pools}
+    def _effective_reserved(self) -> dict[str, int]:
+        """Each pool's segment bytes, less those draining (they are on their way out)."""
+        return {
+            name: pool.reserved_bytes - sum(a.draining_bytes for a in pool.arenas.values())
+            for name, pool in self.b._pools.items()
+        }
 
-    def _begin(self, shrink_ok: set[str]) -> None:
-        self.reserved_before = self._pool_reserved()
+    def _begin(self, shrink_ok: set[str], drain_ok: bool = False) -> None:
+        self.reserved_before = self._effective_reserved()
         self.shrink_ok = shrink_ok
+        self.drain_ok = drain_ok
 
     def _event(self, kind: EventKind, cid: str, epoch: int, holders: set[str]) -> None:
         if holders:
-            self.expected_events.append((kind.value, cid, epoch, tuple(sorted(holders))))
+            self.expected_events.append((kind.value, cid, epoch, -1, 0, tuple(sorted(holders))))
+
+    def _segment_caches(self, sid: int) -> list[str]:
+        return [cid for cid, ext in self.where.items() if ext.segment_id == sid]
 
     def _retired(self, segments) -> None:
         for info in segments:
-            assert info.segment_id in self.mem, f"retired unknown segment {info.segment_id}"
-            for cid, ext in self.where.items():
-                assert ext.segment_id != info.segment_id, f"{cid} lives in retired segment"
-            del self.mem[info.segment_id]
-            del self.segment_pool[info.segment_id]
+            sid = info.segment_id
+            assert sid in self.mem, f"retired unknown segment {sid}"
+            assert info == self.segment_pool[sid]
+            assert not self._segment_caches(sid), f"segment {sid} retired with caches"
+            assert not self.mapped.get(sid), f"segment {sid} retired while {self.mapped[sid]} map it"
+            del self.mem[sid]
+            del self.segment_pool[sid]
+            self.mapped.pop(sid, None)
+            self.draining.discard(sid)
+            self.empty_at.pop(sid, None)
+            self.retired_ids.add(sid)
 
     def _new_segment(self, info: SegmentInfo, pool: str) -> None:
-        assert info.segment_id not in self.mem
+        assert info.segment_id not in self.mem and info.segment_id not in self.retired_ids
         assert info.pool == pool and info.device_id in SPEC[pool].devices
         granule = max(ALIGN[info.device_id], SPEC[pool].block_bytes)
         assert info.nbytes > 0 and info.nbytes % granule == 0
         assert info.nbytes >= MIN_SEGMENT[info.device_id]
         self.mem[info.segment_id] = bytearray(info.nbytes)  # zero-filled, as a backend's
         self.segment_pool[info.segment_id] = info
+
+    def _learn_drains(self) -> None:
+        """Segments the broker started draining in this step: only when the step may
+        drain, only mapped empty ones, each announced to exactly its mappers."""
+        now = {sid for sid, seg in self.b._segments.items() if seg.draining}
+        assert self.draining <= now, f"drained segments vanished: {self.draining - now}"
+        self.drained_now = now - self.draining
+        for sid in sorted(self.drained_now):
+            assert self.drain_ok, f"segment {sid} drained by a step that may not drain"
+            assert sid in self.mem
+            assert self.mapped.get(sid), f"unmapped segment {sid} drained instead of retired"
+            assert not self._segment_caches(sid), f"segment {sid} drained with caches"
+            self.expected_events.append((
+                EventKind.SEGMENT_RETIRED.value, "", 0, sid,
+                self.segment_pool[sid].generation, tuple(sorted(self.mapped[sid])),
+            ))
+            self.empty_at.pop(sid, None)
+        self.draining = now
+
+    def _track_empty(self) -> None:
+        occupied = {ext.segment_id for ext in self.where.values()}
+        for sid in self.mem:
+            if sid in self.draining or sid in occupied:
+                self.empty_at.pop(sid, None)
+            else:
+                self.empty_at.setdefault(sid, self.clock.now)
 
     def _evicted_in_model(self, cid: str) -> None:
         """The broker evicted ``cid`` (found by _settle): update the model."""
@@ -169,8 +239,10 @@ class BrokerMachine(RuleBasedStateMachine):
                 self._evicted_in_model(cid)
 
     def _settle(self, may_vanish: Callable[[str], bool] = lambda cid: False) -> None:
-        """Compare the broker with the model after a step; learn evictions."""
+        """Compare the broker with the model after a step; learn evictions and drains."""
         self._learn_evictions(may_vanish)
+        self._learn_drains()
+        self._track_empty()
         resident = {c.cache_id for c in self.b.caches(state=CacheState.RESIDENT)}
         assert resident == set(self.pattern), "a cache appeared that the model lacks"
         for cid, rec in self.records.items():
@@ -184,7 +256,9 @@ class BrokerMachine(RuleBasedStateMachine):
                 assert info.extents == (self.where[cid],), f"{cid} moved without a plan"
             else:
                 assert info.extents == ()
-        after = self._pool_reserved()
+        # Pools stay at or above min_bytes, draining bytes not counted as kept: a drained
+        # segment is already promised back to the device.
+        after = self._effective_reserved()
         for name, before in self.reserved_before.items():
             now, floor = after[name], SPEC[name].min_bytes
             if now < before and now < floor:
@@ -199,6 +273,7 @@ class BrokerMachine(RuleBasedStateMachine):
             assert self.where[cid] == move.source, (cid, self.where[cid], move.source)
             assert move.source.nbytes == move.destination.nbytes
             src, dst = move.source, move.destination
+            assert dst.segment_id not in self.draining, f"plan moves {cid} into draining {dst}"
             assert self.segment_pool[src.segment_id].pool == self.segment_pool[dst.segment_id].pool
             assert self.segment_pool[src.segment_id].device_id == self.segment_pool[dst.segment_id].device_id
             assert dst.offset + dst.nbytes <= len(self.mem[dst.segment_id])
@@ -212,8 +287,12 @@ class BrokerMachine(RuleBasedStateMachine):
     def _commit(self, plan: CompactionPlan) -> None:
         self._apply_plan(plan)
         retired = self.b.commit(plan)
-        assert {s.segment_id for s in retired} == set(plan.segments_emptied)
+        # Emptied segments go back to the device: now when unmapped, else they drain.
+        emptied = set(plan.segments_emptied)
+        assert {s.segment_id for s in retired} == {sid for sid in emptied if not self.mapped.get(sid)}
         self._retired(retired)
+        for sid in emptied - {s.segment_id for s in retired}:
+            assert self.b._segments[sid].draining, f"emptied mapped segment {sid} not drained"
         self.check_bytes()
 
     def _release_model(self, cid: str, holder: str, force: bool) -> bool:
@@ -250,7 +329,7 @@ class BrokerMachine(RuleBasedStateMachine):
     @rule(
         pool=st.sampled_from(sorted(SPEC)),
         size=sizes,
-        holder=st.sampled_from(HOLDERS),
+        holder=ANY_HOLDER,
         pinned=st.booleans(),
         retain=st.booleans(),
         priority=st.sampled_from([None, None, -1, 0, 1, 2, 3]),
@@ -259,14 +338,20 @@ class BrokerMachine(RuleBasedStateMachine):
         backend=st.integers(0, 9),
     )
     def allocate(self, pool, size, holder, pinned, retain, priority, hint, named, backend) -> None:
-        self._allocate(pool, size, holder, pinned, retain, priority, hint, named, backend)
+        holder = self._holder(holder)
+        outcome, cid = self._allocate(pool, size, holder, pinned, retain, priority, hint, named, backend)
+        if outcome == "ok":
+            self._handed(holder, cid)
 
     # The rules below make small, mostly unpinned allocations and holes more frequent,
     # so that devices fill up and fragment and the whole pressure ladder runs.
-    @rule(pool=st.sampled_from(sorted(SPEC)), size=small_sizes, holder=st.sampled_from(HOLDERS),
+    @rule(pool=st.sampled_from(sorted(SPEC)), size=small_sizes, holder=ANY_HOLDER,
           pin=st.integers(0, 5), retain=st.booleans())
     def allocate_small(self, pool, size, holder, pin, retain) -> None:
-        self._allocate(pool, size, holder, pin == 0, retain, None, None, False, 1)
+        holder = self._holder(holder)
+        outcome, cid = self._allocate(pool, size, holder, pin == 0, retain, None, None, False, 1)
+        if outcome == "ok":
+            self._handed(holder, cid)
 
     @rule(index=st.integers(0, 10**6))
     def release_live(self, index) -> None:
@@ -282,14 +367,17 @@ class BrokerMachine(RuleBasedStateMachine):
         self._settle()
 
     @rule(pool=st.sampled_from(sorted(SPEC)), count=st.integers(2, 6), size=small_sizes,
-          hint=st.sampled_from(["d0", "d1"]), holder=st.sampled_from(HOLDERS),
+          hint=st.sampled_from(["d0", "d1"]), holder=ANY_HOLDER,
           pin_every=st.integers(0, 4), then_compact=st.booleans())
     def fill_and_punch(self, pool, count, size, hint, holder, pin_every, then_compact) -> None:
         """Allocate a run of caches, then release every other one: fragmentation."""
+        holder = self._holder(holder)
         first = self.serial + 1
         for i in range(count):
-            self._allocate(pool, size, holder, pin_every > 0 and i % 4 == pin_every % 4,
-                           False, None, hint, True, 1)
+            outcome, cid = self._allocate(pool, size, holder, pin_every > 0 and i % 4 == pin_every % 4,
+                                          False, None, hint, True, 1)
+            if outcome == "ok":
+                self._handed(holder, cid)
         for i in range(0, count, 2):
             cid = f"k{first + i}"
             if cid in self.pattern:
@@ -301,12 +389,17 @@ class BrokerMachine(RuleBasedStateMachine):
             self.compact(hint, pool, stale=1)
 
     @rule(op=st.sampled_from(["attach", "pin", "unpin", "evict"]), index=st.integers(0, 10**6),
-          holder=st.sampled_from(HOLDERS))
+          holder=ANY_HOLDER)
     def holder_op(self, op, index, holder) -> None:
+        holder = self._holder(holder)
         if op == "evict":
             self.evict(index)
+        elif op == "unpin":
+            self.unpin(index, holder)
         else:
-            getattr(self, op)(index, holder)
+            cid = getattr(self, op)(index, holder)
+            if cid is not None:
+                self._handed(holder, cid)
 
     @rule(op=st.sampled_from(["drain", "drain", "drop_holder", "retire_idle"]),
           holder=st.sampled_from(HOLDERS))
@@ -316,10 +409,15 @@ class BrokerMachine(RuleBasedStateMachine):
         elif op == "drop_holder":
             self.drop_holder(holder)
         else:
-            self.retire_idle()
+            self.retire_idle(0, 0)
 
-    def _allocate(self, pool, size, holder, pinned, retain, priority, hint, named, backend) -> None:
+    def _allocate(self, pool, size, holder, pinned, retain, priority, hint, named, backend,
+                  *, record: bool = True) -> tuple[str, object]:
+        """Allocate as the daemon does (compaction plans copied and committed, some
+        backend failures aborted). Returns ("ok", cache id), ("aborted", cache id),
+        ("exhausted", the error) or ("invalid", None)."""
         spec = SPEC[pool]
+        args = (pool, size, holder, pinned, retain, priority, hint, named)
         if hint is not None and hint not in spec.devices:
             hint = None
         self.serial += 1
@@ -329,7 +427,7 @@ class BrokerMachine(RuleBasedStateMachine):
         prio = spec.priority if priority is None else priority
         reserved = -(-size // spec.block_bytes) * spec.block_bytes
         candidates = [hint] if hint else list(spec.devices)
-        self._begin({pool})
+        self._begin({pool}, drain_ok=True)
         evicted: set[str] = set()
         for _ in range(4):
             try:
@@ -337,19 +435,26 @@ class BrokerMachine(RuleBasedStateMachine):
             except InvalidArgument as err:
                 assert err.field == "size_bytes" and reserved > max(CAPACITY[d] for d in candidates)
                 self._settle()
-                return
+                return "invalid", None
             except ResourceExhausted as err:
                 event("allocate: resource exhausted")
                 assert reserved <= max(CAPACITY[d] for d in candidates)
                 assert err.requested_bytes == reserved
                 assert err.largest_free_extent_bytes < reserved
                 assert 0 <= err.largest_free_extent_bytes <= err.free_bytes
-                if reserved > (spec.max_bytes or 10**18):
-                    assert not err.satisfiable
+                # Satisfiable exactly when the request fits an empty broker.
+                ceiling = min(self.b._pools[pool].max_bytes, max(CAPACITY[d] for d in candidates))
+                assert err.satisfiable == (reserved <= ceiling), (err, ceiling)
                 # Evictions on a failed request are allowed (they stand), but only of
                 # unpinned caches of equal or lower priority.
                 self._settle(lambda c: self.records[c].priority <= prio)
-                return
+                if record:
+                    self.waiting = [*self.waiting[-5:], (args, err.satisfiable)]
+                if self.drained_now:
+                    event("allocate: waits for drained segments")
+                    if backend >= 5:
+                        self._retry_while_draining(request)
+                return "exhausted", err
             evicted.update(result.evicted)
             for c in result.evicted:
                 assert self.records[c].priority <= prio, f"evicted higher-priority {c}"
@@ -385,6 +490,7 @@ class BrokerMachine(RuleBasedStateMachine):
         assert info.pool == pool and info.device_id in candidates
         assert info.nbytes == size and info.reserved_bytes == reserved == ext.nbytes
         assert ext.offset % spec.block_bytes == 0
+        assert ext.segment_id not in self.draining, f"{cid} placed in draining segment"
         seg = self.segment_pool[ext.segment_id]
         assert seg.pool == pool and seg.device_id == info.device_id
         assert ext.offset + ext.nbytes <= seg.nbytes
@@ -395,7 +501,7 @@ class BrokerMachine(RuleBasedStateMachine):
             self.ids.append(cid)
             self.tomb[cid] = "aborted"
             self._settle(lambda c: c in evicted)
-            return
+            return "aborted", cid
         self.ids.append(cid)
         self.records[cid] = Record(holder, retain, prio, pool)
         self.pattern[cid] = struct.pack("<Q", self.serial) * (ext.nbytes // 8)
@@ -405,10 +511,27 @@ class BrokerMachine(RuleBasedStateMachine):
             self.pins[(cid, holder)] += 1
             self.pinned_at[cid] = ext
         self._settle(lambda c: c in evicted)
+        return "ok", cid
+
+    def _retry_while_draining(self, request: AllocationRequest) -> None:
+        """The daemon retries a queued request (another cache was released, say) before
+        the sessions unmapped what its first attempt drained: the room is on its way,
+        so the retry must take nothing more (no eviction, no drain) and still wait."""
+        event("allocate: retried while draining")
+        self._begin(set())
+        try:
+            self.b.allocate(request)
+        except ResourceExhausted as err:
+            assert err.satisfiable
+        else:
+            raise AssertionError("a request fit while the room it waits for still drains")
+        self._settle()
 
     @rule(index=st.integers(0, 10**6), holder=st.sampled_from(HOLDERS), force=st.booleans())
     def release(self, index, holder, force) -> None:
-        cid = self.pick(index)
+        self._release(self.pick(index), holder, force)
+
+    def _release(self, cid, holder, force) -> None:
         self._begin(set())
         rec = self.records.get(cid)
         if rec is None:
@@ -435,7 +558,8 @@ class BrokerMachine(RuleBasedStateMachine):
         assert self.b.release(cid, holder, force=force) is expected
         self._settle()
 
-    def attach(self, index, holder) -> None:
+    def attach(self, index, holder) -> str | None:
+        """Returns the id when the attach succeeded (a handle was handed out)."""
         cid = self.pick(index)
         self._begin(set())
         rec = self.records.get(cid)
@@ -452,9 +576,13 @@ class BrokerMachine(RuleBasedStateMachine):
             info = self.b.attach(cid, holder)
             rec.holders.add(holder)
             assert info.extents == (self.where[cid],)
+            self._settle()
+            return cid
         self._settle()
+        return None
 
-    def pin(self, index, holder) -> None:
+    def pin(self, index, holder) -> str | None:
+        """Returns the id when the pin succeeded (a handle was handed out)."""
         cid = self.pick(index)
         self._begin(set())
         rec = self.records.get(cid)
@@ -473,7 +601,11 @@ class BrokerMachine(RuleBasedStateMachine):
             self.pins[(cid, holder)] += 1
             self.pinned_at.setdefault(cid, self.where[cid])
             assert info.pin_count == self.pin_count(cid)
+            assert info.extents == (self.where[cid],)
+            self._settle()
+            return cid
         self._settle()
+        return None
 
     def unpin(self, index, holder) -> None:
         cid = self.pick(index)
@@ -514,14 +646,19 @@ class BrokerMachine(RuleBasedStateMachine):
             assert info.state is CacheState.EVICTED
         self._settle(lambda c: c == cid)
 
-    def drop_holder(self, holder) -> None:
-        self._begin(set())
+    def _drop_holder_model(self, holder) -> list[str]:
+        """Drop ``holder``'s holds and pins in the model; the ids a drop_holder frees."""
         expected = []
         for cid in sorted(self.records):
             if holder in self.records[cid].holders or self.pins[(cid, holder)]:
                 if self._release_model(cid, holder, False):
                     expected.append(cid)
         self.pins += Counter()
+        return expected
+
+    def drop_holder(self, holder) -> None:
+        self._begin(set())
+        expected = self._drop_holder_model(holder)
         assert sorted(self.b.drop_holder(holder)) == expected
         self._settle()
 
@@ -531,7 +668,7 @@ class BrokerMachine(RuleBasedStateMachine):
         stale=st.integers(0, 5),
     )
     def compact(self, device, pool, stale) -> None:
-        self._begin(set(SPEC))
+        self._begin(set(SPEC), drain_ok=True)
         plan = self.b.plan_compaction(device=device, pool=pool)
         assert plan == self.b.plan_compaction(device=device, pool=pool)  # pure
         for move in plan.moves:
@@ -555,22 +692,281 @@ class BrokerMachine(RuleBasedStateMachine):
             event("compact: moves")
         if plan.segments_emptied:
             event("compact: segments emptied")
+            if any(self.mapped.get(sid) for sid in plan.segments_emptied):
+                event("compact: mapped segment emptied")
         self._commit(plan)
         self._settle()
 
-    def retire_idle(self) -> None:
-        self._begin(set(SPEC))
-        self._retired(self.b.retire_idle_segments(0))
+    @rule(advance=st.sampled_from([0, 0, 5, 20]), idle_seconds=st.sampled_from([0, 10, 30, 10**9]))
+    def retire_idle(self, advance, idle_seconds) -> None:
+        """Idle retirement: segments empty for ``idle_seconds`` go back to the device,
+        at once when nobody maps them, else they drain (SEGMENT_RETIRED to the mappers)."""
+        self.clock.now += advance
+        idle = {sid for sid, t in self.empty_at.items() if self.clock.now - t >= idle_seconds}
+        self._begin(set(SPEC), drain_ok=True)
+        retired = self.b.retire_idle_segments(idle_seconds)
+        assert {s.segment_id for s in retired} == {sid for sid in idle if not self.mapped.get(sid)}
+        self._retired(retired)
         self._settle()
+        assert self.drained_now == {sid for sid in idle if self.mapped.get(sid)}
+        if retired:
+            event("retire_idle: retired")
+        if self.drained_now:
+            event("retire_idle: drained")
 
+    @rule()
     def drain_events(self) -> None:
         got = sorted(
-            (e.kind.value, e.cache_id, e.epoch, tuple(sorted(e.recipients)))
+            (e.kind.value, e.cache_id, e.epoch, e.segment_id, e.segment_generation,
+             tuple(sorted(e.recipients)))
             for e in self.b.drain_events()
         )
         assert got == sorted(self.expected_events), (got, sorted(self.expected_events))
+        # What the daemon does: SEGMENT_RETIRED goes to the live sessions it names.
+        for kind, _, _, sid, generation, recipients in got:
+            if kind == EventKind.SEGMENT_RETIRED.value:
+                for session in recipients:
+                    if session in self.inbox:
+                        self.inbox[session].append((sid, generation))
         self.expected_events = []
         assert self.b.drain_events() == []
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def _session(self, index: int) -> str | None:
+        return self.sessions[index % len(self.sessions)] if self.sessions else None
+
+    def _holder(self, holder: str) -> str:
+        """Resolve "#i" to a live session (opened when there is none)."""
+        if holder.startswith("#"):
+            if not self.sessions:
+                self.open_session()
+            return self._session(int(holder[1:]))
+        return holder
+
+    def _handed(self, holder: str, cid: str) -> None:
+        """The daemon handed ``holder`` the handle of ``cid``: a session maps it."""
+        if holder in self.inbox:
+            self._map(holder, cid)
+
+    def _map(self, session: str, cid: str) -> None:
+        """The daemon handed ``session`` the handle of ``cid``'s segment."""
+        sid = self.where[cid].segment_id
+        self.b.note_mapped(sid, session)
+        self.mapped.setdefault(sid, set()).add(session)
+
+    @rule()
+    def open_session(self) -> None:
+        if len(self.sessions) >= MAX_SESSIONS:
+            return
+        self.session_serial += 1
+        session = f"p{self.session_serial}"
+        self.sessions.append(session)
+        self.inbox[session] = []
+
+    @rule(index=st.integers(0, 10**6), pool=st.sampled_from(sorted(SPEC)),
+          size=st.one_of(small_sizes, sizes), pinned=st.integers(0, 3), retain=st.booleans(),
+          backend=st.integers(0, 9))
+    def session_allocate(self, index, pool, size, pinned, retain, backend) -> None:
+        session = self._holder(f"#{index}")
+        outcome, cid = self._allocate(pool, size, session, pinned == 0, retain, None, None,
+                                      False, backend)
+        if outcome == "ok":
+            self._map(session, cid)
+
+    @rule(op=st.sampled_from(["attach", "attach", "pin", "unpin", "release", "unmap"]),
+          index=st.integers(0, 10**6), which=st.integers(0, 10**6))
+    def session_op(self, op, index, which) -> None:
+        session = self._session(index)
+        if session is None:
+            return
+        live = sorted(self.pattern)
+        if op == "unmap":  # a voluntary unmap (e.g. the client dropped its mapping)
+            mapped = sorted(sid for sid, m in self.mapped.items() if session in m)
+            if mapped:
+                self._unmap(session, mapped[which % len(mapped)])
+            return
+        index = self.ids.index(live[which % len(live)]) if live and which % 5 else which
+        if op in ("attach", "pin"):
+            cid = getattr(self, op)(index, session)
+            if cid is not None:
+                self._map(session, cid)
+        elif op == "unpin":
+            self.unpin(index, session)
+        else:
+            self._release(self.pick(index), session, force=which % 4 == 0)
+
+    def _unmap(self, session: str, sid: int, generation: int | None = None) -> None:
+        self._begin(set())
+        expect_retire = False
+        if sid in self.mem:
+            assert generation is None or self.segment_pool[sid].generation == generation
+            self.mapped.get(sid, set()).discard(session)
+            expect_retire = sid in self.draining and not self.mapped.get(sid)
+        got = self.b.note_unmapped(sid, session)
+        if expect_retire:
+            event("unmap: retired a drained segment")
+            assert got is not None and got == self.segment_pool[sid], (sid, got)
+            self._retired([got])
+        else:
+            assert got is None, f"note_unmapped retired {got} unexpectedly"
+        self._settle()
+
+    @rule(index=st.integers(0, 10**6), which=st.integers(0, 10**6))
+    def unmap_retired(self, index, which) -> None:
+        """A session acts on a SEGMENT_RETIRED it received: it unmaps the segment."""
+        sessions = [s for s in self.sessions if self.inbox[s]]
+        if not sessions:
+            return
+        session = sessions[index % len(sessions)]
+        sid, generation = self.inbox[session].pop(which % len(self.inbox[session]))
+        self._unmap(session, sid, generation)
+
+    @rule(index=st.integers(0, 10**6))
+    def crash_session(self, index) -> None:
+        session = self._session(index)
+        if session is not None:
+            self._end_session(session)
+
+    def _end_session(self, session: str) -> None:
+        """The session's stream broke or its lease ran out."""
+        self._begin(set())
+        held = {cid for cid, rec in self.records.items() if session in rec.holders}
+        alone = {cid for cid in held
+                 if self.records[cid].holders == {session} and not self.records[cid].retain}
+        expected_freed = self._drop_holder_model(session)
+        expected_retired = set()
+        for sid, mappers in self.mapped.items():
+            if session in mappers:
+                mappers.discard(session)
+                if sid in self.draining and not mappers:
+                    expected_retired.add(sid)
+        freed, retired = self.b.end_session(session)
+        assert sorted(freed) == expected_freed, (freed, expected_freed)
+        assert {s.segment_id for s in retired} == expected_retired
+        if retired:
+            event("crash: retired drained segments")
+        self._retired(retired)
+        self.sessions.remove(session)
+        del self.inbox[session]
+        self.waiting = [w for w in self.waiting if w[0][2] != session]
+        for c in self.b.caches():
+            rec = self.b._caches[c.cache_id]
+            assert session not in c.holders and session not in rec.pins, c.cache_id
+        for cid in alone:
+            assert not any(c.cache_id == cid for c in self.b.caches()), f"{cid} outlived its session"
+        for sid, seg in self.b._segments.items():
+            assert session not in seg.mappers, f"segment {sid} still lists ended {session}"
+        self._settle()
+
+    # -- waiting ----------------------------------------------------------------------
+
+    def _release_all(self, pool: str | None, pinned_too: bool) -> None:
+        """Free every cache (of ``pool``), pinned ones only with ``pinned_too``: the
+        holders release them, retained ones are released by force."""
+        self._begin(set())
+        for cid in sorted(self.records):
+            rec = self.records[cid]
+            if pool is not None and rec.pool != pool:
+                continue
+            if self.pin_count(cid):
+                if not pinned_too:
+                    continue
+                for h in sorted(rec.holders | {h for (c, h) in self.pins if c == cid}):
+                    assert self.b.release(cid, h) is self._release_model(cid, h, False)
+                    if cid not in self.records:
+                        break
+                if cid not in self.records:
+                    continue
+            # Unpinned now: one forced release frees it, whoever holds or retains it; an
+            # evicted one goes when its last holder releases it.
+            for h in sorted(rec.holders or {""}):
+                assert self.b.release(cid, h, force=True) is self._release_model(cid, h, True)
+                if cid not in self.records:
+                    break
+        self.pins += Counter()
+        self._settle()
+
+    def _unmap_all_drained(self) -> None:
+        """Every session unmaps every segment it was told to (drains the events first)."""
+        self.drain_events()
+        for session in list(self.sessions):
+            while self.inbox[session]:
+                sid, generation = self.inbox[session].pop()
+                self._unmap(session, sid, generation)
+        assert not self.draining, f"still draining after every mapper unmapped: {self.draining}"
+
+    def _retry(self, args: tuple) -> tuple[str, object]:
+        """Retry a queued request as the daemon does: when it fails while segments drain,
+        the sessions unmap them and it is tried again."""
+        if args[2] not in HOLDERS and args[2] not in self.inbox:
+            args = (args[0], args[1], "", *args[3:])  # its session ended meanwhile
+        for _ in range(3):
+            outcome = self._allocate(*args, backend=1, record=False)
+            if outcome[0] != "exhausted" or not self.draining:
+                break
+            self._unmap_all_drained()
+        if outcome[0] == "ok" and args[2] in self.inbox:
+            self._map(args[2], outcome[1])
+        return outcome
+
+    def _empty(self) -> None:
+        """Every session ends, every cache is released and every segment goes idle."""
+        for session in list(self.sessions):
+            self._end_session(session)
+        self._release_all(None, pinned_too=True)
+        self.retire_idle(0, 0)
+        assert not self.records and not self.mem and not self.draining
+
+    @rule(which=st.integers(0, 10**6), depth=st.integers(1, 3))
+    def wait_for_room(self, which, depth) -> None:
+        """A request that failed waits; once what stood in its way is gone, it fits.
+
+        Releasing the pool's own unpinned caches (step 1) is not always enough, and is not
+        asserted: other pools' pinned or higher-priority caches, their min_bytes, and the
+        pool's own empty segments on another device (they hold its quota until idle
+        retirement) may stand in the way. Step 2 leaves only pinned caches; step 3
+        nothing."""
+        if not self.waiting:
+            return
+        args, satisfiable = self.waiting.pop(which % len(self.waiting))
+        pool, size, _, _, _, _, hint, _ = args
+        if not satisfiable:
+            # Unsatisfiable: it fails the same way now, and on an empty broker.
+            if depth == 3:
+                self._empty()
+            outcome = self._retry(args)
+            assert outcome[0] == "exhausted" and not outcome[1].satisfiable, outcome
+            event("wait: unsatisfiable stays unsatisfiable")
+            return
+        # 1. Release the pool's unpinned caches; unmap what drained.
+        self._release_all(pool, pinned_too=False)
+        self._unmap_all_drained()
+        if self._retry(args)[0] != "exhausted":
+            event("wait: fits once the pool's caches are released")
+            return
+        if depth == 1:
+            return
+        # 2. Release every unpinned cache and retire idle segments: only pinned caches
+        # (the pool's, for its quota, or any on the request's devices) can stand in the way.
+        self._release_all(None, pinned_too=False)
+        self.retire_idle(0, 0)
+        self._unmap_all_drained()
+        if self._retry(args)[0] != "exhausted":
+            event("wait: fits once every unpinned cache is released")
+            return
+        devices = [hint] if hint in SPEC[pool].devices else list(SPEC[pool].devices)
+        assert any(
+            rec.pool == pool or self.segment_pool[self.where[cid].segment_id].device_id in devices
+            for cid, rec in self.records.items() if self.pin_count(cid)
+        ), f"{args} still fails with no pinned cache in its way"
+        if depth == 2:
+            return
+        # 3. Everything released: an empty broker takes any satisfiable request.
+        self._empty()
+        outcome = self._retry(args)
+        assert outcome[0] == "ok", f"{args} does not fit an empty broker: {outcome}"
+        event("wait: fits an empty broker")
 
     # -- invariants -------------------------------------------------------------------
 
@@ -579,12 +975,21 @@ class BrokerMachine(RuleBasedStateMachine):
         audit(self.b)
         segments = {s.segment_id: s for s in self.b.segments()}
         assert set(segments) == set(self.mem), "segments differ from the backend's"
+        assert not set(segments) & self.retired_ids, "a retired segment id came back"
         for sid, info in segments.items():
             assert info.nbytes == len(self.mem[sid])
+        # Mappings: exactly the model's, only live sessions; draining exactly the model's.
+        live = set(self.sessions)
+        for sid, seg in self.b._segments.items():
+            assert seg.mappers == self.mapped.get(sid, set()), (sid, seg.mappers, self.mapped.get(sid))
+            assert seg.mappers <= live, f"segment {sid} mapped by ended {seg.mappers - live}"
+            assert seg.draining == (sid in self.draining), sid
         by_segment: dict[int, list[tuple[int, int, str]]] = {}
         allocated_by_device: Counter[str] = Counter()
         for c in self.b.caches(state=CacheState.RESIDENT):
             (ext,) = c.extents
+            assert ext.segment_id not in self.draining, f"{c.cache_id} lives in a draining segment"
+            assert ext.segment_id not in self.retired_ids, f"{c.cache_id} lives in a retired segment"
             by_segment.setdefault(ext.segment_id, []).append((ext.offset, ext.nbytes, c.cache_id))
             allocated_by_device[c.device_id] += ext.nbytes
             assert segments[ext.segment_id].pool == c.pool
@@ -597,7 +1002,11 @@ class BrokerMachine(RuleBasedStateMachine):
                 end = offset + nbytes
             assert end <= segments[sid].nbytes
         free_by_device: Counter[str] = Counter()
+        draining_by_device: Counter[str] = Counter()
         for sid, info in segments.items():
+            if sid in self.draining:
+                draining_by_device[info.device_id] += info.nbytes
+                continue
             used = sum(n for _, n, _ in by_segment.get(sid, []))
             free = self.b._pools[info.pool].arenas[info.device_id].free.segment_free_bytes(sid)
             assert used + free == info.nbytes, f"segment {sid}: {used} + {free} != {info.nbytes}"
@@ -608,7 +1017,8 @@ class BrokerMachine(RuleBasedStateMachine):
             in_segments = sum(s.nbytes for s in segments.values() if s.device_id == d.device_id)
             assert u.reserved_bytes == in_segments <= u.capacity_bytes == CAPACITY[d.device_id]
             assert u.allocated_bytes == allocated_by_device[d.device_id]
-            assert u.allocated_bytes + free_by_device[d.device_id] == in_segments
+            assert (u.allocated_bytes + free_by_device[d.device_id] + draining_by_device[d.device_id]
+                    == in_segments)
             assert u.free_bytes == u.capacity_bytes - u.allocated_bytes
             assert 0.0 <= u.fragmentation_ratio < 1.0 and 0.0 <= u.utilization_ratio <= 1.0
         for p in stats.pools:
@@ -633,6 +1043,6 @@ class BrokerMachine(RuleBasedStateMachine):
 
 
 BrokerMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=50, deadline=None
+    max_examples=300, stateful_step_count=50, deadline=None
 )
 TestBrokerMachine = BrokerMachine.TestCase
