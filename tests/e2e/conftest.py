@@ -66,6 +66,15 @@ def wait_serving(target: str, process: subprocess.Popen, log_path: Path, timeout
     raise RuntimeError(f"daemon not serving after {timeout} s:\n{log_path.read_text()}")
 
 
+def _die_with_the_test_run() -> None:
+    """In the daemon's child process: get SIGTERM when the test process dies, so a killed
+    or timed-out test run never leaves a daemon (and its /dev/shm objects) behind."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start_daemon(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Daemon:
     port = free_port()
     sock = str(tmp_path / "kvb.sock")
@@ -78,7 +87,7 @@ def start_daemon(tmp_path: Path, *args: str, env: dict[str, str] | None = None) 
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(env or {})}, preexec_fn=_die_with_the_test_run,
         )
     daemon = Daemon(process, f"127.0.0.1:{port}", sock, log_path)
     try:
