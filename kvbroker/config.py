@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from kvbroker.core.errors import InvalidArgument
 from kvbroker.core.eviction import POLICIES
 from kvbroker.core.types import GiB, MiB, Placement
 
@@ -256,8 +255,3 @@ def load_config(
             config = replace(config, **{field_name: value})
             key_of[field_name] = "--" + field_name.replace("_", "-")
     return _validate(config, key_of)
-
-
-def pool_spec_error(index: int, err: InvalidArgument) -> ConfigError:
-    """Re-key a core validation error of a pool as a config error."""
-    return ConfigError(f"pools[{index}]", str(err))
