@@ -196,9 +196,9 @@ def _state_name(state: int) -> str:
 
 
 def _view_of(cache: pb.Cache) -> str:
-    if cache.dtype == pb.D_TYPE_UNSPECIFIED:
+    if cache.dtype == pb.DTYPE_UNSPECIFIED:
         return "-"
-    name = pb.DType.Name(cache.dtype).removeprefix("D_TYPE_").lower() if cache.dtype in pb.DType.values() else "?"
+    name = pb.Dtype.Name(cache.dtype).removeprefix("DTYPE_").lower() if cache.dtype in pb.Dtype.values() else "?"
     return f"{name}[{','.join(map(str, cache.shape))}]"
 
 

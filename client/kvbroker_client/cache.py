@@ -99,7 +99,7 @@ class _CacheBase:
         self._client = client
         self._info = info
         self._handle = handle
-        if dtype is None and info.dtype != pb.D_TYPE_UNSPECIFIED:
+        if dtype is None and info.dtype != pb.DTYPE_UNSPECIFIED:
             from kvbroker_client.mapping import DTYPE_TO_TORCH
 
             dtype = DTYPE_TO_TORCH.get(info.dtype)

@@ -61,18 +61,18 @@ class UnsupportedHandleError(HandleError):
 
 #: Proto ``DType`` values and the torch dtypes they stand for: the one table.
 DTYPE_TO_TORCH: dict[int, torch.dtype] = {
-    broker_pb2.D_TYPE_UINT8: torch.uint8,
-    broker_pb2.D_TYPE_INT8: torch.int8,
-    broker_pb2.D_TYPE_INT16: torch.int16,
-    broker_pb2.D_TYPE_INT32: torch.int32,
-    broker_pb2.D_TYPE_INT64: torch.int64,
-    broker_pb2.D_TYPE_FLOAT16: torch.float16,
-    broker_pb2.D_TYPE_BFLOAT16: torch.bfloat16,
-    broker_pb2.D_TYPE_FLOAT32: torch.float32,
-    broker_pb2.D_TYPE_FLOAT64: torch.float64,
-    broker_pb2.D_TYPE_BOOL: torch.bool,
-    broker_pb2.D_TYPE_FLOAT8_E4M3FN: torch.float8_e4m3fn,
-    broker_pb2.D_TYPE_FLOAT8_E5M2: torch.float8_e5m2,
+    broker_pb2.DTYPE_UINT8: torch.uint8,
+    broker_pb2.DTYPE_INT8: torch.int8,
+    broker_pb2.DTYPE_INT16: torch.int16,
+    broker_pb2.DTYPE_INT32: torch.int32,
+    broker_pb2.DTYPE_INT64: torch.int64,
+    broker_pb2.DTYPE_FLOAT16: torch.float16,
+    broker_pb2.DTYPE_BFLOAT16: torch.bfloat16,
+    broker_pb2.DTYPE_FLOAT32: torch.float32,
+    broker_pb2.DTYPE_FLOAT64: torch.float64,
+    broker_pb2.DTYPE_BOOL: torch.bool,
+    broker_pb2.DTYPE_FLOAT8_E4M3FN: torch.float8_e4m3fn,
+    broker_pb2.DTYPE_FLOAT8_E5M2: torch.float8_e5m2,
 }
 _TORCH_TO_DTYPE = {dtype: value for value, dtype in DTYPE_TO_TORCH.items()}
 

@@ -46,18 +46,18 @@ STATUS_FOR_ERROR: dict[type[BrokerError], grpc.StatusCode] = {
 
 #: Wire dtype -> (torch-style name, bytes per element).
 DTYPES: dict[int, tuple[str, int]] = {
-    pb.D_TYPE_UINT8: ("uint8", 1),
-    pb.D_TYPE_INT8: ("int8", 1),
-    pb.D_TYPE_INT16: ("int16", 2),
-    pb.D_TYPE_INT32: ("int32", 4),
-    pb.D_TYPE_INT64: ("int64", 8),
-    pb.D_TYPE_FLOAT16: ("float16", 2),
-    pb.D_TYPE_BFLOAT16: ("bfloat16", 2),
-    pb.D_TYPE_FLOAT32: ("float32", 4),
-    pb.D_TYPE_FLOAT64: ("float64", 8),
-    pb.D_TYPE_BOOL: ("bool", 1),
-    pb.D_TYPE_FLOAT8_E4M3FN: ("float8_e4m3fn", 1),
-    pb.D_TYPE_FLOAT8_E5M2: ("float8_e5m2", 1),
+    pb.DTYPE_UINT8: ("uint8", 1),
+    pb.DTYPE_INT8: ("int8", 1),
+    pb.DTYPE_INT16: ("int16", 2),
+    pb.DTYPE_INT32: ("int32", 4),
+    pb.DTYPE_INT64: ("int64", 8),
+    pb.DTYPE_FLOAT16: ("float16", 2),
+    pb.DTYPE_BFLOAT16: ("bfloat16", 2),
+    pb.DTYPE_FLOAT32: ("float32", 4),
+    pb.DTYPE_FLOAT64: ("float64", 8),
+    pb.DTYPE_BOOL: ("bool", 1),
+    pb.DTYPE_FLOAT8_E4M3FN: ("float8_e4m3fn", 1),
+    pb.DTYPE_FLOAT8_E5M2: ("float8_e5m2", 1),
 }
 _DTYPE_BY_NAME = {name: value for value, (name, _) in DTYPES.items()}
 
@@ -88,7 +88,7 @@ def allocation_request(msg: pb.AllocateRequest, holder: str) -> tuple[Allocation
     """
     shape = tuple(msg.shape)
     dtype_name = ""
-    if msg.dtype != pb.D_TYPE_UNSPECIFIED:
+    if msg.dtype != pb.DTYPE_UNSPECIFIED:
         if msg.dtype not in DTYPES:
             raise InvalidArgument("dtype", f"unknown dtype value {msg.dtype}")
         dtype_name, itemsize = DTYPES[msg.dtype]
@@ -164,7 +164,7 @@ def cache_message(info: CacheInfo) -> pb.Cache:
         holder_count=len(info.holders),
         retain=info.retain,
         priority=info.priority,
-        dtype=_DTYPE_BY_NAME.get(info.dtype, pb.D_TYPE_UNSPECIFIED),
+        dtype=_DTYPE_BY_NAME.get(info.dtype, pb.DTYPE_UNSPECIFIED),
         shape=info.shape,
         created_at_unix_seconds=info.created_at,
         last_access_unix_seconds=info.last_access_at,

@@ -7,21 +7,21 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    D_TYPE_UNSPECIFIED: _ClassVar[DType]
-    D_TYPE_UINT8: _ClassVar[DType]
-    D_TYPE_INT8: _ClassVar[DType]
-    D_TYPE_INT16: _ClassVar[DType]
-    D_TYPE_INT32: _ClassVar[DType]
-    D_TYPE_INT64: _ClassVar[DType]
-    D_TYPE_FLOAT16: _ClassVar[DType]
-    D_TYPE_BFLOAT16: _ClassVar[DType]
-    D_TYPE_FLOAT32: _ClassVar[DType]
-    D_TYPE_FLOAT64: _ClassVar[DType]
-    D_TYPE_BOOL: _ClassVar[DType]
-    D_TYPE_FLOAT8_E4M3FN: _ClassVar[DType]
-    D_TYPE_FLOAT8_E5M2: _ClassVar[DType]
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_UINT8: _ClassVar[Dtype]
+    DTYPE_INT8: _ClassVar[Dtype]
+    DTYPE_INT16: _ClassVar[Dtype]
+    DTYPE_INT32: _ClassVar[Dtype]
+    DTYPE_INT64: _ClassVar[Dtype]
+    DTYPE_FLOAT16: _ClassVar[Dtype]
+    DTYPE_BFLOAT16: _ClassVar[Dtype]
+    DTYPE_FLOAT32: _ClassVar[Dtype]
+    DTYPE_FLOAT64: _ClassVar[Dtype]
+    DTYPE_BOOL: _ClassVar[Dtype]
+    DTYPE_FLOAT8_E4M3FN: _ClassVar[Dtype]
+    DTYPE_FLOAT8_E5M2: _ClassVar[Dtype]
 
 class CacheState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -37,19 +37,20 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_MOVED: _ClassVar[EventKind]
     EVENT_KIND_SEGMENT_RETIRED: _ClassVar[EventKind]
     EVENT_KIND_SHUTTING_DOWN: _ClassVar[EventKind]
-D_TYPE_UNSPECIFIED: DType
-D_TYPE_UINT8: DType
-D_TYPE_INT8: DType
-D_TYPE_INT16: DType
-D_TYPE_INT32: DType
-D_TYPE_INT64: DType
-D_TYPE_FLOAT16: DType
-D_TYPE_BFLOAT16: DType
-D_TYPE_FLOAT32: DType
-D_TYPE_FLOAT64: DType
-D_TYPE_BOOL: DType
-D_TYPE_FLOAT8_E4M3FN: DType
-D_TYPE_FLOAT8_E5M2: DType
+    EVENT_KIND_SESSION_ENDED: _ClassVar[EventKind]
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_UINT8: Dtype
+DTYPE_INT8: Dtype
+DTYPE_INT16: Dtype
+DTYPE_INT32: Dtype
+DTYPE_INT64: Dtype
+DTYPE_FLOAT16: Dtype
+DTYPE_BFLOAT16: Dtype
+DTYPE_FLOAT32: Dtype
+DTYPE_FLOAT64: Dtype
+DTYPE_BOOL: Dtype
+DTYPE_FLOAT8_E4M3FN: Dtype
+DTYPE_FLOAT8_E5M2: Dtype
 CACHE_STATE_UNSPECIFIED: CacheState
 CACHE_STATE_RESIDENT: CacheState
 CACHE_STATE_EVICTED: CacheState
@@ -59,6 +60,7 @@ EVENT_KIND_EVICTED: EventKind
 EVENT_KIND_MOVED: EventKind
 EVENT_KIND_SEGMENT_RETIRED: EventKind
 EVENT_KIND_SHUTTING_DOWN: EventKind
+EVENT_KIND_SESSION_ENDED: EventKind
 
 class Cache(_message.Message):
     __slots__ = ("cache_id", "pool", "model_name", "nbytes", "reserved_bytes", "device", "state", "epoch", "pinned", "pin_count", "holder_count", "retain", "priority", "dtype", "shape", "created_at_unix_seconds", "last_access_unix_seconds", "access_count")
@@ -93,24 +95,26 @@ class Cache(_message.Message):
     holder_count: int
     retain: bool
     priority: int
-    dtype: DType
+    dtype: Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     created_at_unix_seconds: float
     last_access_unix_seconds: float
     access_count: int
-    def __init__(self, cache_id: _Optional[str] = ..., pool: _Optional[str] = ..., model_name: _Optional[str] = ..., nbytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., device: _Optional[str] = ..., state: _Optional[_Union[CacheState, str]] = ..., epoch: _Optional[int] = ..., pinned: _Optional[bool] = ..., pin_count: _Optional[int] = ..., holder_count: _Optional[int] = ..., retain: _Optional[bool] = ..., priority: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., created_at_unix_seconds: _Optional[float] = ..., last_access_unix_seconds: _Optional[float] = ..., access_count: _Optional[int] = ...) -> None: ...
+    def __init__(self, cache_id: _Optional[str] = ..., pool: _Optional[str] = ..., model_name: _Optional[str] = ..., nbytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., device: _Optional[str] = ..., state: _Optional[_Union[CacheState, str]] = ..., epoch: _Optional[int] = ..., pinned: _Optional[bool] = ..., pin_count: _Optional[int] = ..., holder_count: _Optional[int] = ..., retain: _Optional[bool] = ..., priority: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., created_at_unix_seconds: _Optional[float] = ..., last_access_unix_seconds: _Optional[float] = ..., access_count: _Optional[int] = ...) -> None: ...
 
 class HostSegmentHandle(_message.Message):
-    __slots__ = ("shm_name", "size_bytes", "st_dev", "st_ino")
+    __slots__ = ("shm_name", "size_bytes", "st_dev", "st_ino", "shm_dir")
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ST_DEV_FIELD_NUMBER: _ClassVar[int]
     ST_INO_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
     shm_name: str
     size_bytes: int
     st_dev: int
     st_ino: int
-    def __init__(self, shm_name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., st_dev: _Optional[int] = ..., st_ino: _Optional[int] = ...) -> None: ...
+    shm_dir: str
+    def __init__(self, shm_name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., st_dev: _Optional[int] = ..., st_ino: _Optional[int] = ..., shm_dir: _Optional[str] = ...) -> None: ...
 
 class CudaSegmentHandle(_message.Message):
     __slots__ = ("device_uuid", "torch_version", "mem_handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
@@ -173,14 +177,14 @@ class AllocateRequest(_message.Message):
     model_name: str
     cache_id: str
     size_bytes: int
-    dtype: DType
+    dtype: Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     priority: int
     pinned: bool
     retain: bool
     device: str
     wait_timeout_ms: int
-    def __init__(self, pool: _Optional[str] = ..., model_name: _Optional[str] = ..., cache_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., priority: _Optional[int] = ..., pinned: _Optional[bool] = ..., retain: _Optional[bool] = ..., device: _Optional[str] = ..., wait_timeout_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, pool: _Optional[str] = ..., model_name: _Optional[str] = ..., cache_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., priority: _Optional[int] = ..., pinned: _Optional[bool] = ..., retain: _Optional[bool] = ..., device: _Optional[str] = ..., wait_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class AllocateResponse(_message.Message):
     __slots__ = ("cache", "handle")
@@ -426,7 +430,7 @@ class WatchRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., client_name: _Optional[str] = ..., pid: _Optional[int] = ..., host: _Optional[str] = ...) -> None: ...
 
 class WatchEvent(_message.Message):
-    __slots__ = ("kind", "cache_id", "epoch", "segment_id", "segment_generation", "reason", "session_id", "lease_seconds", "instance_id")
+    __slots__ = ("kind", "cache_id", "epoch", "segment_id", "segment_generation", "reason", "session_id", "lease_seconds", "instance_id", "session_secret")
     KIND_FIELD_NUMBER: _ClassVar[int]
     CACHE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -436,6 +440,7 @@ class WatchEvent(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     kind: EventKind
     cache_id: str
     epoch: int
@@ -445,7 +450,8 @@ class WatchEvent(_message.Message):
     session_id: str
     lease_seconds: float
     instance_id: str
-    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., cache_id: _Optional[str] = ..., epoch: _Optional[int] = ..., segment_id: _Optional[int] = ..., segment_generation: _Optional[int] = ..., reason: _Optional[str] = ..., session_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    session_secret: str
+    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., cache_id: _Optional[str] = ..., epoch: _Optional[int] = ..., segment_id: _Optional[int] = ..., segment_generation: _Optional[int] = ..., reason: _Optional[str] = ..., session_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., instance_id: _Optional[str] = ..., session_secret: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ()

@@ -24,7 +24,7 @@ def test_allocate_request_carries_every_argument() -> None:
         priority=-3, pinned=True, retain=True, device="host", wait_timeout_ms=250,
     )  # fmt: skip
     assert request.pool == "vista" and request.cache_id == "kv-1" and request.model_name == "m"
-    assert request.dtype == pb.D_TYPE_BFLOAT16 and list(request.shape) == [2, 16, 128]
+    assert request.dtype == pb.DTYPE_BFLOAT16 and list(request.shape) == [2, 16, 128]
     assert request.HasField("priority") and request.priority == -3
     assert request.pinned and request.retain and request.device == "host" and request.wait_timeout_ms == 250
     assert not allocate_request(size_bytes=10).HasField("priority")  # unset: the pool's priority
@@ -127,7 +127,7 @@ def test_views_of_a_real_segment_are_zero_copy_and_shared(fake_broker, host_segm
 
 def test_attached_cache_views_default_to_its_recorded_dtype_and_shape(fake_broker, host_segment) -> None:
     fake_broker.broker.segment = host_segment
-    fake_broker.broker.caches = [pb.Cache(cache_id="kv", nbytes=96, dtype=pb.D_TYPE_INT32, shape=[3, 8])]
+    fake_broker.broker.caches = [pb.Cache(cache_id="kv", nbytes=96, dtype=pb.DTYPE_INT32, shape=[3, 8])]
     with BrokerClient(fake_broker.target) as client:
         t = client.attach("kv").tensor()
     assert t.dtype is torch.int32 and t.shape == (3, 8)

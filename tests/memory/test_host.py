@@ -289,8 +289,8 @@ def test_mapper_maps_each_segment_once_and_builds_typed_views(mem):
 def test_dtype_table_round_trips():
     for value, dtype in DTYPE_TO_TORCH.items():
         assert dtype_to_proto(dtype) == value and dtype_from_proto(value) == dtype
-    assert set(DTYPE_TO_TORCH) == set(broker_pb2.DType.values()) - {broker_pb2.D_TYPE_UNSPECIFIED}
+    assert set(DTYPE_TO_TORCH) == set(broker_pb2.Dtype.values()) - {broker_pb2.DTYPE_UNSPECIFIED}
     with pytest.raises(ValueError, match="no kvbroker DType"):
         dtype_to_proto(torch.complex64)
     with pytest.raises(ValueError):
-        dtype_from_proto(broker_pb2.D_TYPE_UNSPECIFIED)
+        dtype_from_proto(broker_pb2.DTYPE_UNSPECIFIED)

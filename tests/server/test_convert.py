@@ -29,7 +29,7 @@ def test_every_domain_error_has_a_status_code():
 
 
 def test_size_from_dtype_and_shape():
-    msg = pb.AllocateRequest(pool="p", dtype=pb.D_TYPE_FLOAT16, shape=[2, 3, 4])
+    msg = pb.AllocateRequest(pool="p", dtype=pb.DTYPE_FLOAT16, shape=[2, 3, 4])
     request, wait_s = convert.allocation_request(msg, "holder")
     assert (request.nbytes, request.dtype, request.shape, request.holder) == (48, "float16", (2, 3, 4), "holder")
     assert wait_s == 0
@@ -48,11 +48,11 @@ def test_optional_fields_mean_unset():
     "msg, field",
     [
         (pb.AllocateRequest(pool="p", shape=[2, 2]), "dtype"),
-        (pb.AllocateRequest(pool="p", dtype=pb.D_TYPE_FLOAT32, shape=[2, 0]), "shape"),
-        (pb.AllocateRequest(pool="p", dtype=pb.D_TYPE_FLOAT32, shape=[2, -3]), "shape"),
-        (pb.AllocateRequest(pool="p", dtype=pb.D_TYPE_FLOAT32, shape=[1] * 17), "shape"),
-        (pb.AllocateRequest(pool="p", dtype=pb.D_TYPE_FLOAT32, shape=[4], size_bytes=15), "size_bytes"),
-        (pb.AllocateRequest(pool="p", dtype=pb.D_TYPE_FLOAT32, size_bytes=6), "size_bytes"),
+        (pb.AllocateRequest(pool="p", dtype=pb.DTYPE_FLOAT32, shape=[2, 0]), "shape"),
+        (pb.AllocateRequest(pool="p", dtype=pb.DTYPE_FLOAT32, shape=[2, -3]), "shape"),
+        (pb.AllocateRequest(pool="p", dtype=pb.DTYPE_FLOAT32, shape=[1] * 17), "shape"),
+        (pb.AllocateRequest(pool="p", dtype=pb.DTYPE_FLOAT32, shape=[4], size_bytes=15), "size_bytes"),
+        (pb.AllocateRequest(pool="p", dtype=pb.DTYPE_FLOAT32, size_bytes=6), "size_bytes"),
         (pb.AllocateRequest(pool="p", dtype=99, size_bytes=8), "dtype"),
         (pb.AllocateRequest(pool="p", size_bytes=8, wait_timeout_ms=4_000_000_000), "wait_timeout_ms"),
     ],
