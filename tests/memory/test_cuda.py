@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from kvbroker.core.errors import ResourceExhausted
 from kvbroker.core.types import MiB, Extent, Move, SegmentInfo
-from kvbroker.memory import cuda as cuda_backend
 from kvbroker.memory.cuda import (
     CudaHandle,
     CudaMemory,
@@ -22,6 +21,7 @@ from kvbroker.memory.cuda import (
     discover_gpus,
     plan_chunks,
 )
+from kvbroker.memory.cuda.refcounter import REF_COUNTER_HEADER_BYTES
 
 torch = pytest.importorskip("torch")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -268,4 +268,17 @@ def test_a_daemon_on_expandable_segments_shares_nothing():
 
 def test_reference_counter_layout_constant():
     # The reset in free() writes at header + 8 * slot; the GPU test above proves it.
-    assert cuda_backend._REF_COUNTER_HEADER_BYTES == 64
+    assert REF_COUNTER_HEADER_BYTES == 64
+
+
+def test_importing_the_cuda_package_does_not_import_torch():
+    script = (
+        "import sys\n"
+        "import kvbroker.memory.cuda as cuda\n"
+        "from kvbroker.memory.cuda import CudaMemory, discover_gpus, configure_cuda_allocator_env\n"
+        "from kvbroker.memory.cuda import CUDA_MIN_SEGMENT_BYTES, CUDA_SEGMENT_ALIGNMENT_BYTES, GpuInfo\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

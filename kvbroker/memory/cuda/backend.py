@@ -1,6 +1,6 @@
 """CUDA segments: one PyTorch allocation per segment, shared with clients by CUDA IPC.
 
-The recipe is ``research/ipc-mechanics.md`` section 1.7(a), and each step has a reason:
+Each step of making a segment has a reason:
 
 * the allocator runs with ``expandable_segments:False`` (``configure_cuda_allocator_env``),
   else handles are of the ``'e'`` kind that needs ``pidfd_getfd`` and fails in containers;
@@ -20,13 +20,6 @@ on a machine without CUDA and the daemon can configure the allocator before torc
 from __future__ import annotations
 
 import ctypes
-import errno
-import logging
-import mmap
-import os
-import re
-import struct
-import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,8 +28,9 @@ from typing import Any
 from kvbroker.core.errors import ResourceExhausted
 from kvbroker.core.types import MiB, Move, SegmentInfo
 from kvbroker.memory.backend import CudaHandle, check_move, check_range
-
-logger = logging.getLogger(__name__)
+from kvbroker.memory.cuda.chunks import STAGING_BYTES, plan_chunks
+from kvbroker.memory.cuda.discovery import discover_gpus
+from kvbroker.memory.cuda.refcounter import reset_ref_counter
 
 #: Every CUDA segment size is a multiple of this: the caching allocator rounds large
 #: requests up to 2 MiB, so such a request gets a block of exactly its size.
@@ -44,147 +38,6 @@ CUDA_SEGMENT_ALIGNMENT_BYTES = 2 * MiB
 #: Requests below 10 MiB are carved out of shared 20 MiB blocks by the caching allocator;
 #: a segment must be at least this large to own its block.
 CUDA_MIN_SEGMENT_BYTES = 10 * MiB
-#: Overlapping moves whose source and destination are closer than this go through a
-#: staging buffer of ``STAGING_BYTES``; farther ones copy directly in chunks of the
-#: distance, which never overlap and cost no extra memory.
-DIRECT_CHUNK_MIN_BYTES = 2 * MiB
-STAGING_BYTES = 64 * MiB
-
-_ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
-_EXPANDABLE = re.compile(r"expandable_segments\s*:\s*(\w+)", re.IGNORECASE)
-_BACKEND = re.compile(r"backend\s*:\s*(\w+)")
-#: torch's ``RefcountedMapAllocator`` puts a 64-byte header before the counter slots.
-_REF_COUNTER_HEADER_BYTES = 64
-#: ``/torch_<pid>_<random>`` in older torch, ``/torch_<pid>_<random>_<n>`` in 2.11+.
-_REF_COUNTER_NAME = re.compile(rb"/torch_\d+(?:_\d+){1,3}")
-
-
-@dataclass(frozen=True, slots=True)
-class GpuInfo:
-    """One visible GPU. ``uuid`` is its stable name; ``index`` is valid in this process only."""
-
-    uuid: str
-    index: int
-    name: str
-    total_bytes: int
-
-
-def _conf_problem(conf: str | None) -> str | None:
-    """What in an allocator config string stops CUDA IPC sharing, or None."""
-    if not conf:
-        return None
-    expandable = _EXPANDABLE.search(conf)
-    if expandable and expandable[1].lower() == "true":
-        return "expandable_segments:True"
-    backend = _BACKEND.search(conf)
-    if backend and backend[1] != "native":
-        return f"backend:{backend[1]}"
-    return None
-
-
-def _with_expandable_off(conf: str | None) -> str:
-    if not conf or not conf.strip(" ,"):
-        return "expandable_segments:False"
-    if _EXPANDABLE.search(conf):
-        return _EXPANDABLE.sub("expandable_segments:False", conf)
-    return conf.rstrip(" ,") + ",expandable_segments:False"
-
-
-def configure_cuda_allocator_env() -> None:
-    """Make PyTorch's CUDA allocator produce shareable ``cudaMalloc`` blocks.
-
-    Call it before anything imports torch. It sets ``PYTORCH_CUDA_ALLOC_CONF`` (and
-    ``PYTORCH_ALLOC_CONF`` when set) to the user's settings with
-    ``expandable_segments:False``, keeping the other keys.
-
-    Raises:
-        RuntimeError: torch is already imported and the environment asks for expandable
-            segments or a non-native backend, which can no longer be undone; or the
-            environment asks for a non-native backend (``cudaMallocAsync`` cannot share
-            IPC handles).
-    """
-    problems = [
-        f"{var}={os.environ[var]!r} ({problem})"
-        for var in _ALLOC_CONF_VARS
-        if (problem := _conf_problem(os.environ.get(var))) is not None
-    ]
-    if "torch" in sys.modules:
-        if problems:
-            raise RuntimeError(
-                "torch was imported before configure_cuda_allocator_env() with "
-                + "; ".join(problems)
-                + ": CUDA segments would not be shareable by IPC. Call "
-                "configure_cuda_allocator_env() before importing torch, or unset that setting."
-            )
-        return
-    if any("backend:" in p for p in problems):
-        raise RuntimeError(
-            "; ".join(problems) + ": only the native caching allocator can share CUDA IPC handles"
-        )
-    base = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = _with_expandable_off(base)
-    if "PYTORCH_ALLOC_CONF" in os.environ:
-        os.environ["PYTORCH_ALLOC_CONF"] = _with_expandable_off(os.environ["PYTORCH_ALLOC_CONF"])
-
-
-def gpu_uuid(torch: Any, index: int) -> str:
-    """The UUID of GPU ``index`` as the wire carries it: ``GPU-xxxxxxxx-...``."""
-    text = str(torch.cuda.get_device_properties(index).uuid)
-    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
-
-
-def discover_gpus() -> list[GpuInfo]:
-    """Every GPU this process sees, by UUID; empty without torch or CUDA.
-
-    Cost: initializes CUDA on first call (hundreds of milliseconds).
-    """
-    try:
-        import torch
-    except ImportError:
-        return []
-    if not torch.cuda.is_available():
-        return []
-    gpus = []
-    for index in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(index)
-        gpus.append(GpuInfo(gpu_uuid(torch, index), index, props.name, props.total_memory))
-    return gpus
-
-
-def plan_chunks(
-    src_offset: int,
-    dst_offset: int,
-    nbytes: int,
-    *,
-    same_segment: bool,
-    direct_min: int = DIRECT_CHUNK_MIN_BYTES,
-    staging: int = STAGING_BYTES,
-) -> list[tuple[int, int, int, bool]]:
-    """Split one memmove into copies that never overlap, in a safe order.
-
-    Overlapping moves whose ends are at least ``direct_min`` apart copy directly in
-    chunks of that distance; closer ones go through a staging buffer of ``staging`` bytes.
-
-    Returns:
-        ``(src_offset, dst_offset, nbytes, staged)`` tuples to run in order; ``staged``
-        copies go source -> staging buffer -> destination.
-
-    Invariant: each direct chunk's source and destination are disjoint, and no chunk
-    overwrites bytes a later chunk reads (forward order when sliding down, backward when
-    sliding up), so the result equals ``memmove``. Cost: O(nbytes / chunk) tuples.
-    """
-    if nbytes == 0 or (same_segment and src_offset == dst_offset):
-        return []
-    overlapping = same_segment and src_offset < dst_offset + nbytes and dst_offset < src_offset + nbytes
-    if not overlapping:
-        return [(src_offset, dst_offset, nbytes, False)]
-    gap = abs(dst_offset - src_offset)
-    staged = gap < direct_min
-    chunk = staging if staged else gap
-    starts = range(0, nbytes, chunk)
-    if dst_offset > src_offset:
-        starts = reversed(starts)
-    return [(src_offset + s, dst_offset + s, min(chunk, nbytes - s), staged) for s in starts]
 
 
 @dataclass(slots=True)
@@ -337,9 +190,9 @@ class CudaMemory:
         with torch.cuda.device(self._index):
             torch.cuda.synchronize(self._index)
             if seg.handle is not None:
-                _reset_ref_counter(seg.handle.ref_counter_handle, seg.handle.ref_counter_offset)
+                reset_ref_counter(seg.handle.ref_counter_handle, seg.handle.ref_counter_offset)
             elif shared is not None:
-                _reset_ref_counter(bytes(shared[4]), shared[5])
+                reset_ref_counter(bytes(shared[4]), shared[5])
             seg.tensor = None  # last reference: torch's IPC deleter returns the block
             torch.cuda.ipc_collect()
             torch.cuda.empty_cache()
@@ -426,34 +279,3 @@ class CudaMemory:
             return self._segments[segment_id]
         except KeyError:
             raise KeyError(f"segment {segment_id} does not exist on GPU {self._uuid}") from None
-
-
-def _reset_ref_counter(rc_handle: bytes, rc_offset: int) -> None:
-    """Set torch's CUDA-IPC ref counter slot of a shared block to 0.
-
-    The slot lives in the shm file ``/dev/shm/torch_<pid>_<n>`` that torch created at
-    ``_share_cuda_()``, after a 64-byte header, as int64 at index ``rc_offset``. With it
-    at 0, dropping the last tensor returns the block to the caching allocator instead of
-    parking it in limbo. If the file is missing or odd, nothing is written and the block
-    stays in limbo: memory is leaked, never freed under a client.
-    """
-    if not _REF_COUNTER_NAME.fullmatch(rc_handle):
-        logger.warning("unexpected CUDA IPC ref counter name %r; not reset", rc_handle)
-        return
-    path = "/dev/shm/" + rc_handle.decode("ascii").lstrip("/")
-    position = _REF_COUNTER_HEADER_BYTES + 8 * rc_offset
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as err:
-        if err.errno != errno.ENOENT:
-            logger.warning("cannot open CUDA IPC ref counter %s: %s", path, err)
-        return
-    try:
-        size = os.fstat(fd).st_size
-        if position + 8 > size:
-            logger.warning("CUDA IPC ref counter %s is %d bytes, slot %d is past it", path, size, rc_offset)
-            return
-        with mmap.mmap(fd, size, flags=mmap.MAP_SHARED) as counters:
-            struct.pack_into("<q", counters, position, 0)
-    finally:
-        os.close(fd)
