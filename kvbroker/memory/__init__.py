@@ -6,6 +6,6 @@ server layer turns into protobuf; this package imports neither grpc nor protobuf
 imports torch only inside the CUDA backend's functions.
 """
 
-from kvbroker.memory.backend import CudaHandle, HostHandle, SegmentHandle, SegmentMemory
+from kvbroker.memory.backend import CopyError, CudaHandle, HostHandle, SegmentHandle, SegmentMemory
 
-__all__ = ["CudaHandle", "HostHandle", "SegmentHandle", "SegmentMemory"]
+__all__ = ["CopyError", "CudaHandle", "HostHandle", "SegmentHandle", "SegmentMemory"]

@@ -9,6 +9,9 @@ running out of device memory, which raises ``ResourceExhausted``.
 Handles are plain frozen dataclasses with the fields of the proto messages
 ``HostSegmentHandle`` and ``CudaSegmentHandle``: the server layer converts them to
 protobuf, so this layer never imports grpc or protobuf.
+
+A failed ``copy`` raises ``CopyError``, which says how many moves of the plan are done, so
+the core commits exactly that prefix (``Broker.commit(plan, completed=k)``).
 """
 
 from __future__ import annotations
@@ -24,15 +27,18 @@ from kvbroker.core.types import Extent, Move, SegmentInfo
 class HostHandle:
     """How a client maps a host segment: a named POSIX shm object and its identity.
 
-    The client opens ``/dev/shm/<shm_name>`` without ``O_CREAT`` and refuses it unless
+    The client opens ``<shm_dir>/<shm_name>`` without ``O_CREAT`` and refuses it unless
     ``fstat`` reports the same ``(st_dev, st_ino)`` and at least ``size_bytes``, so a stale
-    name (a restarted broker, a look-alike) never maps.
+    name (a restarted broker, a look-alike) never maps. ``shm_dir`` is the absolute
+    directory the broker created the object in: the client must not assume ``/dev/shm``,
+    because a broker may be configured with another tmpfs.
     """
 
     shm_name: str
     size_bytes: int
     st_dev: int
     st_ino: int
+    shm_dir: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +64,39 @@ class CudaHandle:
 SegmentHandle: TypeAlias = HostHandle | CudaHandle
 
 
+class CopyError(Exception):
+    """A move of a ``copy`` plan failed: the first ``completed`` moves are done, no later
+    move ran.
+
+    Invariant the backends keep (the core relies on it to commit a prefix of the plan):
+
+    * moves ``0 .. completed-1`` are fully copied;
+    * move ``completed`` did not happen: its source bytes are as they were before it
+      started. Only its destination range (free space in the core's plan) may hold
+      garbage. An overlapping move is staged, and its source restored from the staging
+      buffer when it fails part-way;
+    * every byte outside that destination range is as the completed prefix left it.
+
+    ``source_intact`` is False only when restoring the failed move's source failed too
+    (the device itself is broken, e.g. a sticky CUDA error): the bytes of the cache of move
+    ``completed`` are then lost, and the caller must drop that cache rather than keep it
+    where it was.
+
+    Attributes:
+        completed: how many moves, from the start of the plan, are done.
+        cause: the exception that failed move ``completed`` (also ``__cause__``).
+        source_intact: see above.
+    """
+
+    def __init__(self, completed: int, cause: BaseException, *, source_intact: bool = True) -> None:
+        lost = "" if source_intact else "; its source could not be restored (its bytes are lost)"
+        super().__init__(f"move {completed} of the copy plan failed: {cause!r}{lost}")
+        self.completed = completed
+        self.cause = cause
+        self.source_intact = source_intact
+        self.__cause__ = cause
+
+
 @runtime_checkable
 class SegmentMemory(Protocol):
     """The memory of one device, as whole segments the daemon creates and frees.
@@ -67,7 +106,8 @@ class SegmentMemory(Protocol):
     * a new segment is zero-filled, so no tenant ever sees another tenant's bytes;
     * a segment's memory is reserved up front (``create`` fails, rather than a later
       access faulting, when the device has no room);
-    * the bytes of a segment change only through ``copy`` and ``write``.
+    * the bytes of a segment change only through ``copy`` and ``zero`` (and through the
+      clients that map it).
 
     Methods may be called from worker threads (the daemon runs device work off its event
     loop); implementations serialize them internally, so a ``free`` never unmaps memory
@@ -109,20 +149,30 @@ class SegmentMemory(Protocol):
         """Apply ``moves`` in order, each with memmove semantics.
 
         Source and destination may overlap inside one segment and may lie in different
-        segments of this device. Blocking: the daemon calls it off the event loop.
+        segments of this device. Every move is validated, and the staging buffer that
+        overlapping moves need is allocated, before the first byte moves. Blocking: the
+        daemon calls it off the event loop.
 
         Raises:
-            KeyError: a move names an unknown segment.
-            ValueError: a move's extents differ in size or fall outside their segment.
+            KeyError: a move names an unknown segment (nothing moved).
+            ValueError: a move's extents differ in size or fall outside their segment
+                (nothing moved).
+            CopyError: a move failed, or the staging buffer could not be allocated
+                (``completed=0``); see ``CopyError`` for what is then guaranteed.
         """
         ...
 
-    def read(self, segment_id: int, offset: int, nbytes: int) -> bytes:
-        """Copy ``nbytes`` out of a segment (tests and diagnostics)."""
-        ...
+    def zero(self, segment_id: int, offset: int, nbytes: int) -> None:
+        """Fill ``[offset, offset + nbytes)`` of a segment with zeros, synchronously.
 
-    def write(self, segment_id: int, offset: int, data: bytes) -> None:
-        """Copy ``data`` into a segment (tests and diagnostics)."""
+        The engine zeroes reused bytes before it hands them to another cache, so no tenant
+        reads a previous tenant's data. Cost: a memset at memory bandwidth; blocking, so
+        the daemon calls it off the event loop.
+
+        Raises:
+            KeyError: unknown segment.
+            ValueError: the range falls outside the segment.
+        """
         ...
 
 

@@ -115,3 +115,16 @@ def map_in_child() -> Iterator[Callable[[bytes], MappedChild]]:
     yield start
     for child in children:
         child.close()
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[str]:
+    """A private directory on the /dev/shm tmpfs: real shm semantics, and no clean-up of
+    another test run (or of another broker on this machine) ever sees its objects."""
+    directory = tempfile.mkdtemp(prefix="kvbtest-", dir="/dev/shm")
+    try:
+        yield directory
+    finally:
+        for name in os.listdir(directory):
+            os.unlink(os.path.join(directory, name))
+        os.rmdir(directory)

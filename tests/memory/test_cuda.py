@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from kvbroker.core.errors import ResourceExhausted
 from kvbroker.core.types import MiB, Extent, Move, SegmentInfo
+from kvbroker.memory.backend import CopyError
 from kvbroker.memory.cuda import (
     CudaHandle,
     CudaMemory,
@@ -22,6 +23,7 @@ from kvbroker.memory.cuda import (
     plan_chunks,
 )
 from kvbroker.memory.cuda.refcounter import REF_COUNTER_HEADER_BYTES
+from tests.support.segments import read_segment, write_segment
 
 torch = pytest.importorskip("torch")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -159,7 +161,7 @@ def test_create_shares_a_zeroed_block_of_its_own(gpu_mem):
     assert (h.storage_offset_bytes, h.storage_size_bytes) == (0, SEGMENT)
     assert h.event_sync_required is False and h.event_handle == bytes(64)
     assert h.device_uuid == gpu_mem.device_uuid
-    assert gpu_mem.read(1, 0, SEGMENT) == bytes(SEGMENT)
+    assert read_segment(gpu_mem, 1) == bytes(SEGMENT)
     with pytest.raises(ValueError, match="multiple of"):
         gpu_mem.create(info(2, 2 * MiB))
     with pytest.raises(ValueError, match="already exists"):
@@ -174,7 +176,7 @@ def test_copy_with_overlaps_matches_memmove(gpu_mem):
     rng = random.Random(7)
     model = {1: bytearray(rng.randbytes(SEGMENT)), 2: bytearray(rng.randbytes(SEGMENT))}
     for sid, data in model.items():
-        gpu_mem.write(sid, 0, data)
+        write_segment(gpu_mem, sid, 0, data)
     moves = [
         Move("near-down", Extent(1, 4096 + 64, 5 * MiB), Extent(1, 64, 5 * MiB)),  # staged
         Move("near-up", Extent(1, 100, 3 * MiB), Extent(1, 300, 3 * MiB)),  # staged, backward
@@ -185,21 +187,21 @@ def test_copy_with_overlaps_matches_memmove(gpu_mem):
     for m in moves:
         chunk = bytes(model[m.source.segment_id][m.source.offset : m.source.end])
         model[m.destination.segment_id][m.destination.offset : m.destination.end] = chunk
-    assert gpu_mem.read(1, 0, SEGMENT) == model[1]
-    assert gpu_mem.read(2, 0, SEGMENT) == model[2]
+    assert read_segment(gpu_mem, 1) == model[1]
+    assert read_segment(gpu_mem, 2) == model[2]
 
 
 @pytest.mark.cuda
 @requires_cuda
 def test_another_process_maps_zero_copy_both_ways(gpu_mem, map_in_child):
     gpu_mem.create(info(1))
-    gpu_mem.write(1, MiB, b"written by the broker")
+    write_segment(gpu_mem, 1, MiB, b"written by the broker")
     child = map_in_child(wire_handle(gpu_mem, 1, MiB, 4096).SerializeToString())
     assert child.read(0, 21) == b"written by the broker"
-    gpu_mem.write(1, MiB + 100, b"after the child mapped")
+    write_segment(gpu_mem, 1, MiB + 100, b"after the child mapped")
     assert child.read(100, 22) == b"after the child mapped"
     child.write(2000, b"written by the client")
-    assert gpu_mem.read(1, MiB + 2000, 21) == b"written by the client"
+    assert read_segment(gpu_mem, 1, MiB + 2000, 21) == b"written by the client"
 
 
 @pytest.mark.cuda
@@ -282,3 +284,56 @@ def test_importing_the_cuda_package_does_not_import_torch():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_zero_clears_exactly_the_range(gpu_mem):
+    gpu_mem.create(info(1))
+    write_segment(gpu_mem, 1, 0, b"\xab" * (4 * MiB))
+    gpu_mem.zero(1, MiB + 3, 2 * MiB)
+    data = read_segment(gpu_mem, 1, 0, 4 * MiB)
+    assert data == b"\xab" * (MiB + 3) + bytes(2 * MiB) + b"\xab" * (MiB - 3)
+    with pytest.raises(ValueError, match="outside segment"):
+        gpu_mem.zero(1, SEGMENT - 1, 2)
+    with pytest.raises(KeyError):
+        gpu_mem.zero(9, 0, 1)
+
+
+class FailingCopy(CudaMemory):
+    """Fails its k-th device copy after scribbling over the destination."""
+
+    fail_at = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def _copy_range(self, destination, source):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            destination.fill_(0xEE)
+            raise RuntimeError("injected device copy failure")
+        super()._copy_range(destination, source)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_a_staged_move_that_fails_midway_is_restored_and_staging_is_returned():
+    with FailingCopy(discover_gpus()[0].uuid) as mem:
+        mem.create(info(1, 200 * MiB))
+        index = mem.index
+        rng = random.Random(9)
+        data = rng.randbytes(200 * MiB)
+        write_segment(mem, 1, 0, data)
+        reserved = torch.cuda.memory_reserved(index)
+        first = Move("first", Extent(1, 0, MiB), Extent(1, 199 * MiB, MiB))
+        slide = Move("slide", Extent(1, 4096 + MiB, 150 * MiB), Extent(1, MiB, 150 * MiB))  # staged, 3 chunks
+        mem.fail_at = 1 + 4  # the second chunk's stage-out (after `first`'s one call)
+        with pytest.raises(CopyError) as caught:
+            mem.copy([first, slide])
+        assert caught.value.completed == 1 and caught.value.source_intact
+        after = read_segment(mem, 1)
+        assert after[4096 + MiB : 4096 + 151 * MiB] == data[4096 + MiB : 4096 + 151 * MiB]
+        assert after[199 * MiB :] == data[:MiB]
+        assert torch.cuda.memory_reserved(index) == reserved  # the staging buffer went back

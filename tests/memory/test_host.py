@@ -1,13 +1,17 @@
-"""The host backend, for real: /dev/shm objects, mappings in other processes, memmove."""
+"""The host backend, for real: /dev/shm objects, mappings in other processes, memmove,
+memset. Copy failures are in ``test_copy_faults.py``, descriptor and mapping limits in
+``test_host_limits.py``."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import stat
 import struct
 import subprocess
 import sys
+import threading
 import uuid
 
 import pytest
@@ -28,6 +32,7 @@ from kvbroker_client.mapping import (
     dtype_from_proto,
     dtype_to_proto,
 )
+from tests.support.segments import read_segment, write_segment
 
 PAGE = 4096
 
@@ -39,7 +44,7 @@ def segment(segment_id: int, nbytes: int, generation: int = 1) -> SegmentInfo:
 def wire_handle(mem: HostMemory, segment_id: int, byte_offset: int, nbytes: int, **host_overrides: int) -> broker_pb2.Handle:
     """What the server layer would send: the backend's handle plus the cache's range."""
     h = mem.handle(segment_id)
-    fields = dict(shm_name=h.shm_name, size_bytes=h.size_bytes, st_dev=h.st_dev, st_ino=h.st_ino)
+    fields = dict(shm_name=h.shm_name, size_bytes=h.size_bytes, st_dev=h.st_dev, st_ino=h.st_ino, shm_dir=h.shm_dir)
     fields.update(host_overrides)
     return broker_pb2.Handle(
         instance_id=mem.instance_id,
@@ -71,26 +76,27 @@ def test_new_segment_is_zeroed_0600_and_named_by_pid_instance_id_generation(mem)
     handle = mem.handle(3)
     assert isinstance(handle, HostHandle)
     assert handle.shm_name == f"kvb-{os.getpid()}-{mem.instance_id}-3-7"
+    assert handle.shm_dir == "/dev/shm"
     st_ = os.stat(shm_path(mem, 3))
     assert stat.S_IMODE(st_.st_mode) == 0o600
     assert (st_.st_dev, st_.st_ino, handle.size_bytes) == (handle.st_dev, handle.st_ino, 5 * PAGE + 100)
     assert st_.st_blocks * 512 >= 5 * PAGE  # reserved up front by posix_fallocate
-    assert mem.read(3, 0, handle.size_bytes) == bytes(handle.size_bytes)
+    assert read_segment(mem, 3) == bytes(handle.size_bytes)
 
 
 def test_another_process_maps_zero_copy_both_ways(mem, map_in_child):
     mem.create(segment(1, 16 * PAGE))
-    mem.write(1, 4096, b"written by the broker")
+    write_segment(mem, 1, 4096, b"written by the broker")
     child = map_in_child(wire_handle(mem, 1, 4096, 8192).SerializeToString())
 
     assert child.read(0, 21) == b"written by the broker"
-    mem.write(1, 4096 + 100, b"after the child mapped")  # no copy was taken at map time
+    write_segment(mem, 1, 4096 + 100, b"after the child mapped")  # no copy was taken at map time
     assert child.read(100, 22) == b"after the child mapped"
     child.write(5000, b"written by the client")
-    assert mem.read(1, 4096 + 5000, 21) == b"written by the client"
+    assert read_segment(mem, 1, 4096 + 5000, 21) == b"written by the client"
 
 
-def test_copy_applies_moves_in_order_with_memmove_semantics():
+def test_copy_applies_moves_in_order_with_memmove_semantics(shm_dir):
     sizes = {1: 3 * PAGE, 2: 2 * PAGE + 17}
 
     @settings(max_examples=60, deadline=None)
@@ -104,16 +110,16 @@ def test_copy_applies_moves_in_order_with_memmove_semantics():
             n = c % (min(sizes[src_seg], sizes[dst_seg]) + 1)
             so, do = d % (sizes[src_seg] - n + 1), e % (sizes[dst_seg] - n + 1)
             moves.append(Move("c", Extent(src_seg, so, n), Extent(dst_seg, do, n)))
-        with HostMemory(f"h{uuid.uuid4().hex[:12]}") as memory:
+        with HostMemory(f"h{uuid.uuid4().hex[:12]}", shm_dir=shm_dir) as memory:
             for sid, n in sizes.items():
                 memory.create(segment(sid, n))
-                memory.write(sid, 0, model[sid])
+                write_segment(memory, sid, 0, model[sid])
             memory.copy(moves)
             for move in moves:
                 data = bytes(model[move.source.segment_id][move.source.offset : move.source.end])
                 model[move.destination.segment_id][move.destination.offset : move.destination.end] = data
             for sid, n in sizes.items():
-                assert memory.read(sid, 0, n) == model[sid]
+                assert read_segment(memory, sid) == model[sid]
 
     check()
 
@@ -121,19 +127,19 @@ def test_copy_applies_moves_in_order_with_memmove_semantics():
 def test_overlapping_slide_down_and_up_inside_one_segment(mem):
     mem.create(segment(1, 4 * PAGE))
     data = bytes(range(256)) * 64
-    mem.write(1, 0, data)
+    write_segment(mem, 1, 0, data)
     mem.copy([Move("a", Extent(1, 1000, 8000), Extent(1, 10, 8000))])  # slide down, overlapping
     expected = bytearray(data)
     expected[10:8010] = data[1000:9000]
-    assert mem.read(1, 0, 4 * PAGE) == expected
+    assert read_segment(mem, 1) == expected
     mem.copy([Move("a", Extent(1, 10, 8000), Extent(1, 3000, 8000))])  # slide up, overlapping
     expected[3000:11000] = bytes(expected[10:8010])
-    assert mem.read(1, 0, 4 * PAGE) == expected
+    assert read_segment(mem, 1) == expected
 
 
 def test_a_bad_move_changes_nothing(mem):
     mem.create(segment(1, PAGE))
-    mem.write(1, 0, b"x" * PAGE)
+    write_segment(mem, 1, 0, b"x" * PAGE)
     good = Move("a", Extent(1, 0, 10), Extent(1, 100, 10))
     with pytest.raises(ValueError, match="outside segment 1"):
         mem.copy([good, Move("b", Extent(1, 0, 10), Extent(1, PAGE - 5, 10))])
@@ -141,12 +147,12 @@ def test_a_bad_move_changes_nothing(mem):
         mem.copy([good, Move("b", Extent(1, 0, 10), Extent(1, 0, 11))])
     with pytest.raises(KeyError, match="segment 9"):
         mem.copy([good, Move("b", Extent(9, 0, 10), Extent(1, 0, 10))])
-    assert mem.read(1, 0, PAGE) == b"x" * PAGE
+    assert read_segment(mem, 1) == b"x" * PAGE
 
 
 def test_free_unlinks_and_is_idempotent_while_a_client_keeps_its_mapping(mem):
     mem.create(segment(1, 2 * PAGE))
-    mem.write(1, 0, b"still here")
+    write_segment(mem, 1, 0, b"still here")
     path = shm_path(mem, 1)
     mapper = SegmentMapper()
     view = mapper.view(wire_handle(mem, 1, 0, 2 * PAGE))
@@ -203,7 +209,7 @@ def test_duplicate_segment_id_and_bad_sizes_are_refused(mem):
     with pytest.raises(ValueError, match="positive"):
         mem.create(segment(2, 0))
     with pytest.raises(ValueError, match="outside segment"):
-        mem.write(1, PAGE - 1, b"ab")
+        mem.zero(1, PAGE - 1, 2)
     with pytest.raises(ValueError, match="instance_id"):
         HostMemory("no/slash")
 
@@ -264,13 +270,13 @@ def test_mapper_refuses_a_handle_with_the_wrong_inode(mem):
 
 def test_mapper_maps_each_segment_once_and_builds_typed_views(mem):
     mem.create(segment(1, 4 * PAGE))
-    mem.write(1, 256, struct.pack("<6f", *range(6)))
+    write_segment(mem, 1, 256, struct.pack("<6f", *range(6)))
     mapper = SegmentMapper(populate=False)
     handle = wire_handle(mem, 1, 256, 24)
     floats = mapper.view(handle, torch.float32, (2, 3))
     assert floats.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     floats[1, 2] = 42.0  # the broker sees a client's write at once
-    assert struct.unpack("<f", mem.read(1, 256 + 20, 4)) == (42.0,)
+    assert struct.unpack("<f", read_segment(mem, 1, 256 + 20, 4)) == (42.0,)
     assert mapper.view(handle, torch.float32).shape == (6,)
     assert mapper.view(handle).shape == (24,)
     assert len(mapper) == 1 and mapper.segment(handle).numel() == 4 * PAGE
@@ -294,3 +300,90 @@ def test_dtype_table_round_trips():
         dtype_to_proto(torch.complex64)
     with pytest.raises(ValueError):
         dtype_from_proto(broker_pb2.DTYPE_UNSPECIFIED)
+
+
+# ---- zero ---------------------------------------------------------------------------
+
+
+def test_zero_clears_exactly_the_range_and_a_client_sees_it(mem):
+    mem.create(segment(1, 4 * PAGE))
+    data = bytes(range(1, 256)) * 65
+    write_segment(mem, 1, 0, data[: 4 * PAGE])
+    mapper = SegmentMapper()
+    view = mapper.view(wire_handle(mem, 1, 0, 4 * PAGE))  # a client's mapping, made before
+    mem.zero(1, 1000, 5000)
+    expected = bytearray(data[: 4 * PAGE])
+    expected[1000:6000] = bytes(5000)
+    assert read_segment(mem, 1) == expected
+    assert bytes(view[990:1010].tolist()) == bytes(expected[990:1010])
+    mem.zero(1, 4 * PAGE, 0)  # an empty range at the end is fine
+    mem.zero(1, 0, 4 * PAGE)
+    assert read_segment(mem, 1) == bytes(4 * PAGE)
+
+
+def test_zero_refuses_bad_ranges_and_unknown_segments(mem):
+    mem.create(segment(1, PAGE))
+    for offset, nbytes in [(-1, 1), (0, PAGE + 1), (PAGE, 1), (5, -1)]:
+        with pytest.raises(ValueError, match="outside segment 1"):
+            mem.zero(1, offset, nbytes)
+    with pytest.raises(KeyError, match="segment 2"):
+        mem.zero(2, 0, 1)
+
+
+def test_zero_releases_the_gil():
+    # ctypes releases the GIL around a foreign call unless the function was declared with
+    # PYFUNCTYPE (FUNCFLAG_PYTHONAPI); memset and memmove are plain CFUNCTYPE functions.
+    for function in (ctypes.memset, ctypes.memmove):
+        assert not function._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+
+
+class BlockingZero(HostMemory):
+    """Holds its first ``zero`` (inside the backend, segment in use) until released."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.zeroing = threading.Event()
+        self.release = threading.Event()
+
+    def _memset(self, address, nbytes):
+        if not self.zeroing.is_set():
+            self.zeroing.set()
+            assert self.release.wait(timeout=60)
+        super()._memset(address, nbytes)
+
+
+def test_free_waits_for_a_zero_in_flight_before_unmapping(shm_dir):
+    with BlockingZero("blocking", shm_dir=shm_dir) as memory:
+        memory.create(segment(1, PAGE))
+        path = os.path.join(shm_dir, memory.handle(1).shm_name)
+        write_segment(memory, 1, 0, b"\xff" * PAGE)
+        zeroing = threading.Thread(target=memory.zero, args=(1, 0, PAGE))
+        zeroing.start()
+        assert memory.zeroing.wait(timeout=60)
+        with open(path, "rb") as f:
+            assert f.read() == b"\xff" * PAGE  # not zeroed yet: the zero is held
+        freeing = threading.Thread(target=memory.free, args=(1,))
+        freeing.start()
+        while memory.segment_ids():  # free took the segment out of the table...
+            freeing.join(timeout=0.01)
+        assert freeing.is_alive() and os.path.exists(path)  # ...and waits for the zero
+        with open(path, "rb") as f:
+            memory.release.set()
+            zeroing.join(timeout=60)
+            freeing.join(timeout=60)
+            assert not freeing.is_alive() and not os.path.exists(path)
+            assert f.read() == bytes(PAGE)  # the zero ran on mapped memory, then free unmapped
+
+
+def test_another_segment_can_be_zeroed_while_one_is_being_zeroed(shm_dir):
+    with BlockingZero("parallel", shm_dir=shm_dir) as memory:
+        memory.create(segment(1, PAGE))
+        memory.create(segment(2, PAGE))
+        write_segment(memory, 2, 0, b"\xff" * PAGE)
+        zeroing = threading.Thread(target=memory.zero, args=(1, 0, PAGE))
+        zeroing.start()
+        assert memory.zeroing.wait(timeout=60)
+        memory.zero(2, 0, PAGE)  # not blocked by the zero in flight on 1
+        assert read_segment(memory, 2) == bytes(PAGE)
+        memory.release.set()
+        zeroing.join(timeout=60)

@@ -6,7 +6,7 @@ reference counter before a free, and ``backend`` is ``CudaMemory`` itself. Impor
 package does not import torch: the daemon imports it to configure the allocator first.
 """
 
-from kvbroker.memory.backend import CudaHandle
+from kvbroker.memory.backend import CopyError, CudaHandle
 from kvbroker.memory.cuda.backend import CUDA_MIN_SEGMENT_BYTES, CUDA_SEGMENT_ALIGNMENT_BYTES, CudaMemory
 from kvbroker.memory.cuda.chunks import DIRECT_CHUNK_MIN_BYTES, STAGING_BYTES, plan_chunks
 from kvbroker.memory.cuda.discovery import GpuInfo, discover_gpus, gpu_uuid
@@ -17,6 +17,7 @@ __all__ = [
     "CUDA_SEGMENT_ALIGNMENT_BYTES",
     "DIRECT_CHUNK_MIN_BYTES",
     "STAGING_BYTES",
+    "CopyError",
     "CudaHandle",
     "CudaMemory",
     "GpuInfo",

@@ -19,7 +19,6 @@ on a machine without CUDA and the daemon can configure the allocator before torc
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,8 +26,9 @@ from typing import Any
 
 from kvbroker.core.errors import ResourceExhausted
 from kvbroker.core.types import MiB, Move, SegmentInfo
-from kvbroker.memory.backend import CudaHandle, check_move, check_range
-from kvbroker.memory.cuda.chunks import STAGING_BYTES, plan_chunks
+from kvbroker.memory.backend import CopyError, CudaHandle, check_move, check_range
+from kvbroker.memory.chunks import STAGING, Place, run_moves, staging_needed
+from kvbroker.memory.cuda.chunks import DIRECT_CHUNK_MIN_BYTES, STAGING_BYTES
 from kvbroker.memory.cuda.discovery import discover_gpus
 from kvbroker.memory.cuda.refcounter import reset_ref_counter
 
@@ -221,58 +221,76 @@ class CudaMemory:
             return sorted(self._segments)
 
     def copy(self, moves: Sequence[Move]) -> None:
-        """Apply moves in order on a dedicated stream, then synchronize.
+        """Apply moves in order on the backend's stream. See ``SegmentMemory.copy``.
 
-        Every move is validated before the first byte moves. Overlapping moves are split
-        by ``plan_chunks``; a staging buffer of at most ``STAGING_BYTES`` is allocated only
-        when one needs it and released (with ``empty_cache``) before returning, so it
-        never stays cached where a later segment could be carved out of it.
-        Cost: device-to-device copies at memory bandwidth, one synchronize.
+        Every move is validated, and the staging buffer overlapping moves need (at most
+        ``STAGING_BYTES``) allocated, before the first byte moves: running out of device
+        memory half-way through a plan is thus impossible. The stream is synchronized
+        after each move, so a device error is charged to the move that caused it and
+        ``CopyError.completed`` is exact. The staging buffer is released, with
+        ``empty_cache``, before returning. Cost: device-to-device copies at memory
+        bandwidth (twice for staged chunks), one synchronize per move.
+
+        Raises:
+            CopyError: see ``kvbroker.memory.backend.CopyError``; ``completed=0`` with a
+                ``torch.cuda.OutOfMemoryError`` cause when the staging buffer does not fit.
+        """
+        torch = self._torch
+        with self._lock, torch.cuda.device(self._index), torch.cuda.stream(self._stream):
+            sizes = {sid: seg.info.nbytes for sid, seg in self._segments.items()}
+            checked = [check_move(move, sizes) for move in moves]
+            involved = {extent.segment_id for pair in checked for extent in pair}
+            tensors = {sid: self._segments[sid].tensor for sid in involved}
+            need = staging_needed(checked, direct_min=DIRECT_CHUNK_MIN_BYTES, staging=STAGING_BYTES)
+            if need:
+                try:
+                    tensors[STAGING] = torch.empty(need, dtype=torch.uint8, device=self._device)
+                except torch.cuda.OutOfMemoryError as err:
+                    raise CopyError(0, err) from err
+
+            def copy_range(source: Place, destination: Place, nbytes: int) -> None:
+                src = tensors[source.segment_id][source.offset : source.offset + nbytes]
+                dst = tensors[destination.segment_id][destination.offset : destination.offset + nbytes]
+                self._copy_range(dst, src)
+
+            try:
+                run_moves(
+                    checked,
+                    copy_range,
+                    direct_min=DIRECT_CHUNK_MIN_BYTES,
+                    staging=STAGING_BYTES,
+                    fence=self._stream.synchronize,
+                )
+            finally:
+                if need:
+                    self._stream.synchronize()  # no copy may still read the buffer
+                    del tensors[STAGING]
+                    torch.cuda.empty_cache()
+
+    def _copy_range(self, destination: Any, source: Any) -> None:
+        """Enqueue one copy between two non-overlapping views on the backend's stream.
+
+        The one primitive every byte of a ``copy`` goes through; a test may override it
+        to fail part-way.
+        """
+        destination.copy_(source)
+
+    def zero(self, segment_id: int, offset: int, nbytes: int) -> None:
+        """Fill a byte range of a segment with zeros. See ``SegmentMemory.zero``.
+
+        ``zero_()`` on a view, on the backend's stream, then a synchronize, so the bytes
+        are zero when this returns (the engine hands the cache out next). Cost: a device
+        memset at memory bandwidth (well under a millisecond per GiB) plus the synchronize.
         """
         torch = self._torch
         with self._lock:
-            sizes = {sid: seg.info.nbytes for sid, seg in self._segments.items()}
-            checked = [check_move(move, sizes) for move in moves]
-            staging = None
-            with torch.cuda.device(self._index), torch.cuda.stream(self._stream):
-                for src, dst in checked:
-                    source = self._segments[src.segment_id].tensor
-                    target = self._segments[dst.segment_id].tensor
-                    chunks = plan_chunks(
-                        src.offset, dst.offset, src.nbytes, same_segment=src.segment_id == dst.segment_id
-                    )
-                    for s, d, n, staged in chunks:
-                        if staged and staging is None:
-                            staging = torch.empty(STAGING_BYTES, dtype=torch.uint8, device=self._device)
-                        via = staging[:n].copy_(source[s : s + n]) if staged else source[s : s + n]
-                        target[d : d + n].copy_(via)
-                self._stream.synchronize()
-            if staging is not None:
-                del staging
-                torch.cuda.empty_cache()
-
-    def read(self, segment_id: int, offset: int, nbytes: int) -> bytes:
-        """Copy ``nbytes`` out of a segment (device to host, synchronous)."""
-        with self._lock:
             seg = self._get(segment_id)
             check_range(segment_id, seg.info.nbytes, offset, nbytes)
-            if nbytes == 0:
-                return b""
-            host = seg.tensor[offset : offset + nbytes].cpu()
-            return ctypes.string_at(host.data_ptr(), nbytes)
-
-    def write(self, segment_id: int, offset: int, data: bytes) -> None:
-        """Copy ``data`` into a segment (host to device, synchronous)."""
-        torch = self._torch
-        payload = bytearray(data)
-        with self._lock:
-            seg = self._get(segment_id)
-            check_range(segment_id, seg.info.nbytes, offset, len(payload))
-            if not payload:
+            if not nbytes:
                 return
-            source = torch.frombuffer(payload, dtype=torch.uint8)
-            seg.tensor[offset : offset + len(payload)].copy_(source)
-            torch.cuda.synchronize(self._index)
+            with torch.cuda.device(self._index), torch.cuda.stream(self._stream):
+                seg.tensor[offset : offset + nbytes].zero_()
+                self._stream.synchronize()
 
     def _get(self, segment_id: int) -> _CudaSegment:
         try:

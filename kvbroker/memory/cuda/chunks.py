@@ -1,18 +1,23 @@
-"""The chunk planner: how an overlapping CUDA copy is split into copies that never overlap.
+"""The chunk planner with the CUDA backend's thresholds.
 
-A device copy whose source and destination overlap would read bytes it already
-overwrote. An overlapping slide by at least ``DIRECT_CHUNK_MIN_BYTES`` copies directly, in
-chunks of the slide distance (no extra memory); a closer one goes through a staging buffer
-of at most ``STAGING_BYTES`` of device memory.
+The planner and the plan runner themselves live in ``kvbroker.memory.chunks``, shared with
+the host backend, whose fault-injection tests therefore cover the CUDA recovery logic.
+What is CUDA-specific is the trade-off:
+
+* ``DIRECT_CHUNK_MIN_BYTES``: an overlapping slide by at least 2 MiB copies directly, in
+  chunks of the slide distance. Smaller chunks would make many tiny device copies; staging
+  costs a second pass over the bytes, cheap at device bandwidth.
+* ``STAGING_BYTES``: the staging buffer is at most 64 MiB of device memory, allocated for
+  the duration of one ``copy`` and returned (with ``empty_cache``) before it returns, so it
+  never stays cached where a later segment's ``cudaMalloc`` block could be carved from it.
 """
 
 from __future__ import annotations
 
 from kvbroker.core.types import MiB
+from kvbroker.memory import chunks as _shared
+from kvbroker.memory.chunks import Chunk
 
-#: Overlapping moves whose source and destination are closer than this go through a
-#: staging buffer of ``STAGING_BYTES``; farther ones copy directly in chunks of the
-#: distance, which never overlap and cost no extra memory.
 DIRECT_CHUNK_MIN_BYTES = 2 * MiB
 STAGING_BYTES = 64 * MiB
 
@@ -25,29 +30,8 @@ def plan_chunks(
     same_segment: bool,
     direct_min: int = DIRECT_CHUNK_MIN_BYTES,
     staging: int = STAGING_BYTES,
-) -> list[tuple[int, int, int, bool]]:
-    """Split one memmove into copies that never overlap, in a safe order.
-
-    Overlapping moves whose ends are at least ``direct_min`` apart copy directly in
-    chunks of that distance; closer ones go through a staging buffer of ``staging`` bytes.
-
-    Returns:
-        ``(src_offset, dst_offset, nbytes, staged)`` tuples to run in order; ``staged``
-        copies go source -> staging buffer -> destination.
-
-    Invariant: each direct chunk's source and destination are disjoint, and no chunk
-    overwrites bytes a later chunk reads (forward order when sliding down, backward when
-    sliding up), so the result equals ``memmove``. Cost: O(nbytes / chunk) tuples.
-    """
-    if nbytes == 0 or (same_segment and src_offset == dst_offset):
-        return []
-    overlapping = same_segment and src_offset < dst_offset + nbytes and dst_offset < src_offset + nbytes
-    if not overlapping:
-        return [(src_offset, dst_offset, nbytes, False)]
-    gap = abs(dst_offset - src_offset)
-    staged = gap < direct_min
-    chunk = staging if staged else gap
-    starts = range(0, nbytes, chunk)
-    if dst_offset > src_offset:
-        starts = reversed(starts)
-    return [(src_offset + s, dst_offset + s, min(chunk, nbytes - s), staged) for s in starts]
+) -> list[Chunk]:
+    """``kvbroker.memory.chunks.plan_chunks`` with the CUDA thresholds as defaults."""
+    return _shared.plan_chunks(
+        src_offset, dst_offset, nbytes, same_segment=same_segment, direct_min=direct_min, staging=staging
+    )
