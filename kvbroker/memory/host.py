@@ -17,16 +17,18 @@ The server never builds torch tensors over its mappings: it copies with ``ctypes
 and zeroes with ``ctypes.memset`` on the mapped addresses (memcpy speed, GIL released), so
 it can unmap at ``free``. ``multiprocessing.shared_memory`` is never used: on Python < 3.13
 its resource tracker unlinks segments at the exit of any process that merely attached.
+
+Ownership: the instance holds a lock file in the shm directory for its whole life (see
+``kvbroker.memory.owner``), and at start-up removes the objects of instances whose lock
+is free, i.e. that are dead.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import logging
 import os
 import re
-import stat
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,16 +39,12 @@ from kvbroker.core.types import MiB, Move, SegmentInfo
 from kvbroker.memory import shm
 from kvbroker.memory.backend import CopyError, HostHandle, check_move, check_range
 from kvbroker.memory.chunks import STAGING, Place, run_moves, staging_needed
+from kvbroker.memory.owner import OwnerLock, remove_stale_segments
 from kvbroker.wire import SHM_NAME_PATTERN
 
 __all__ = ["INSTANCE_ID_PATTERN", "HostMemory", "remove_stale_segments"]
 
-logger = logging.getLogger(__name__)
-
 INSTANCE_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-#: The parts of a name, for stale-segment cleanup. The instance id may contain dashes;
-#: segment id and generation are the last two numeric parts.
-_NAME_PARTS = re.compile(r"kvb-(\d+)-(.+)-(\d+)-(\d+)")
 _CREATE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
@@ -81,6 +79,12 @@ class HostMemory:
             characters of ``[A-Za-z0-9_.-]``.
         shm_dir: the tmpfs where objects live (``/dev/shm``; tests may pass another
             directory). The handles carry its absolute path.
+        remove_stale: at start-up, remove the objects of dead broker instances in
+            ``shm_dir`` (``stale_removed`` lists them).
+
+    Raises:
+        FileExistsError: an instance with this id already runs in this process (or, with
+            the same pid, in another PID namespace) on this directory.
     """
 
     #: Overlapping moves closer than this are staged; farther ones copy directly in
@@ -90,7 +94,7 @@ class HostMemory:
     #: as used, unmapped when the copy returns).
     STAGING_BYTES = 64 * MiB
 
-    def __init__(self, instance_id: str, *, shm_dir: str = "/dev/shm") -> None:
+    def __init__(self, instance_id: str, *, shm_dir: str = "/dev/shm", remove_stale: bool = True) -> None:
         if not INSTANCE_ID_PATTERN.fullmatch(instance_id):
             raise ValueError(
                 f"instance_id {instance_id!r} must be 1 to 64 characters of A-Z a-z 0-9 _ . -"
@@ -105,6 +109,14 @@ class HostMemory:
         self._segments: dict[int, _Segment] = {}
         self._creating: set[int] = set()
         self._closed = False
+        # The lock first: from here on no clean-up (ours below included) takes this
+        # instance for dead.
+        self._owner = OwnerLock(self._shm_dir, f"{self._pid}-{instance_id}")
+        try:
+            self.stale_removed: list[str] = remove_stale_segments(self._shm_dir) if remove_stale else []
+        except BaseException:
+            self._owner.release()
+            raise
 
     @property
     def instance_id(self) -> str:
@@ -114,11 +126,17 @@ class HostMemory:
     def shm_dir(self) -> str:
         return self._shm_dir
 
+    @property
+    def lock_path(self) -> str:
+        """The lock file this instance holds while it lives."""
+        return self._owner.path
+
     def object_name(self, segment_id: int, generation: int) -> str:
         """The shm object name of a segment: ``kvb-<pid>-<instance>-<segment>-<gen>``.
 
-        The pid lets ``remove_stale_segments`` recognise a dead broker's leftovers; the
-        generation makes a reused segment id a new name, so a stale handle never opens it.
+        ``<pid>-<instance>`` names the owner whose lock file decides whether the object
+        is stale; the generation makes a reused segment id a new name, so a stale handle
+        never opens it.
         """
         name = f"kvb-{self._pid}-{self._instance_id}-{segment_id}-{generation}"
         if not SHM_NAME_PATTERN.fullmatch(name):
@@ -166,8 +184,8 @@ class HostMemory:
         except FileExistsError:
             raise FileExistsError(
                 errno.EEXIST,
-                "shared-memory object already exists (a broker with the same instance id "
-                "and pid, or a leftover); refusing to adopt it",
+                "shared-memory object already exists (a leftover of this instance's "
+                "pid and id); refusing to adopt it",
                 path,
             ) from None
         except OSError as err:
@@ -250,7 +268,8 @@ class HostMemory:
         seg.unmap()
 
     def close(self) -> None:
-        """Free every segment and refuse new ones. Idempotent."""
+        """Free every segment, release the instance's lock file, refuse new segments.
+        Idempotent."""
         with self._lock:
             self._closed = True
             segments = list(self._segments.values())
@@ -258,6 +277,7 @@ class HostMemory:
             self._idle.wait_for(lambda: all(seg.users == 0 for seg in segments))
         for seg in segments:
             self._discard(seg)
+        self._owner.release()
 
     def __enter__(self) -> HostMemory:
         return self
@@ -378,54 +398,3 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _pid_alive(pid: int) -> bool:
-    """True when a process with this pid exists (it may belong to another user)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_segments(shm_dir: str = "/dev/shm", *, instance_id: str | None = None) -> list[str]:
-    """Unlink the segment objects a dead broker left behind; return their names.
-
-    An object ``kvb-<pid>-...`` is stale when no process ``pid`` is alive. When
-    ``instance_id`` is given, objects carrying this process's own pid but another
-    instance id are stale too (a restarted container's broker is often pid 1 again).
-    Objects that are not regular files, or that this user may not unlink, are kept.
-
-    A reused pid makes a dead broker's object look alive: it is then kept (a leak, never
-    a wrong unlink). Cost: one ``listdir`` and one ``kill(pid, 0)`` per candidate.
-    """
-    own_pid = os.getpid()
-    removed: list[str] = []
-    for name in sorted(os.listdir(shm_dir)):
-        parts = _NAME_PARTS.fullmatch(name)
-        if parts is None or not SHM_NAME_PATTERN.fullmatch(name):
-            continue
-        pid, owner_instance = int(parts[1]), parts[2]
-        if pid == own_pid:
-            if instance_id is None or owner_instance == instance_id:
-                continue
-        elif _pid_alive(pid):
-            continue
-        path = os.path.join(shm_dir, name)
-        try:
-            if not stat.S_ISREG(os.lstat(path).st_mode):
-                continue
-            os.unlink(path)
-        except FileNotFoundError:
-            continue
-        except PermissionError:
-            logger.warning("cannot remove stale shared-memory object %s: permission denied", path)
-            continue
-        logger.info("removed stale shared-memory object %s", path)
-        removed.append(name)
-    return removed

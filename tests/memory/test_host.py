@@ -1,6 +1,6 @@
 """The host backend, for real: /dev/shm objects, mappings in other processes, memmove,
-memset. Copy failures are in ``test_copy_faults.py``, descriptor and mapping limits in
-``test_host_limits.py``."""
+memset. Copy failures are in ``test_copy_faults.py``, ownership and stale objects in
+``test_host_owner.py``, descriptor and mapping limits in ``test_host_limits.py``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import os
 import random
 import stat
 import struct
-import subprocess
-import sys
 import threading
 import uuid
 
@@ -22,7 +20,7 @@ from hypothesis import strategies as st
 from kvbroker.core.errors import ResourceExhausted
 from kvbroker.core.types import Extent, Move, SegmentInfo
 from kvbroker.memory.backend import HostHandle, SegmentMemory
-from kvbroker.memory.host import HostMemory, remove_stale_segments
+from kvbroker.memory.host import HostMemory
 from kvbroker.v1 import broker_pb2
 from kvbroker_client.mapping import (
     DTYPE_TO_TORCH,
@@ -229,32 +227,6 @@ def test_no_room_in_dev_shm_is_resource_exhausted_and_leaves_nothing(mem):
         mem.create(segment(1, too_big))
     assert info.value.satisfiable is False and info.value.requested_bytes == too_big
     assert not os.path.exists(os.path.join(mem.shm_dir, mem.object_name(1, 1)))
-
-
-def test_remove_stale_segments_removes_dead_owners_only(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    me, parent = os.getpid(), os.getppid()
-    names = {
-        f"kvb-{dead.pid}-inst-1-1": True,
-        f"kvb-{dead.pid}-with-dashes-2-3": True,
-        f"kvb-{me}-other-1-1": True,  # our pid, another instance: a restarted container
-        f"kvb-{me}-mine-1-1": False,
-        f"kvb-{parent}-inst-1-1": False,  # a live process
-        "kvb-notapid-x-1-1": False,
-        "unrelated": False,
-    }
-    for name in names:
-        (tmp_path / name).write_bytes(b"")
-    (tmp_path / f"kvb-{dead.pid}-dir-1-1").mkdir()  # not a regular file: kept
-
-    removed = remove_stale_segments(str(tmp_path), instance_id="mine")
-
-    assert sorted(removed) == sorted(n for n, stale in names.items() if stale)
-    assert sorted(os.listdir(tmp_path)) == sorted(
-        [n for n, stale in names.items() if not stale] + [f"kvb-{dead.pid}-dir-1-1"]
-    )
-    assert remove_stale_segments(str(tmp_path)) == []
 
 
 def test_mapper_refuses_a_handle_with_the_wrong_inode(mem):
