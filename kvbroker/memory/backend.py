@@ -117,8 +117,10 @@ class SegmentMemory(Protocol):
     def create(self, segment: SegmentInfo) -> None:
         """Reserve ``segment.nbytes``, zero-fill and prefault them.
 
-        Cost: proportional to the size (every page is touched once), so the zero-fill
-        never lands on a client's first access.
+        On failure it leaves nothing behind (what it made is unlinked or freed) and
+        raises, so the caller only drops the segment from its own books. Cost:
+        proportional to the size (every page is touched once), so the zero-fill never
+        lands on a client's first access.
 
         Raises:
             ResourceExhausted: the device has no room (``satisfiable=False``).
