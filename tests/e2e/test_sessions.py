@@ -165,16 +165,26 @@ def test_holders_learn_of_evictions_and_moves(daemon):
     with BrokerClient(daemon.target) as a:
         for i in range(10):
             a.allocate("x", size_bytes=4 * MiB, cache_id=f"a{i}", pinned=True)
+    # The EVICTED event reaches B on its Watch stream, independently of B's calls: B's
+    # client knows of the eviction only once it has applied the event (before that, its
+    # old view still reads the old bytes, which nobody has overwritten yet).
+    wait_until(lambda: b("state", cache_id="b0")["evicted"], 10, "B's client applies the EVICTED event of b0")
     with pytest.raises(AgentError) as info:
         b("check", cache_id="b0", salt=2)
     assert info.value.kind == "CacheEvicted"
-    # a0..a9 are released (A closed): a defragment moves b1 and b2; B's next tensor()
-    # follows the MOVED event to the new place and reads the same bytes.
+    # a0..a9 are released (A closed; its session ends when the daemon sees its stream
+    # close): then a defragment moves b1 or b2 or both; B's next tensor() follows the
+    # MOVED event to the new place and reads the same bytes.
+    wait_until(lambda: stats(daemon).total_allocated_bytes == 8 * MiB, 10, "A's session ends and a0..a9 are freed")
     offsets = {name: b("offset", cache_id=name) for name in ("b1", "b2")}
     with BrokerClient(daemon.target, session_id="") as operator:
         moved = operator.defragment(pool="x")
+        epochs = {c.cache_id: c.epoch for c in operator.list_caches(pool="x")}
     assert moved.caches_moved >= 1
-    time.sleep(0.2)  # the MOVED events travel on B's stream
+    movers = [name for name in ("b1", "b2") if epochs[name] > b("state", cache_id=name)["handle_epoch"]]
+    assert len(movers) == moved.caches_moved, (movers, moved)
+    wait_until(lambda: all(b("state", cache_id=name)["stale"] for name in movers), 10,
+               f"B's client applies the MOVED events of {movers}")  # fmt: skip
     assert b("check", cache_id="b1", salt=3) and b("check", cache_id="b2", salt=4)
     assert {name: b("offset", cache_id=name) for name in ("b1", "b2")} != offsets
     b.close()
