@@ -10,10 +10,11 @@ tests' launcher (tests/support/daemon.py, through benchmarks/harness.py)::
 every RPC goes through the Unix socket, as a co-located worker's would.) The launcher
 waits for ``grpc.health.v1.Health`` to report SERVING, and at the end stops the daemon
 with SIGTERM; the script checks that it exits 0. The daemon's log goes to a temporary
-file and its tail is printed only if the daemon fails.
+file and its tail is printed only if the daemon fails. Case 4 runs against a second
+daemon of its own (its settings would change the other cases).
 
 Each case is a module of benchmarks/rpc/: ``single`` (1 and the CPU figures), ``callers``
-(2), ``handoff`` (3), ``report`` (the table).
+(2), ``handoff`` (3), ``during_create`` (4), ``report`` (the table).
 
 1. One caller: latency of each method, as ratios to the floor
 --------------------------------------------------------------
@@ -95,6 +96,17 @@ id:
 ``attach_1gib_ms`` is the 1 GiB attach hold (first in process, median over consumers);
 ``*_usable_ms`` adds the first read; ``stream_vs_attach_*_ratio`` = stream / attach hold.
 
+4. Release and Attach while another caller's Allocate creates a segment
+-----------------------------------------------------------------------
+
+A separate process allocates a 1 GiB cache in a pool whose ``segment_bytes`` (1 GiB)
+makes the daemon create a new segment for it, releases it and waits until the segment
+has gone back to the device, ``--creations`` times; meanwhile this process runs rounds of
+floor, Release, Attach and Allocate on one channel. ``release_p99_during_create_ratio``
+and ``attach_p99_during_create_ratio``: the P99 of the calls that overlapped a creation,
+divided by the floor's P99 of the same run (benchmarks/rpc/during_create.py has the
+details; it also runs alone: ``python -m benchmarks.rpc.during_create``).
+
 Targets (section 10)
 --------------------
 
@@ -106,17 +118,18 @@ Output
 A table on stdout. With ``--json``, stdout holds exactly one JSON object (the table goes
 to stderr) with at least ``floor_p50_ms``, ``allocate_p50_ms``, ``allocate_p99_ms``,
 ``allocate_p50_ratio``, ``allocate_p99_ratio`` and ``attach_1gib_ms``, plus every other
-figure, the per-caller-count results (``callers``), the hand-off (``handoff``) and
-``targets``. ``--check`` exits 1 when a target is missed. The exit code is also 1 when
+figure, the per-caller-count results (``callers``), the hand-off (``handoff``), case 4
+(``during_create``, and the flat ``*_during_create_*`` keys) and ``targets``. ``--check`` exits 1 when a target is missed. The exit code is also 1 when
 the daemon did not exit 0 on SIGTERM or a check of the handed-off bytes failed.
 
 Usage::
 
     cd /work/main && PYTHONPATH=.:client .venv/bin/python benchmarks/rpc_latency.py \\
         [--quick] [--iterations N] [--json] [--check] [--callers-mode processes|threads]
+        [--creations N]
 
-Run time on 2 vCPUs: about 1.5 minutes in full (plus up to ``--wait-idle`` seconds), about
-30 s with ``--quick``.
+Run time on 2 vCPUs: about 2 minutes in full (plus up to ``--wait-idle`` seconds), about
+45 s with ``--quick``.
 
 Also measured
 -------------
@@ -152,6 +165,7 @@ import grpc  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 from benchmarks.harness import CALL_TIMEOUT_S, metadata, new_session, ratios, summarize_ns  # noqa: E402
+from benchmarks.rpc import during_create  # noqa: E402
 from benchmarks.rpc.callers import run_callers, summarize_callers, windows_for  # noqa: E402
 from benchmarks.rpc.common import ALLOC_BYTES, HOST_CAPACITY, POOL  # noqa: E402
 from benchmarks.rpc.handoff import HANDOFF_SIZES, run_handoff  # noqa: E402
@@ -171,6 +185,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, help="measured rounds of the one-caller loop (default 4000; quick 300)")
     parser.add_argument("--warmup", type=int, help="warm-up rounds (default 400; quick 50)")
     parser.add_argument("--handoff-runs", type=int, help="fresh consumer processes (default 3; quick 1)")
+    parser.add_argument("--creations", type=int,
+                        help="1 GiB segments created during case 4 (default 30; quick 10; 0 skips case 4)")
     parser.add_argument("--callers-mode", choices=("processes", "threads"), default="processes",
                         help="how the N callers run (default processes; see the module docstring)")
     parser.add_argument("--wait-idle", type=float, default=10.0, metavar="SECONDS",
@@ -185,8 +201,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.warmup = 50 if args.quick else 400
     if args.handoff_runs is None:
         args.handoff_runs = 1 if args.quick else 3
-    if args.iterations < 1 or args.warmup < 1 or args.handoff_runs < 1:
-        parser.error("--iterations, --warmup and --handoff-runs must be >= 1")
+    if args.creations is None:
+        args.creations = 10 if args.quick else 30
+    if args.iterations < 1 or args.warmup < 1 or args.handoff_runs < 1 or args.creations < 0:
+        parser.error("--iterations, --warmup and --handoff-runs must be >= 1, --creations >= 0")
     return args
 
 
@@ -262,6 +280,23 @@ def run_main_cases(
         print(f"daemon log (tail):\n{daemon.log_tail()}", file=sys.stderr)
 
 
+def run_during_create(args: argparse.Namespace, result: dict[str, Any], failed: list[str],
+                      settle: Callable[[str], None], progress: Callable[[str], None]) -> None:  # fmt: skip
+    """Case 4, against a daemon of its own."""
+    settle("during_create")
+    progress(f"during create: a second daemon; {args.creations} creations of a 1 GiB segment")
+    with during_create.case_daemon() as daemon:
+        case = during_create.run_case(daemon.target, creations=args.creations, warmup=args.warmup)
+        progress("stopping the second daemon (SIGTERM)")
+    result["during_create"] = {**case, "daemon_exit_code": daemon.exit_code}
+    result.update(during_create.top_level_keys(case))
+    if case["distinct_segments"] != case["creations"]:
+        failed.append(f"during create: {case['creations']} allocations made {case['distinct_segments']} segments")
+    if daemon.exit_code != 0:
+        failed.append(f"the during-create daemon exited {daemon.exit_code} on SIGTERM")
+        print(f"daemon log (tail):\n{daemon.log_tail()}", file=sys.stderr)
+
+
 def flat_keys(result: dict[str, Any]) -> None:
     """The flat figures of the JSON object, from the nested ones."""
     single = result["single"]
@@ -315,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "handoff_runs": args.handoff_runs, "callers_mode": args.callers_mode,
             "allocate_bytes": ALLOC_BYTES, "pool": POOL, "host_capacity": HOST_CAPACITY,
             "transport": "unix socket", "client": "sync grpc + generated stubs",
-            "floor_method": "grpc.health.v1.Health/Check",
+            "floor_method": "grpc.health.v1.Health/Check", "creations": args.creations,
         },
         "machine": {
             "cpus": os.cpu_count(), "python": platform.python_version(), "grpcio": grpc.__version__,
@@ -339,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress(f"the machine is {busy:.0%} busy (other jobs); measuring {phase} anyway")
 
     run_main_cases(args, result, failed, settle, progress)
+    if args.creations:
+        run_during_create(args, result, failed, settle, progress)
     flat_keys(result)
     result["run_seconds"] = time.monotonic() - started
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.harness import ratios
+from benchmarks.rpc.during_create import render_during_create
 from benchmarks.rpc.handoff import HANDOFF_SIZES
 
 
@@ -89,6 +90,9 @@ def render(result: dict[str, Any]) -> str:
         f"cold floor (Health/Check after the same 20 ms idle, n={h['cold_floor_n']}): {h['cold_floor_ms']:.3f} ms; "
         f"1 GiB attach hold = {h['1gib']['attach_hold_vs_cold_floor_ratio']:.2f}x the cold floor"
     )
+    if "during_create" in result:
+        lines.append("")
+        lines.append(render_during_create(result["during_create"]))
     lines.append("")
     lines.append("Targets")
     for name, t in result["targets"].items():
