@@ -75,6 +75,9 @@ ROOT = Path(__file__).resolve().parents[2]
 #: ``shm_dir=PRIVATE_SHM``: a fresh directory under /dev/shm for this daemon's segments.
 PRIVATE_SHM = "private"
 _PRIVATE_PREFIX = "kvb-test-"
+#: ``shm_dir`` when a caller gives none: the daemon's own default (/dev/shm). Becomes
+#: ``PRIVATE_SHM`` once the client maps segments from the handle's ``shm_dir``.
+DEFAULT_SHM: str | None = None
 #: Seconds a start may take before it fails (a cold interpreter imports torch: seconds).
 READY_TIMEOUT_S = 60.0
 #: Seconds between SIGTERM and SIGKILL.
@@ -304,7 +307,7 @@ def start_daemon(
     devices: str = "host",
     host_capacity: str | None = None,
     metrics: bool = False,
-    shm_dir: str | Path | None = None,
+    shm_dir: str | Path | None = DEFAULT_SHM,
     grace_seconds: float = 2.0,
     env: Mapping[str, str] | None = None,
     inherit_settings: bool = False,
@@ -322,7 +325,7 @@ def start_daemon(
         metrics: serve ``/metrics`` on a free port (``Daemon.metrics_url``); off by default
             (``--metrics-listen ''``).
         shm_dir: ``--shm-dir``; ``PRIVATE_SHM`` for a fresh directory under /dev/shm;
-            default: the daemon's (/dev/shm). See the module docstring.
+            default ``DEFAULT_SHM``: the daemon's (/dev/shm). See the module docstring.
         grace_seconds: ``--grace-seconds`` (in-flight calls at SIGTERM).
         env: extra environment variables (``OTEL_*``, ``KVBROKER_*``).
         inherit_settings: keep the caller's ``KVBROKER_*``/``OTEL_*`` variables.
