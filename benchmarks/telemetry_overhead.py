@@ -1,7 +1,8 @@
 """What telemetry costs an Allocate: the same daemon with telemetry off and on, one run.
 
 Three daemons run side by side (each ``python -m kvbroker serve --devices host``, its own
-Unix socket, ``--listen 127.0.0.1:0``):
+Unix socket, ``--listen 127.0.0.1:0``, started by tests/support/daemon.py through
+benchmarks/harness.py):
 
 - **off**: ``--metrics-listen ''`` and no ``OTEL_*`` variable: no interceptor, the
   engine's ``NullObserver``, no thread or socket of telemetry's.
@@ -33,38 +34,25 @@ when the target is missed. About 30 s on 2 vCPUs (10 s with ``--quick``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
-import json
-import os
-import random
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 from concurrent import futures
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: benchmarks, tests, kvbroker
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "client")]
+import grpc  # noqa: E402
 
+from benchmarks import harness  # noqa: E402
 from kvbroker.v1 import broker_pb2 as pb  # noqa: E402
 from kvbroker.v1 import broker_pb2_grpc  # noqa: E402
 
 MODES = ("off", "prometheus", "otel")
 TARGET_P50_RATIO = 1.10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Sink:
@@ -96,43 +84,28 @@ class Sink:
 
 
 class Daemon:
-    def __init__(self, mode: str, tmp: Path, sink: Sink) -> None:
+    """One daemon of a telemetry mode (tests/support/daemon.py starts it: host device,
+    gRPC on 127.0.0.1 port 0 and a private Unix socket, no inherited OTEL_*/KVBROKER_*
+    variable), and one channel to it."""
+
+    def __init__(self, mode: str, sink: Sink, stack: contextlib.ExitStack) -> None:
         self.mode = mode
-        self.socket = str(tmp / f"{mode}.sock")
-        self.log_path = tmp / f"{mode}.log"
-        self.metrics_port = free_port() if mode != "off" else None
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "KVBROKER_"))}
-        env["PYTHONPATH"] = f"{REPO}:{REPO / 'client'}"
+        env = {}
         if mode == "otel":
-            env.update(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{sink.port}", OTEL_METRIC_EXPORT_INTERVAL="1000")
-        metrics = f"127.0.0.1:{self.metrics_port}" if self.metrics_port else ""
-        cmd = [sys.executable, "-m", "kvbroker", "serve", "--devices", "host", "--listen", "127.0.0.1:0",
-               "--unix-socket", self.socket, "--host-capacity", "512MiB", "--metrics-listen", metrics]  # fmt: skip
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+            env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}", "OTEL_METRIC_EXPORT_INTERVAL": "1000"}
+        self.daemon = stack.enter_context(harness.daemon(host_capacity="512MiB", metrics=mode != "off", env=env))
+        self.metrics_url = self.daemon.metrics_url
+        self.channel = grpc.insecure_channel(self.daemon.target)
         self.stub = broker_pb2_grpc.CacheBrokerStub(self.channel)
-        deadline = time.monotonic() + 60
-        health = health_pb2_grpc.HealthStub(self.channel)
-        while True:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daemon {mode} did not start:\n{self.log_path.read_text()}")
-            try:
-                health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                break
-            except grpc.RpcError:
-                time.sleep(0.1)
 
     def stop(self) -> int:
         self.channel.close()
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(30)
+        return self.daemon.stop()
 
 
 def percentile(sorted_ns: list[int], q: float) -> float:
-    """Nearest-rank percentile, in milliseconds."""
-    k = max(0, min(len(sorted_ns) - 1, int(-(-q * len(sorted_ns) // 1)) - 1))
-    return sorted_ns[k] / 1e6
+    """Nearest-rank percentile (``q`` in 0..1), in milliseconds."""
+    return harness.percentile(sorted_ns, q * 100) / 1e6
 
 
 def scrape_forever(urls: list[str], stop: threading.Event, counter: list[int]) -> None:
@@ -145,16 +118,16 @@ def scrape_forever(urls: list[str], stop: threading.Event, counter: list[int]) -
 
 def run(iterations: int, warmup: int) -> dict:
     sink = Sink()
-    with tempfile.TemporaryDirectory(prefix="kvb-telemetry-bench-") as tmp:
-        daemons = [Daemon(mode, Path(tmp), sink) for mode in MODES]
-        metadata = (("kvbroker-session-id", "bench-telemetry"),)
+    with contextlib.ExitStack() as stack:
+        daemons = [Daemon(mode, sink, stack) for mode in MODES]
+        metadata = harness.metadata("bench-telemetry")
         request = pb.AllocateRequest(pool="default", size_bytes=1 << 20)
         samples: dict[str, list[int]] = {d.mode: [] for d in daemons}
         stop, scrapes = threading.Event(), [0]
-        urls = [f"http://127.0.0.1:{d.metrics_port}/metrics" for d in daemons if d.metrics_port]
+        urls = [d.metrics_url for d in daemons if d.metrics_url]
         scraper = threading.Thread(target=scrape_forever, args=(urls, stop, scrapes), daemon=True)
         exit_codes = {}
-        rng = random.Random(0)
+        rng = harness.seeded_rng(0)
         try:
             gc.disable()
             for i in range(warmup + iterations):
@@ -174,8 +147,7 @@ def run(iterations: int, warmup: int) -> dict:
             if scraper.is_alive():
                 scraper.join(15)
             for d in daemons:
-                exit_codes[d.mode] = d.stop()
-        time.sleep(0.2)
+                exit_codes[d.mode] = d.stop()  # a daemon flushes its exporters before it exits
         sink.server.stop(None)
     result: dict = {"iterations": iterations, "scrapes": scrapes[0], "otlp_spans": sink.spans,
                     "otlp_metric_exports": sink.metric_exports, "exit_codes": exit_codes}  # fmt: skip
@@ -212,9 +184,7 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when the target is missed")
     args = parser.parse_args()
     result = run(800 if args.quick else args.iterations, min(args.warmup, 100) if args.quick else args.warmup)
-    print(table(result), file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps(result, indent=2))
+    harness.emit(result, table(result), as_json=args.json, indent=2)
     failed = any(code != 0 for code in result["exit_codes"].values())
     return 1 if failed or (args.check and not result["target_met"]) else 0
 

@@ -1,6 +1,7 @@
 """A model worker under remote control, for end-to-end tests: a separate process with
 its own BrokerClient (its own session) that executes one JSON command per stdin line
 and answers one JSON line: {"ok": ...} or {"error": "<exception class>", "message": ...}.
+``state`` reports what the client has applied from its event stream (evicted, stale).
 
 Run: python -m tests.e2e.agent TARGET
 """
@@ -35,6 +36,11 @@ def run(client: BrokerClient, caches: dict, op: str, command: dict):
         return bool(torch.equal(t, expected))
     if op == "offset":
         return caches[command["cache_id"]].handle.byte_offset
+    if op == "state":
+        # What this client has learnt from its Watch stream so far: a test polls this to
+        # know that an event reached the client before it tests the event's effect.
+        cache = caches[command["cache_id"]]
+        return {"evicted": cache.evicted, "stale": cache.stale, "handle_epoch": cache.handle.epoch}
     if op == "release":
         return caches.pop(command["cache_id"]).release(force=command.get("force", False))
     if op == "drop_views":
@@ -44,6 +50,7 @@ def run(client: BrokerClient, caches: dict, op: str, command: dict):
         client.report_unmapped()
         return True
     if op == "sleep":
+        # A deliberately busy worker (it answers nothing meanwhile); not a wait.
         time.sleep(command["seconds"])
         return True
     raise ValueError(f"unknown op {op!r}")

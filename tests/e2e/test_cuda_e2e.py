@@ -13,7 +13,7 @@ import pytest
 
 from kvbroker_client import BrokerClient
 
-from .conftest import ROOT, start_daemon
+from tests.support.daemon import ROOT, running_daemon
 
 torch = pytest.importorskip("torch")
 pytestmark = [
@@ -66,8 +66,7 @@ def run(code, *args):
 
 
 def test_cuda_zero_copy_between_processes_and_defragment(tmp_path):
-    daemon = start_daemon(tmp_path, "--devices", "cuda", env={"KVBROKER_CUDA_MEMORY_FRACTION": "0.05"})
-    try:
+    with running_daemon(tmp_path, devices="cuda", env={"KVBROKER_CUDA_MEMORY_FRACTION": "0.05"}) as daemon:
         daemon_devices = daemon.log()
         producer = subprocess.Popen(
             [sys.executable, "-c", PRODUCER, daemon.target], cwd=ROOT, text=True,
@@ -97,6 +96,4 @@ def test_cuda_zero_copy_between_processes_and_defragment(tmp_path):
             assert [means[c] for c in kept[1:]] == [1.0 * (ids.index(c) + 1) for c in kept[1:]]
             for cache_id in kept:
                 operator.release(cache_id, force=True)
-    finally:
-        assert daemon.stop() == 0, daemon.log()
     assert "GPU-" in daemon_devices

@@ -18,39 +18,40 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
 
-from .conftest import ROOT, start_daemon, wait_serving
+from tests.support.daemon import ROOT, running_daemon, wait_serving
+from tests.support.wait import holds_for
 
 MiB = 1 << 20
 
 
 def test_sigterm_with_a_call_in_flight_exits_cleanly(tmp_path):
-    daemon = start_daemon(tmp_path, "--host-capacity", "32MiB")
-    with grpc.insecure_channel(daemon.target) as channel:
-        stub = broker_pb2_grpc.CacheBrokerStub(channel)
-        stub.Allocate(pb.AllocateRequest(pool="default", size_bytes=30 * MiB, cache_id="big", pinned=True))
-        assert daemon.shm_objects(), "a segment exists while the cache lives"
-        outcome: dict[str, object] = {}
+    # check=False: this test sends SIGTERM itself and checks the exit on its own terms.
+    with running_daemon(tmp_path, host_capacity="32MiB", check=False) as daemon:
+        with grpc.insecure_channel(daemon.target) as channel:
+            stub = broker_pb2_grpc.CacheBrokerStub(channel)
+            stub.Allocate(pb.AllocateRequest(pool="default", size_bytes=30 * MiB, cache_id="big", pinned=True))
+            assert daemon.shm_objects(), "a segment exists while the cache lives"
+            outcome: dict[str, object] = {}
 
-        def waiting_call() -> None:
-            try:
-                stub.Allocate(pb.AllocateRequest(pool="default", size_bytes=8 * MiB, wait_timeout_ms=60_000))
-                outcome["code"] = grpc.StatusCode.OK
-            except grpc.RpcError as err:
-                outcome["code"] = err.code()
+            def waiting_call() -> None:
+                try:
+                    stub.Allocate(pb.AllocateRequest(pool="default", size_bytes=8 * MiB, wait_timeout_ms=60_000))
+                    outcome["code"] = grpc.StatusCode.OK
+                except grpc.RpcError as err:
+                    outcome["code"] = err.code()
 
-        caller = threading.Thread(target=waiting_call)
-        caller.start()
-        time.sleep(0.5)
-        assert caller.is_alive(), "the allocation should be waiting for room"
-        started = time.monotonic()
-        daemon.process.send_signal(signal.SIGTERM)
-        assert daemon.process.wait(timeout=20) == 0, daemon.log()
-        caller.join(timeout=10)
-    assert time.monotonic() - started < 2 + 5, "grace period (2 s) plus shutdown work"
-    assert outcome["code"] in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
-    assert daemon.shm_objects() == []
-    assert not os.path.exists(daemon.unix_socket)
-    assert "shutting down" in daemon.log()
+            caller = threading.Thread(target=waiting_call)
+            caller.start()
+            holds_for(caller.is_alive, 0.5, "the allocation waits for room")
+            started = time.monotonic()
+            daemon.process.send_signal(signal.SIGTERM)
+            assert daemon.process.wait(timeout=20) == 0, daemon.log()
+            caller.join(timeout=10)
+        assert time.monotonic() - started < 2 + 5, "grace period (2 s) plus shutdown work"
+        assert outcome["code"] in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        assert daemon.shm_objects() == []
+        assert not os.path.exists(daemon.unix_socket)
+        assert "shutting down" in daemon.log()
 
 
 def test_config_error_names_the_key_and_exits_2(tmp_path):
@@ -81,12 +82,9 @@ def test_stale_shm_objects_of_a_dead_broker_are_removed_at_start(tmp_path):
     stale = f"/dev/shm/kvb-{dead.pid}-deadbeef-1-1"
     with open(stale, "wb") as f:
         f.write(b"\0" * 4096)
-    daemon = start_daemon(tmp_path)
-    try:
+    with running_daemon(tmp_path) as daemon:
         assert not os.path.exists(stale)
         assert "removed 1 shm objects" in daemon.log()
-    finally:
-        assert daemon.stop() == 0
 
 
 def _port_free(port: int) -> bool:

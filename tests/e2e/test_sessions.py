@@ -19,9 +19,9 @@ import pytest
 
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
-from kvbroker_client import AllocationTimeout, BrokerClient, CacheEvicted
-
-from .conftest import ROOT, start_daemon
+from kvbroker_client import AllocationTimeout, BrokerClient
+from tests.support.daemon import ROOT, daemon_fixture
+from tests.support.wait import Lines, holds_for, wait_until
 
 MiB = 1 << 20
 
@@ -52,14 +52,11 @@ gc_threshold = 1.0
 """
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    config = tmp_path / "kvbroker.toml"
-    config.write_text(CONFIG)
-    daemon = start_daemon(tmp_path, "--config", str(config))
-    yield daemon
-    assert daemon.stop() == 0, daemon.log()
-    assert daemon.shm_objects() == []
+#: A fresh daemon per test: the tests end sessions, exhaust pools and time leases.
+daemon = daemon_fixture(config=CONFIG)
+
+#: Seconds an agent may take to answer one command (a cold one imports torch first).
+AGENT_REPLY_TIMEOUT_S = 60.0
 
 
 class Agent:
@@ -70,11 +67,13 @@ class Agent:
             [sys.executable, "-m", "tests.e2e.agent", target], cwd=ROOT, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
-        self.session_id = self._reply()
+        self.lines = Lines(self.process.stdout, "agent")
+        self.session_id = self._reply("its session id")
 
-    def _reply(self):
-        line = self.process.stdout.readline()
+    def _reply(self, what: str):
+        line = self.lines.next(AGENT_REPLY_TIMEOUT_S, what)
         if not line:
+            self.process.kill()
             raise AssertionError(f"agent died: {self.process.stderr.read()}")
         reply = json.loads(line)
         if "error" in reply:
@@ -84,7 +83,7 @@ class Agent:
     def __call__(self, op: str, **args):
         self.process.stdin.write(json.dumps({"op": op, **args}) + "\n")
         self.process.stdin.flush()
-        return self._reply()
+        return self._reply(f"the reply to {op} {args}")
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -107,16 +106,6 @@ def stats(daemon) -> pb.StatsResponse:
         return broker_pb2_grpc.CacheBrokerStub(channel).Stats(pb.StatsRequest())
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.01) -> float:
-    """Poll until ``predicate()``; returns the seconds it took (fails after ``timeout``)."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-    return time.monotonic() - started
-
-
 def test_a_killed_client_is_reclaimed_within_a_second(daemon):
     agent = Agent(daemon.target)
     for i in range(3):
@@ -124,8 +113,9 @@ def test_a_killed_client_is_reclaimed_within_a_second(daemon):
     agent("allocate", pool="x", size_bytes=2 * MiB, cache_id="kept", retain=True)
     assert stats(daemon).total_allocated_bytes == 14 * MiB
     agent.kill()
-    took = wait_until(lambda: stats(daemon).total_allocated_bytes == 2 * MiB, timeout=1.0)
-    assert took < 1.0
+    started = time.monotonic()
+    wait_until(lambda: stats(daemon).total_allocated_bytes == 2 * MiB, 1.0, "the killed client's caches are freed")
+    assert time.monotonic() - started < 1.0
     ids = {c.cache_id for c in BrokerClient(daemon.target, session_id="").list_caches()}
     assert ids == {"kept"}, "the retained cache outlives its producer; the rest are freed"
     assert "ended (watch stream closed)" in daemon.log()
@@ -146,7 +136,7 @@ def _kill_cycle(target: str, index: int) -> None:
 def test_200_kill_cycles_leak_nothing(daemon):
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(lambda i: _kill_cycle(daemon.target, i), range(200)))
-    wait_until(lambda: stats(daemon).total_allocated_bytes == 0, timeout=2.0)
+    wait_until(lambda: stats(daemon).total_allocated_bytes == 0, 2.0, "every killed client's caches are freed")
     final = stats(daemon)
     assert final.active_caches == 0
     assert final.allocation_count == 400
@@ -157,9 +147,9 @@ def test_a_hung_client_is_reclaimed_after_its_lease(daemon):
     agent("allocate", pool="x", size_bytes=4 * MiB)
     os.kill(agent.process.pid, signal.SIGSTOP)  # stream open, no heartbeat
     try:
-        time.sleep(0.5)
-        assert stats(daemon).total_allocated_bytes == 4 * MiB, "still within its 1 s lease"
-        wait_until(lambda: stats(daemon).total_allocated_bytes == 0, timeout=2.0)
+        holds_for(lambda: stats(daemon).total_allocated_bytes == 4 * MiB, 0.5,
+                  "the hung client keeps its cache within its 1 s lease")  # fmt: skip
+        wait_until(lambda: stats(daemon).total_allocated_bytes == 0, 2.0, "the lease expires and the cache is freed")
         assert "ended (lease expired)" in daemon.log()
     finally:
         agent.kill()
@@ -175,16 +165,26 @@ def test_holders_learn_of_evictions_and_moves(daemon):
     with BrokerClient(daemon.target) as a:
         for i in range(10):
             a.allocate("x", size_bytes=4 * MiB, cache_id=f"a{i}", pinned=True)
+    # The EVICTED event reaches B on its Watch stream, independently of B's calls: B's
+    # client knows of the eviction only once it has applied the event (before that, its
+    # old view still reads the old bytes, which nobody has overwritten yet).
+    wait_until(lambda: b("state", cache_id="b0")["evicted"], 10, "B's client applies the EVICTED event of b0")
     with pytest.raises(AgentError) as info:
         b("check", cache_id="b0", salt=2)
     assert info.value.kind == "CacheEvicted"
-    # a0..a9 are released (A closed): a defragment moves b1 and b2; B's next tensor()
-    # follows the MOVED event to the new place and reads the same bytes.
+    # a0..a9 are released (A closed; its session ends when the daemon sees its stream
+    # close): then a defragment moves b1 or b2 or both; B's next tensor() follows the
+    # MOVED event to the new place and reads the same bytes.
+    wait_until(lambda: stats(daemon).total_allocated_bytes == 8 * MiB, 10, "A's session ends and a0..a9 are freed")
     offsets = {name: b("offset", cache_id=name) for name in ("b1", "b2")}
     with BrokerClient(daemon.target, session_id="") as operator:
         moved = operator.defragment(pool="x")
+        epochs = {c.cache_id: c.epoch for c in operator.list_caches(pool="x")}
     assert moved.caches_moved >= 1
-    time.sleep(0.2)  # the MOVED events travel on B's stream
+    movers = [name for name in ("b1", "b2") if epochs[name] > b("state", cache_id=name)["handle_epoch"]]
+    assert len(movers) == moved.caches_moved, (movers, moved)
+    wait_until(lambda: all(b("state", cache_id=name)["stale"] for name in movers), 10,
+               f"B's client applies the MOVED events of {movers}")  # fmt: skip
     assert b("check", cache_id="b1", salt=3) and b("check", cache_id="b2", salt=4)
     assert {name: b("offset", cache_id=name) for name in ("b1", "b2")} != offsets
     b.close()
@@ -226,8 +226,7 @@ def test_waiting_allocations(daemon):
 
         thread = threading.Thread(target=wait_for_room)
         thread.start()
-        time.sleep(0.5)
-        assert "cache" not in outcome
+        holds_for(lambda: "cache" not in outcome and thread.is_alive(), 0.5, "the allocation waits for room")
         big.unpin()
         big.release()
         thread.join(timeout=10)
@@ -249,12 +248,13 @@ def test_a_cancelled_wait_leaves_no_trace(daemon):
             call = stub.Allocate.future(
                 pb.AllocateRequest(pool="x", size_bytes=40 * MiB, cache_id="never", wait_timeout_ms=30_000)
             )
-            time.sleep(0.3)
+            holds_for(lambda: not call.done(), 0.3, "the allocation waits for room")
             call.cancel()
             assert call.cancelled()
         big.unpin()
         big.release()
-        time.sleep(0.5)
+        # Room now: a cancelled wait that was still queued would be served at once.
+        holds_for(lambda: stats(daemon).total_allocated_bytes == 0, 0.5, "nothing is allocated for the cancelled wait")
         caches = holder.list_caches()
         assert "never" not in {c.cache_id for c in caches}
         assert stats(daemon).total_allocated_bytes == 0
@@ -273,7 +273,8 @@ def test_idle_memory_moves_from_one_pool_to_another(daemon):
     # After the idle time the segments drain; x's process unmaps (no view is alive) and
     # reports it; then the memory is back on the device.
     x("drop_views")
-    wait_until(lambda: {p.pool: p.usage.reserved_bytes for p in stats(daemon).pools}["x"] == 0, timeout=5)
+    wait_until(lambda: {p.pool: p.usage.reserved_bytes for p in stats(daemon).pools}["x"] == 0, 5,
+               "x's drained segments go back to the device")  # fmt: skip
     with BrokerClient(daemon.target) as y:
         got = [y.allocate("y", size_bytes=8 * MiB) for _ in range(6)]
         assert {p.pool: p.usage.total_allocated_bytes for p in stats(daemon).pools}["y"] == 48 * MiB

@@ -8,7 +8,7 @@ import textwrap
 
 from kvbroker_client import BrokerClient
 
-from .conftest import ROOT
+from tests.support.daemon import ROOT
 
 PRODUCER = textwrap.dedent(
     """

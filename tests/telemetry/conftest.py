@@ -1,4 +1,4 @@
-"""One real daemon for the telemetry tests: host device, metrics on a free port, OTLP
+"""One real daemon for the telemetry tests (tests/support/daemon.py): host device, metrics on a free port, OTLP
 traces and metrics to a real receiver in this process; and a fixed set of operations
 run once against it, whose effects the tests then look for in every exporter."""
 
@@ -14,7 +14,7 @@ import pytest
 
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
-from tests.e2e.conftest import Daemon, free_port, start_daemon
+from tests.support.daemon import Daemon, running_daemon
 
 from .otlp_receiver import OtlpReceiver
 
@@ -108,23 +108,19 @@ def run_operations(stub: broker_pb2_grpc.CacheBrokerStub) -> pb.DefragmentRespon
 @pytest.fixture(scope="package")
 def telemetered(tmp_path_factory) -> Iterator[Telemetered]:
     receiver = OtlpReceiver().start()
-    tmp = tmp_path_factory.mktemp("telemetry")
-    config = tmp / "kvbroker.toml"
-    config.write_text(CONFIG)
-    port = free_port()
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
         "OTEL_METRIC_EXPORT_INTERVAL": "500",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
-    daemon = start_daemon(tmp, "--config", str(config), "--metrics-listen", f"127.0.0.1:{port}", env=env)
     try:
-        with grpc.insecure_channel(daemon.target) as channel:
-            stub = broker_pb2_grpc.CacheBrokerStub(channel)
-            defrag = run_operations(stub)
-            instance_id = stub.Stats(pb.StatsRequest()).instance_id
-        yield Telemetered(daemon, f"http://127.0.0.1:{port}/metrics", receiver, instance_id, defrag)
+        with running_daemon(tmp_path_factory.mktemp("telemetry"), config=CONFIG, metrics=True, env=env) as daemon:
+            assert daemon.metrics_url is not None
+            with grpc.insecure_channel(daemon.target) as channel:
+                stub = broker_pb2_grpc.CacheBrokerStub(channel)
+                defrag = run_operations(stub)
+                instance_id = stub.Stats(pb.StatsRequest()).instance_id
+            yield Telemetered(daemon, daemon.metrics_url, receiver, instance_id, defrag)
     finally:
-        assert daemon.stop() == 0, daemon.log()
         receiver.stop()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -12,6 +11,8 @@ from typing import Any
 import grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from tests.support.wait import wait_until
 
 
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2_grpc.MetricsServiceServicer):
@@ -69,13 +70,8 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_
         ]
 
     def wait_for(self, condition: Callable[[], Any], timeout: float = 20.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = condition()
-            if result:
-                return result
-            time.sleep(0.1)
-        raise AssertionError(f"the receiver did not get what was expected within {timeout} s")
+        """Poll ``condition()`` (over what was received) until truthy; return its value."""
+        return wait_until(condition, timeout, "the receiver gets what was expected", interval=0.05)
 
 
 def attributes(kvs: Any) -> dict[str, Any]:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvbroker.telemetry.catalogue import CATALOGUE, Kind
-from tests.e2e.conftest import free_port
+from tests.support.daemon import free_port
+from tests.support.wait import wait_until
 
 from .conftest import MiB, Telemetered, need_tool
 
@@ -116,18 +116,16 @@ def test_a_real_prometheus_scrapes_the_daemon(telemetered: Telemetered, tmp_path
     )  # fmt: skip
     try:
         query = urllib.parse.quote('kvbroker_allocations_total{pool="small",outcome="ok"}')
-        deadline = time.monotonic() + 40
-        result = []
-        while time.monotonic() < deadline:
+
+        def series_scraped() -> list:
             assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
             try:
-                result = _get(f"{api}/query?query={query}")["data"]["result"]
-            except OSError:
-                result = []
-            if result:
-                break
-            time.sleep(0.5)
-        assert result, "Prometheus returned no series within 40 s:\n" + (tmp_path / "prometheus.log").read_text()
+                return _get(f"{api}/query?query={query}")["data"]["result"]
+            except OSError:  # not listening yet
+                return []
+
+        result = wait_until(series_scraped, 40, "Prometheus has scraped the daemon and answers the query",
+                            interval=0.2)  # fmt: skip
         (series,) = result
         assert series["metric"]["job"] == "kvbroker" and series["metric"]["instance"] == target
         assert float(series["value"][1]) == 3
@@ -162,11 +160,9 @@ def test_sessions_opened_and_reclaimed_are_counted(telemetered: Telemetered) -> 
         )
         next(stream)  # SESSION_OPENED
         stream.cancel()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        after = samples(telemetered.scrape())
-        if after.get(closed_key, 0) == before.get(closed_key, 0) + 1:
-            break
-        time.sleep(0.1)
+    after = wait_until(
+        lambda: (a := samples(telemetered.scrape())).get(closed_key, 0) == before.get(closed_key, 0) + 1 and a,
+        10, "the closed stream's session is counted as reclaimed",
+    )
     assert after[("kvbroker_sessions_opened_total", frozenset())] == opened + 1
     assert after[closed_key] == before.get(closed_key, 0) + 1

@@ -1,0 +1,1 @@
+"""The parts of benchmarks/fragmentation.py, one module each."""

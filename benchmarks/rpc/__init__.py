@@ -1,0 +1,1 @@
+"""The cases of benchmarks/rpc_latency.py, one module each."""
