@@ -79,12 +79,25 @@ def test_pool_device_error_names_the_key(tmp_path):
 def test_stale_shm_objects_of_a_dead_broker_are_removed_at_start(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    # A dead broker leaves its objects and its lock file (kvbroker/memory/owner.py): the
+    # unlocked lock file is what proves it dead, whatever PID namespace it ran in.
     stale = f"/dev/shm/kvb-{dead.pid}-deadbeef-1-1"
-    with open(stale, "wb") as f:
-        f.write(b"\0" * 4096)
-    with running_daemon(tmp_path) as daemon:
-        assert not os.path.exists(stale)
-        assert "removed 1 shm objects" in daemon.log()
+    lock = f"/dev/shm/kvb-{dead.pid}-deadbeef.lock"
+    # An object with no lock file (an older broker, or one of another namespace that is
+    # alive) is never removed, only reported.
+    orphan = f"/dev/shm/kvb-{dead.pid}-cafebabe-1-1"
+    for path in (stale, lock, orphan):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 4096 if path != lock else b"")
+    try:
+        with running_daemon(tmp_path) as daemon:
+            assert not os.path.exists(stale) and not os.path.exists(lock)
+            assert os.path.exists(orphan)
+            assert "removed 1 shm objects" in daemon.log()
+    finally:
+        for path in (stale, lock, orphan):
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 def _port_free(port: int) -> bool:
