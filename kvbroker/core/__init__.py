@@ -1,10 +1,11 @@
 """The pure core of kvbroker: placement, eviction, compaction, pools and accounting.
 
-Standard library only (checked by import-linter in CI): no torch, grpc, protobuf,
-prometheus or opentelemetry. Not thread-safe: one owner calls it.
+Standard library only, plus the wire constants of ``kvbroker.wire`` (checked by
+import-linter in CI): no torch, grpc, protobuf, prometheus or opentelemetry. Not
+thread-safe: one owner calls it. Everything the daemon needs is exported here.
 """
 
-from kvbroker.core.broker import AllocateResult, Broker
+from kvbroker.core.broker import Broker
 from kvbroker.core.errors import (
     AlreadyExists,
     BrokerError,
@@ -14,27 +15,36 @@ from kvbroker.core.errors import (
     NotFound,
     ResourceExhausted,
 )
+from kvbroker.core.eviction import POLICIES
 from kvbroker.core.types import (
     ANONYMOUS_HOLDER,
+    EVICTION_CAUSES,
+    AllocateResult,
     AllocationRequest,
+    ArenaCounters,
     BrokerStats,
     CacheInfo,
     CacheState,
     CompactionPlan,
     DeviceSpec,
+    DeviceStats,
     Event,
     EventKind,
     Extent,
     Move,
     Placement,
     PoolSpec,
+    PoolStats,
     SegmentInfo,
     Usage,
+    validate_id,
 )
 
 __all__ = [
-    "ANONYMOUS_HOLDER", "AllocateResult", "AllocationRequest", "AlreadyExists", "Broker",
-    "BrokerError", "BrokerStats", "DeadlineExceeded", "CacheInfo", "CacheState", "CompactionPlan", "DeviceSpec",
-    "Event", "EventKind", "Extent", "FailedPrecondition", "InvalidArgument", "Move",
-    "NotFound", "Placement", "PoolSpec", "ResourceExhausted", "SegmentInfo", "Usage",
+    "ANONYMOUS_HOLDER", "EVICTION_CAUSES", "POLICIES", "AllocateResult", "AllocationRequest",
+    "AlreadyExists", "ArenaCounters", "Broker", "BrokerError", "BrokerStats", "CacheInfo",
+    "CacheState", "CompactionPlan", "DeadlineExceeded", "DeviceSpec", "DeviceStats", "Event",
+    "EventKind", "Extent", "FailedPrecondition", "InvalidArgument", "Move", "NotFound",
+    "Placement", "PoolSpec", "PoolStats", "ResourceExhausted", "SegmentInfo", "Usage",
+    "validate_id",
 ]

@@ -1,8 +1,23 @@
-"""Self-check of the broker's accounting: the invariants of DESIGN.md §4, asserted.
+"""Self-check of the broker's accounting: every invariant the core promises, asserted.
 
 Used by the property tests after every step and available to operators' diagnostics.
 A failure here is a bug in the broker, never a client's fault, so it raises
 ``AssertionError``. Cost: O(caches + segments + free extents).
+
+The invariants:
+
+- Bytes: per segment, used + free + withheld == size (free only for placeable segments,
+  withheld only for creating ones, a draining segment is empty); per device,
+  allocated + free + withheld + draining + unreserved == capacity; per pool, segment
+  bytes within ``max_bytes``; per arena, its allocated, pinned and live-cache counters
+  are the sums over its caches.
+- Extents: the extents of a segment's caches never overlap and lie inside it, below its
+  high-water mark; a creating segment holds one PENDING cache, at offset 0.
+- States: a PENDING cache is not moving; a MOVING cache is resident, unpinned and moved
+  by the compaction freezing its arena; a cache a segment holds but the table forgot was
+  freed during the compaction freezing its arena; only caches with holders stay EVICTED.
+- Indexes: the id order, the holder index and the mapper index match the records; pins
+  are counted per holder and every pinner holds the cache.
 """
 
 from __future__ import annotations
@@ -17,67 +32,89 @@ if TYPE_CHECKING:
 
 
 def audit(broker: Broker) -> None:
-    """Assert that the broker's state is consistent.
-
-    Checks: extents of resident caches never overlap and lie inside their segment; per
-    segment, allocated + free == size; per device, allocated + free inside segments +
-    unreserved == capacity; per pool, segment bytes stay within ``max_bytes``; pin counts
-    equal the sum of per-holder pins; every cache is in its segment's table.
-    """
-    for pool in broker._pools.values():
+    """Assert that the broker's state is consistent (see the module docstring)."""
+    ledger = broker._ledger
+    caches = ledger.caches
+    in_segments: set[str] = set()
+    for pool in ledger.pools.values():
         assert pool.reserved_bytes <= pool.max_bytes, (pool.spec.name, pool.reserved_bytes)
         reserved = 0
         for device_id, arena in pool.arenas.items():
             arena.free.check()
-            allocated = pinned = live = 0
-            for segment_id, seg in arena.segments.items():
-                assert broker._segments[segment_id] is seg
-                spans = []
-                for cache_id, rec in seg.caches.items():
-                    assert rec.state is CacheState.RESIDENT, cache_id
-                    assert broker._caches[cache_id] is rec
-                    seg_id, offset = split_address(rec.address)
-                    assert seg_id == segment_id and rec.device_id == device_id, cache_id
-                    spans.append((offset, rec.reserved_bytes, cache_id))
-                    allocated += rec.reserved_bytes
-                    live += 1
-                    if rec.pin_count:
-                        pinned += rec.reserved_bytes
-                spans.sort()
-                end = 0
-                for offset, nbytes, cache_id in spans:
-                    assert offset >= end, f"{cache_id} overlaps the cache before it"
-                    end = offset + nbytes
-                assert end <= seg.info.nbytes, f"segment {segment_id} overflows"
-                used = sum(n for _, n, _ in spans)
-                assert used + arena.free.segment_free_bytes(segment_id) == seg.info.nbytes, (
-                    f"segment {segment_id}: used {used} + free != size {seg.info.nbytes}"
-                )
-                reserved += seg.info.nbytes
-            for segment_id, seg in arena.draining.items():
-                assert seg.draining and not seg.caches and seg.mappers, segment_id
-                assert broker._segments[segment_id] is seg
-                reserved += seg.info.nbytes
+            assert arena in arena.device.arenas
+            allocated = pinned = live = withheld = 0
+            frozen = arena.compaction
+            deferred = {id(rec) for rec in frozen.deferred} if frozen else set()
+            for table in (arena.segments, arena.creating, arena.draining):
+                for segment_id, seg in table.items():
+                    assert ledger.segments.get(segment_id) is seg and seg.arena is arena
+                    assert (seg.creating, seg.draining) == (table is arena.creating, table is arena.draining)
+                    spans = []
+                    for cache_id, rec in seg.caches.items():
+                        assert rec.cache_id == cache_id and rec.arena is arena and rec.device_id == device_id
+                        assert rec.state is not CacheState.EVICTED, cache_id
+                        if caches.get(cache_id) is rec:
+                            in_segments.add(cache_id)
+                        else:
+                            assert id(rec) in deferred, f"{cache_id} is in a segment but forgotten"
+                        seg_id, offset = split_address(rec.address)
+                        assert seg_id == segment_id, cache_id
+                        spans.append((offset, rec.reserved_bytes, cache_id))
+                        allocated += rec.reserved_bytes
+                        live += 1
+                        if rec.pin_count:
+                            pinned += rec.reserved_bytes
+                    spans.sort()
+                    end = 0
+                    for offset, nbytes, cache_id in spans:
+                        assert offset >= end, f"{cache_id} overlaps the cache before it"
+                        end = offset + nbytes
+                    assert end <= seg.high_water <= seg.info.nbytes, segment_id
+                    used = sum(n for _, n, _ in spans)
+                    if seg.creating:
+                        assert len(spans) == 1 and spans[0][0] == 0, segment_id
+                        assert seg.caches[spans[0][2]].state is CacheState.PENDING
+                        withheld += seg.info.nbytes - used
+                    elif seg.draining:
+                        assert not seg.caches and seg.mappers, segment_id
+                    else:
+                        free = arena.free.segment_free_bytes(segment_id)
+                        assert used + free == seg.info.nbytes, f"segment {segment_id}: {used} + {free} != size"
+                    reserved += seg.info.nbytes
             assert arena.draining_bytes == sum(s.info.nbytes for s in arena.draining.values())
+            assert arena.withheld_bytes == withheld, (pool.spec.name, device_id)
             assert sorted(arena.free.segment_ids()) == sorted(arena.segments)
-            assert (allocated, pinned, live) == (
-                arena.allocated_bytes, arena.pinned_bytes, arena.live_caches,
-            ), (pool.spec.name, device_id)
+            assert (allocated, pinned, live) == (arena.allocated_bytes, arena.pinned_bytes, arena.live_caches)
+            if frozen:
+                assert frozen.plan.token in ledger.compactions and arena in frozen.arenas
         assert reserved == pool.reserved_bytes, pool.spec.name
-    for device in broker._devices.values():
-        arenas = [p.arenas[d] for p in broker._pools.values() for d in p.arenas
-                  if d == device.spec.device_id]
-        in_segments = sum(a.reserved_bytes for a in arenas)
-        assert in_segments == device.reserved_bytes, device.spec.device_id
-        allocated = sum(a.allocated_bytes for a in arenas)
-        free_inside = sum(a.free.free_bytes for a in arenas)
-        draining = sum(a.draining_bytes for a in arenas)
-        assert allocated + free_inside + draining + device.unreserved_bytes == device.spec.capacity_bytes
-        assert device.unreserved_bytes >= 0
-    for cache_id, rec in broker._caches.items():
+    for device in ledger.devices.values():
+        arenas = device.arenas
+        assert sum(a.reserved_bytes for a in arenas) == device.reserved_bytes, device.spec.device_id
+        total = sum(a.allocated_bytes + a.free.free_bytes + a.withheld_bytes + a.draining_bytes for a in arenas)
+        assert total + device.unreserved_bytes == device.spec.capacity_bytes and device.unreserved_bytes >= 0
+    for compaction in ledger.compactions.values():
+        for rec in compaction.records:
+            assert rec.moving and rec.arena.compaction is compaction and not rec.pin_count
+    holders: dict[str, set[str]] = {}
+    for cache_id, rec in caches.records.items():
         assert rec.pin_count == sum(rec.pins.values()) and rec.pin_count >= 0, cache_id
-        assert all(count > 0 for count in rec.pins.values()), cache_id
-        if rec.state is CacheState.RESIDENT:
-            assert cache_id in broker._segments[rec.address >> 48].caches
+        assert all(count > 0 for count in rec.pins.values()) and set(rec.pins) <= rec.holders, cache_id
+        for holder in rec.holders:
+            holders.setdefault(holder, set()).add(cache_id)
+        if rec.state is CacheState.EVICTED:
+            assert rec.holders and not rec.moving, f"evicted {cache_id} is kept only while held"
         else:
-            assert rec.holders, f"evicted {cache_id} is kept only while held"
+            assert cache_id in in_segments, cache_id
+        if rec.moving:
+            assert rec.state is CacheState.RESIDENT and rec.arena.compaction is not None, cache_id
+        if rec.doomed:
+            assert rec.state is CacheState.PENDING and not rec.holders, cache_id
+    assert holders == caches.holders(), "the holder index differs from the records"
+    ordered = [rec.cache_id for rec in caches.in_order()]
+    assert ordered == sorted(caches.records), "the id order differs from the records"
+    mapped: dict[str, set[int]] = {}
+    for seg in ledger.segments:
+        for holder in seg.mappers:
+            mapped.setdefault(holder, set()).add(seg.info.segment_id)
+    assert mapped == ledger.segments.mapped_by(), "the mapper index differs from the segments"

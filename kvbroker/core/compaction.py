@@ -1,8 +1,8 @@
 """Compaction planning: which caches to move where so that free space becomes contiguous.
 
 Pure: it reads a layout and returns moves; it copies nothing and changes no state. The
-broker commits a plan only after a backend copied the bytes (plan -> copy -> commit), so
-only the middle step needs a device.
+broker commits a plan only after a backend copied the bytes (plan -> begin -> copy ->
+commit), so only the copy needs a device.
 
 Algorithm, per arena (one pool's segments on one device):
 
@@ -17,8 +17,10 @@ Algorithm, per arena (one pool's segments on one device):
    nothing, while an empty segment can go back to the device for any pool to use.
    Wholly empty segments are never targets (that would only swap segments).
 
-Moves are ordered so that each destination is free when its move runs; a destination may
-overlap its own source (a slide), so backends copy with memmove semantics.
+Moves are ordered so that each destination is free when its move runs, so every prefix
+of a plan is a consistent layout (a copy that failed half way commits the moves before
+it); a destination may overlap its own source (a slide), so backends copy with memmove
+semantics.
 
 Cost: O(n log n) in the number of caches plus O(holes) per cache for the first fit;
 holes persist only in front of pinned caches, so the scan stays short in practice.
@@ -26,10 +28,10 @@ holes persist only in front of pinned caches, so the scan stays short in practic
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from kvbroker.core.types import Extent, Move
+from kvbroker.core.types import CompactionPlan, Extent, Move
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,4 +199,27 @@ def plan_layout(segments: Sequence[SegmentLayout]) -> Layout:
         segments_emptied=tuple(emptied),
         free_before=tuple(before),
         free_after=tuple(after),
+    )
+
+
+def plan_arenas(arenas: Iterable[Sequence[SegmentLayout]], token: int) -> CompactionPlan:
+    """One plan for several arenas (each a layout ``plan_layout`` packs on its own; a
+    cache never moves between arenas). ``token`` identifies the layout planned from."""
+    moves: list[Move] = []
+    emptied: list[int] = []
+    before: list[int] = []
+    after: list[int] = []
+    for segments in arenas:
+        layout = plan_layout(segments)
+        moves.extend(layout.moves)
+        emptied.extend(layout.segments_emptied)
+        before.extend(layout.free_before)
+        after.extend(layout.free_after)
+    return CompactionPlan(
+        moves=tuple(moves),
+        fragmentation_before=fragmentation(before),
+        fragmentation_after=fragmentation(after),
+        segments_emptied=tuple(emptied),
+        largest_free_extent_after=max(after, default=0),
+        token=token,
     )

@@ -6,10 +6,29 @@ a broken invariant is a bug and raises ``AssertionError``/``RuntimeError`` inste
 that the two are never confused (Plasma's ``RAY_CHECK`` vs ``PlasmaError``).
 
 Every message names the offending field or object, because it travels to the operator
-verbatim.
+verbatim; what it quotes of a client's input goes through ``echo``, so a 20,000-character
+name costs a log line, not 20 kB of it.
 """
 
 from __future__ import annotations
+
+#: The most characters of a client's value that an error message quotes.
+ECHO_MAX_CHARS = 64
+
+
+def echo(value: object) -> str:
+    """``value`` as an error message quotes it: its ``repr``, cut to ``ECHO_MAX_CHARS``
+    characters of the value and marked with an ellipsis when cut. Cost: O(ECHO_MAX_CHARS)
+    for a string, an integer or a sequence (whose first ``ECHO_MAX_CHARS`` items are
+    shown); the length of its ``repr`` for anything else."""
+    if isinstance(value, str | bytes) and len(value) > ECHO_MAX_CHARS:
+        return f"{value[:ECHO_MAX_CHARS]!r}... ({len(value)} characters)"
+    if isinstance(value, int) and value.bit_length() > 4 * ECHO_MAX_CHARS:
+        return f"an integer of {value.bit_length()} bits"  # repr would cost O(digits**2)
+    if isinstance(value, tuple | list) and len(value) > ECHO_MAX_CHARS:
+        value = (*value[:ECHO_MAX_CHARS], ...)
+    text = repr(value)
+    return text if len(text) <= ECHO_MAX_CHARS else f"{text[:ECHO_MAX_CHARS]}..."
 
 
 class BrokerError(Exception):

@@ -5,8 +5,9 @@ The broker keeps it informed through hooks and, under pressure, walks
 ``victims(nbytes_needed)`` and evicts until enough bytes are free. Policies are picked by
 name from ``POLICIES`` (SGLang's strategy registry).
 
-Hooks run on every allocate, attach, pin and release, so each is O(1) amortized: a few
-dict operations, about 1 us in CPython at 100k live caches. A pinned cache stays known
+Hooks run on every allocation made ready, attach, pin and release, so each is O(1)
+amortized (LFU: O(log) when a key appears or empties): a few dict operations, about 1 us
+in CPython at 100k live caches. A pinned cache stays known
 to its policy, so that its accesses still count, but is never offered as a victim.
 
 Misuse by the caller is a bug, not a client error: inserting a known id raises
@@ -18,12 +19,12 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from itertools import count, islice
 from types import MappingProxyType
 from typing import Protocol
 
 from kvbroker.core.errors import InvalidArgument
+from kvbroker.core.sortedkeys import SortedKeys
 
 
 class EvictionPolicy(Protocol):
@@ -32,8 +33,11 @@ class EvictionPolicy(Protocol):
     ``victims(nbytes_needed)`` yields every unpinned cache once, best victim first. The
     caller may ``on_remove`` the id just yielded before asking for the next one; other
     mutations during the iteration are not reflected. Pin hooks fire on 0 -> 1 and
-    1 -> 0 only (the caller counts pins); ``on_access`` is any use (attach, pin, tensor
-    lookup); ``on_remove`` is a release or an eviction, pinned or not.
+    1 -> 0 only (the caller counts pins). ``on_access`` is a use the broker sees: an
+    attach or a pin (a client's reads and writes of a mapped cache never reach the
+    broker). ``on_remove`` is a release or, with ``evicted=True``, an eviction, pinned or
+    not. The broker tells a policy of a cache only once its bytes are ready (a pending
+    cache is no candidate) and stops at its removal.
 
     Attributes:
         name: the policy's key in ``POLICIES``.
@@ -45,7 +49,7 @@ class EvictionPolicy(Protocol):
     def on_access(self, cache_id: str) -> None: ...
     def on_pin(self, cache_id: str) -> None: ...  # leaves the candidate set
     def on_unpin(self, cache_id: str) -> None: ...  # rejoins it
-    def on_remove(self, cache_id: str) -> None: ...  # gone for good
+    def on_remove(self, cache_id: str, *, evicted: bool = False) -> None: ...  # gone for good
     def victims(self, nbytes_needed: int) -> Iterator[str]: ...
 
 
@@ -120,7 +124,7 @@ class LRUPolicy:
         self._pinned.remove(cache_id)
         self._candidates[cache_id] = None
 
-    def on_remove(self, cache_id: str) -> None:
+    def on_remove(self, cache_id: str, *, evicted: bool = False) -> None:
         try:
             del self._candidates[cache_id]
         except KeyError:
@@ -130,113 +134,115 @@ class LRUPolicy:
         return _lazy_keys(self._candidates)
 
 
-@dataclass(slots=True, eq=False)
-class _FreqBucket:
-    """The caches accessed exactly ``freq`` times; a node of LFU's sorted bucket list."""
-
-    freq: int
-    prev: _FreqBucket | None = None
-    next: _FreqBucket | None = None
-    candidates: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    num_pinned: int = 0
-
-
 class LFUPolicy:
-    """Least frequently accessed first; ties go to the least recent.
+    """Least frequently used first, with dynamic aging (LFU-DA: Arlitt, Cherkasova, Dilley,
+    Friedrich and Jin, 2000); ties go to the least recent.
 
-    Why: a pool of shared prefixes (system prompts, few-shot examples) wants to keep
-    those that many requests reuse, however old. Its weakness is a shifted working set:
-    old favourites keep their counts (``adaptive`` fixes that).
+    Why LFU: a pool of shared prefixes (system prompts, few-shot examples) wants to keep
+    those that many requests reuse, however old. Why the aging: under plain LFU a new
+    cache, used once, is always the first victim, so a pool under pressure evicts every
+    newcomer before it can earn a second use, while favourites of a past workload keep
+    their counts forever.
 
-    Invariant: buckets form a list of strictly increasing ``freq`` after a freq-0
-    sentinel; a bucket lives while it holds a candidate or a pinned id; a bucket's
-    candidates are ordered by when they reached its count. A pinned id is counted in its
-    bucket's ``num_pinned``, so its accesses still count and unpin finds it in O(1).
+    How: each cache has a key ``K = L + F``, where ``F`` is its use count (1 at insert,
+    +1 per ``on_access``) and ``L`` is the policy's age when the cache was last used.
+    ``L`` starts at 0 and rises to the key of each evicted cache (``on_remove(...,
+    evicted=True)``; it never falls). Victims come in ascending ``K``, least recent first
+    within a key. So a newcomer enters at ``L + 1``, above every cache that has not been
+    used since ``L`` passed its key, and a favourite's lead fades unless it is used again.
+    Until the first eviction ``L`` is 0 and the order is plain LFU.
 
-    Cost: hooks O(1) (the LFU of Shah, Mitra and Matani: an access moves an id to the
-    next bucket, created beside it if missing). ``victims`` O(k) for k taken, plus one
-    step per bucket that holds only pinned ids.
+    Invariant: ``_buckets[K]`` holds the unpinned ids with key ``K`` in the order they
+    reached it; ``_keys`` holds exactly the keys of non-empty buckets; ``_key`` and
+    ``_uses`` know every id, pinned or not (a pinned cache's uses still count).
+
+    Cost: insert, pin and unpin O(1) plus O(log k) when a bucket appears or empties (k
+    distinct keys); an access the same; ``victims`` O(log k) per key visited plus O(1)
+    per id yielded.
     """
 
     name = "lfu"
-    __slots__ = ("_head", "_id_to_bucket")
+    __slots__ = ("_age", "_uses", "_key", "_buckets", "_keys", "_pinned")
 
     def __init__(self) -> None:
-        self._head = _FreqBucket(0)
-        self._id_to_bucket: dict[str, _FreqBucket] = {}
+        self._age = 0
+        self._uses: dict[str, int] = {}
+        self._key: dict[str, int] = {}
+        self._buckets: dict[int, OrderedDict[str, None]] = {}
+        self._keys = SortedKeys()
+        self._pinned: set[str] = set()
+
+    @property
+    def age(self) -> int:
+        """``L``: the key of the latest eviction (the highest so far)."""
+        return self._age
+
+    def key(self, cache_id: str) -> int:
+        """The cache's current key ``K`` (for tests and diagnostics)."""
+        return self._key[cache_id]
 
     def on_insert(self, cache_id: str, nbytes: int) -> None:
-        if cache_id in self._id_to_bucket:
+        if cache_id in self._key:
             raise _already_inserted(cache_id)
-        first = self._head.next
-        if first is None or first.freq != 1:
-            first = self._link_after(self._head, 1)
-        first.candidates[cache_id] = None
-        self._id_to_bucket[cache_id] = first
+        self._uses[cache_id] = 1
+        self._key[cache_id] = key = self._age + 1
+        self._enter(cache_id, key)
 
     def on_access(self, cache_id: str) -> None:
-        bucket = self._id_to_bucket[cache_id]
-        target = bucket.next
-        if target is None or target.freq != bucket.freq + 1:
-            target = self._link_after(bucket, bucket.freq + 1)
-        try:
-            del bucket.candidates[cache_id]
-        except KeyError:  # pinned
-            bucket.num_pinned -= 1
-            target.num_pinned += 1
-        else:
-            target.candidates[cache_id] = None
-        self._id_to_bucket[cache_id] = target
-        if not bucket.candidates and not bucket.num_pinned:
-            self._unlink(bucket)
+        uses = self._uses[cache_id] + 1
+        self._uses[cache_id] = uses
+        old, new = self._key[cache_id], self._age + uses
+        self._key[cache_id] = new
+        if cache_id not in self._pinned:
+            self._leave(cache_id, old)
+            self._enter(cache_id, new)
 
     def on_pin(self, cache_id: str) -> None:
-        bucket = self._id_to_bucket[cache_id]
-        del bucket.candidates[cache_id]
-        bucket.num_pinned += 1
+        self._leave(cache_id, self._key[cache_id])
+        self._pinned.add(cache_id)
 
     def on_unpin(self, cache_id: str) -> None:
-        bucket = self._id_to_bucket[cache_id]
-        if cache_id in bucket.candidates:
-            raise KeyError(cache_id)  # not pinned
-        bucket.num_pinned -= 1
-        bucket.candidates[cache_id] = None
+        self._pinned.remove(cache_id)
+        self._enter(cache_id, self._key[cache_id])
 
-    def on_remove(self, cache_id: str) -> None:
-        bucket = self._id_to_bucket.pop(cache_id)
-        try:
-            del bucket.candidates[cache_id]
-        except KeyError:  # pinned
-            bucket.num_pinned -= 1
-        if not bucket.candidates and not bucket.num_pinned:
-            self._unlink(bucket)
+    def on_remove(self, cache_id: str, *, evicted: bool = False) -> None:
+        key = self._key.pop(cache_id)
+        del self._uses[cache_id]
+        if cache_id in self._pinned:
+            self._pinned.remove(cache_id)
+        else:
+            self._leave(cache_id, key)
+        if evicted and key > self._age:
+            self._age = key
 
     def victims(self, nbytes_needed: int) -> Iterator[str]:
-        # An unlinked bucket keeps its ``next``, and ``next`` only ever points to a
-        # higher freq, so the walk survives removals and always ends.
-        yielded: set[str] = set()  # an id accessed meanwhile moves to a later bucket
-        bucket = self._head.next
-        while bucket is not None:
-            for cache_id in _lazy_keys(bucket.candidates):
-                if cache_id not in yielded:
-                    yielded.add(cache_id)
-                    yield cache_id
-            bucket = bucket.next
+        # The next key is looked up afresh after each bucket, so the walk survives any
+        # change in between; an id accessed meanwhile moves to a higher key and could be
+        # met again, hence ``yielded``.
+        yielded: set[str] = set()
+        key = self._keys.first_after(0)
+        while key is not None:
+            bucket = self._buckets.get(key)
+            if bucket:
+                for cache_id in _lazy_keys(bucket):
+                    if cache_id not in yielded:
+                        yielded.add(cache_id)
+                        yield cache_id
+            key = self._keys.first_after(key)
 
-    @staticmethod
-    def _link_after(bucket: _FreqBucket, freq: int) -> _FreqBucket:
-        new = _FreqBucket(freq, prev=bucket, next=bucket.next)
-        if bucket.next is not None:
-            bucket.next.prev = new
-        bucket.next = new
-        return new
+    def _enter(self, cache_id: str, key: int) -> None:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = OrderedDict()
+            self._keys.add(key)
+        bucket[cache_id] = None
 
-    @staticmethod
-    def _unlink(bucket: _FreqBucket) -> None:
-        assert bucket.prev is not None, "the sentinel bucket is never unlinked"
-        bucket.prev.next = bucket.next
-        if bucket.next is not None:
-            bucket.next.prev = bucket.prev
+    def _leave(self, cache_id: str, key: int) -> None:
+        bucket = self._buckets[key]
+        del bucket[cache_id]
+        if not bucket:
+            del self._buckets[key]
+            self._keys.remove(key)
 
 
 class SizeAwareLRUPolicy:
@@ -289,7 +295,7 @@ class SizeAwareLRUPolicy:
             raise KeyError(cache_id)  # not pinned
         self._add(cache_id, self._nbytes[cache_id])
 
-    def on_remove(self, cache_id: str) -> None:
+    def on_remove(self, cache_id: str, *, evicted: bool = False) -> None:
         del self._nbytes[cache_id]
         members = self._class_of.pop(cache_id, None)
         if members is not None:
@@ -326,8 +332,9 @@ class AdaptivePolicy:
     """ARC (Megiddo and Modha, 2003): balances recency against frequency by itself.
 
     Why: LRU is flushed by one long scan of one-time caches (a batch job sweeping
-    prompts); LFU keeps a stale working set forever once the workload shifts. ARC
-    learns from its mistakes which of the two a pool currently needs.
+    prompts); plain LFU keeps a stale working set forever once the workload shifts (``lfu``
+    ages it out, but only as fast as evictions raise its age). ARC learns from its
+    mistakes which of the two a pool currently needs.
 
     How: ``T1`` holds caches used once since they arrived, ``T2`` caches used at least
     twice (both LRU order). Ghost lists ``B1``/``B2`` remember the ids recently removed
@@ -406,7 +413,7 @@ class AdaptivePolicy:
         in_t2 = self._pinned_in_t2.pop(cache_id)
         (self._t2 if in_t2 else self._t1)[cache_id] = None
 
-    def on_remove(self, cache_id: str) -> None:
+    def on_remove(self, cache_id: str, *, evicted: bool = False) -> None:
         if cache_id in self._t1:
             del self._t1[cache_id]
             self._b1[cache_id] = None

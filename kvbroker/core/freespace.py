@@ -61,6 +61,11 @@ def split_address(addr: int) -> tuple[int, int]:
     return addr >> _OFFSET_BITS, addr & _OFFSET_MASK
 
 
+def segment_of(addr: int) -> int:
+    """The segment id of an ``address``."""
+    return addr >> _OFFSET_BITS
+
+
 class FreeSpace:
     """Free extents of a set of segments, placed in O(1) and coalesced on release.
 

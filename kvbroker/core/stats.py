@@ -4,8 +4,9 @@ Definitions (the same for every scope: a device, a pool, the whole broker):
 
 - ``capacity_bytes``: a device's capacity; a pool's quota (``max_bytes``); the sum of
   the devices' capacities in total.
-- ``reserved_bytes``: bytes held by segments. ``allocated_bytes``: bytes of resident
-  caches (block-rounded). ``free_bytes = capacity - allocated``: what the scope could
+- ``reserved_bytes``: bytes held by segments (creating and draining ones included).
+  ``allocated_bytes``: bytes of placed caches (block-rounded; pending ones included,
+  and, while a compaction runs, caches freed in its arenas until it ends). ``free_bytes = capacity - allocated``: what the scope could
   still place, inside segments or as new ones.
 - ``largest_free_extent_bytes``: the largest contiguous free range, inside a segment or
   as a new segment from the unreserved budget.
@@ -13,21 +14,18 @@ Definitions (the same for every scope: a device, a pool, the whole broker):
   inside segments (unreserved budget is never fragmented).
 - ``utilization_ratio``: ``allocated / capacity``.
 
-Cost: O(segments + free extents); called per Stats RPC and per Prometheus scrape, never
-on the allocation path.
+Cost: O(arenas + free extents), never O(caches): every per-cache figure is a counter the
+arenas keep; called per Stats RPC and per Prometheus scrape, never on the allocation
+path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from kvbroker.core.compaction import fragmentation
+from kvbroker.core.records import ArenaRecord, DeviceRecord, PoolRecord
 from kvbroker.core.types import ArenaCounters, BrokerStats, DeviceStats, PoolStats, Usage
-
-if TYPE_CHECKING:
-    from kvbroker.core.broker import Broker
-    from kvbroker.core.records import ArenaRecord, DeviceRecord, PoolRecord
 
 
 def _usage(arenas: list[ArenaRecord], capacity: int, unreserved: int) -> Usage:
@@ -44,24 +42,20 @@ def _usage(arenas: list[ArenaRecord], capacity: int, unreserved: int) -> Usage:
         fragmentation_ratio=fragmentation(extents) if extents else 0.0,
         utilization_ratio=allocated / capacity if capacity else 0.0,
         active_caches=sum(a.live_caches for a in arenas),
-        segments=sum(len(a.segments) for a in arenas),
+        segments=sum(len(a.segments) + len(a.creating) for a in arenas),
     )
 
 
 def snapshot(
-    devices: Iterable[DeviceRecord], pools: Iterable[PoolRecord], broker: Broker
+    devices: Iterable[DeviceRecord], pools: Iterable[PoolRecord], allocation_count: int, eviction_count: int
 ) -> BrokerStats:
-    """Build a ``BrokerStats`` from the broker's records."""
+    """Build a ``BrokerStats`` from the records and the broker's total counts."""
     pools = list(pools)
     devices = list(devices)
-    arenas_by_device: dict[str, list[ArenaRecord]] = {d.spec.device_id: [] for d in devices}
-    for pool in pools:
-        for device_id, arena in pool.arenas.items():
-            arenas_by_device[device_id].append(arena)
     device_stats = tuple(
         DeviceStats(
             device_id=d.spec.device_id,
-            usage=_usage(arenas_by_device[d.spec.device_id], d.spec.capacity_bytes, d.unreserved_bytes),
+            usage=_usage(d.arenas, d.spec.capacity_bytes, d.unreserved_bytes),
             allocation_count=d.allocation_count,
             eviction_count=d.eviction_count,
         )
@@ -87,7 +81,7 @@ def snapshot(
         )
         for p in pools
     )
-    all_arenas = [a for arenas in arenas_by_device.values() for a in arenas]
+    all_arenas = [a for d in devices for a in d.arenas]
     total = _usage(
         all_arenas,
         sum(d.spec.capacity_bytes for d in devices),
@@ -95,8 +89,8 @@ def snapshot(
     )
     return BrokerStats(
         total=total,
-        allocation_count=broker.allocation_count,
-        eviction_count=broker.eviction_count,
+        allocation_count=allocation_count,
+        eviction_count=eviction_count,
         devices=device_stats,
         pools=pool_stats,
         arenas=tuple(

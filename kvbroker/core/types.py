@@ -9,11 +9,11 @@ caller can never change broker state behind its back (vLLM's ``KVCacheBlocks``).
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from kvbroker.core.errors import InvalidArgument
+from kvbroker.core.errors import InvalidArgument, echo
+from kvbroker.wire import ID_MAX_CHARS, ID_PATTERN
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -22,31 +22,33 @@ GiB = 1024 * MiB
 #: The holder that stands for calls made without a session (an operator's grpcurl).
 ANONYMOUS_HOLDER = ""
 
-#: Ids travel in logs, metrics exemplars and file names: printable ASCII, no spaces.
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,127}")
-ID_MAX_CHARS = 128
-
 
 def validate_id(field_name: str, value: str) -> str:
-    """Return ``value`` if it is a well-formed id, else raise ``InvalidArgument``.
-
-    An id is 1 to 128 printable ASCII characters from ``[A-Za-z0-9._:/@+=-]`` starting
-    with a letter or digit. Cost: one regex match.
+    """Return ``value`` if it is a well-formed id (``kvbroker.wire.ID_PATTERN``: 1 to 128
+    printable ASCII characters from ``[A-Za-z0-9._:/@+=-]`` starting with a letter or
+    digit), else raise ``InvalidArgument`` quoting at most ``ECHO_MAX_CHARS`` of it.
+    Cost: one regex match.
     """
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        shown = value if isinstance(value, str) and len(value) <= 40 else f"{str(value)[:40]!r}..."
         raise InvalidArgument(
             field_name,
-            f"{shown!r} is not a valid id (1 to {ID_MAX_CHARS} characters of "
+            f"{echo(value)} is not a valid id (1 to {ID_MAX_CHARS} characters of "
             "A-Z a-z 0-9 . _ : / @ + = -, starting with a letter or digit)",
         )
     return value
 
 
 class CacheState(enum.Enum):
-    """Where a cache's bytes are. ``EVICTED`` caches keep their record until their
-    holders release them, so a holder learns what happened instead of getting NOT_FOUND."""
+    """Where a cache's bytes are.
 
+    ``PENDING``: placed, but the daemon has not yet created its segment or zeroed its
+    bytes (``Broker.cache_ready`` ends it); never handed out, evicted or moved.
+    ``RESIDENT``: its bytes are in its extent. ``EVICTED``: its bytes are gone; the record
+    stays until its holders release it, so a holder learns what happened instead of
+    getting NOT_FOUND.
+    """
+
+    PENDING = "pending"
     RESIDENT = "resident"
     EVICTED = "evicted"
 
@@ -119,6 +121,9 @@ class PoolSpec:
         default_cache_bytes: size used when a request gives neither a size nor a shape
             (0: such a request is invalid).
         placement: how new caches are spread over ``devices``.
+        scrub: zero reused bytes before a new cache exposes them (``needs_zeroing``).
+            ``False`` skips that and LETS ONE TENANT READ WHAT ANOTHER LEFT BEHIND: only
+            for a single-tenant deployment that wants the allocation latency back.
     """
 
     name: str
@@ -132,6 +137,7 @@ class PoolSpec:
     segment_bytes: int = 256 * MiB
     default_cache_bytes: int = 0
     placement: Placement = Placement.LEAST_LOADED
+    scrub: bool = True
 
     def __post_init__(self) -> None:
         validate_id("pool", self.name)
@@ -210,7 +216,10 @@ class SegmentInfo:
     """A segment as the backends see it: create it, map it, free it.
 
     ``generation`` is unique per segment over the broker's life; a handle carries it so a
-    client can tell a reused segment id from the one it mapped.
+    client can tell a reused segment id from the one it mapped. This broker never reuses
+    a segment id, so today it equals ``segment_id``; it stays a field of its own because
+    the wire, the backends' object names and the client compare generations, and a
+    broker that reuses ids (or restores them after a restart) must keep the two apart.
     """
 
     segment_id: int
@@ -225,7 +234,8 @@ class CacheInfo(NamedTuple):
 
     ``nbytes`` is what was asked for; ``reserved_bytes`` is the block-rounded size it
     occupies. ``extents`` is a tuple so that a future paged mode needs no new type; in
-    contiguous mode it holds exactly one extent (none once evicted). A NamedTuple because
+    contiguous mode it holds exactly one extent (none once evicted). ``moving``: a
+    compaction is copying it (attach and pin wait until it ends). A NamedTuple because
     every allocate, attach and pin returns one (see ``Extent``).
     """
 
@@ -247,6 +257,7 @@ class CacheInfo(NamedTuple):
     access_count: int
     dtype: str = ""
     shape: tuple[int, ...] = ()
+    moving: bool = False
 
     @property
     def pinned(self) -> bool:
@@ -286,10 +297,13 @@ class Move:
 
 @dataclass(frozen=True, slots=True)
 class CompactionPlan:
-    """Moves that pack a set of arenas; computed by ``plan``, applied by ``commit``.
+    """Moves that pack a set of arenas; computed by ``Broker.plan_compaction``, frozen by
+    ``begin_compaction``, applied (wholly or a prefix) by ``commit``.
 
-    ``token`` ties the plan to the broker state it was computed from: ``commit`` refuses a
-    plan made stale by any mutation in between.
+    Moves are ordered so that every prefix is a consistent layout: each move's
+    destination is free once the moves before it ran. ``token`` names the layout the plan
+    was computed from: ``begin_compaction`` refuses a plan that a later change of any
+    layout made stale, and identifies the compaction in flight until it ends.
     """
 
     moves: tuple[Move, ...]
@@ -306,6 +320,26 @@ class CompactionPlan:
     @property
     def caches_moved(self) -> int:
         return len(self.moves)
+
+
+class AllocateResult(NamedTuple):
+    """The outcome of ``Broker.allocate``.
+
+    Exactly one of ``cache`` and ``compaction`` is set. ``cache`` is ``PENDING``: the
+    daemon creates ``new_segment`` if set (then ``Broker.segment_created``), zeroes the
+    extent when ``needs_zeroing`` and the pool scrubs, then calls ``Broker.cache_ready``;
+    ``Broker.abort_allocation`` undoes it instead. ``compaction`` is a plan to run before
+    asking again. ``retired_segments`` were taken to make room: the backend frees them.
+    ``needs_zeroing`` is False when every byte of the extent is known to be zero: it lies
+    in a new segment, or above its segment's high-water mark of bytes ever handed out.
+    """
+
+    cache: CacheInfo | None
+    compaction: CompactionPlan | None = None
+    new_segment: SegmentInfo | None = None
+    retired_segments: tuple[SegmentInfo, ...] = ()
+    evicted: tuple[str, ...] = ()
+    needs_zeroing: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,8 +386,8 @@ class PoolStats:
 #: Why a cache was evicted, as a bounded label value: ``idle`` (an idle retained cache
 #: reclaimed under pressure), ``policy`` (the pool's policy made room), ``reclaim`` (its
 #: segment was taken for another pool), ``threshold`` (background reclamation above
-#: ``gc_threshold``), ``operator`` (``Broker.evict``).
-EVICTION_CAUSES = ("idle", "policy", "reclaim", "threshold", "operator")
+#: ``gc_threshold``).
+EVICTION_CAUSES = ("idle", "policy", "reclaim", "threshold")
 
 
 @dataclass(frozen=True, slots=True)

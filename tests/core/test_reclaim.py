@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from kvbroker.core import AllocationRequest, Broker, CacheState, DeviceSpec, PoolSpec
 from kvbroker.core.audit import audit
-from kvbroker.core.pressure import RECLAIM_HYSTERESIS
+from kvbroker.core.reclaim import RECLAIM_HYSTERESIS
+
+from .support import allocate
 
 MiB = 1 << 20
 
@@ -20,7 +22,7 @@ def make(gc_threshold: float) -> Broker:
 def test_nothing_happens_at_or_below_the_threshold():
     broker = make(0.5)
     for i in range(5):
-        broker.allocate(AllocationRequest("p", 10 * MiB, holder="s"))
+        allocate(broker, AllocationRequest("p", 10 * MiB, holder="s"))
     assert broker.reclaim() == []
     assert broker.stats().total.allocated_bytes == 50 * MiB
 
@@ -28,7 +30,7 @@ def test_nothing_happens_at_or_below_the_threshold():
 def test_idle_retained_first_then_policy_order_down_to_the_hysteresis():
     broker = make(0.5)
     for i in range(8):
-        broker.allocate(AllocationRequest("p", 10 * MiB, cache_id=f"c{i}", holder="s", retain=i in (5, 6)))
+        allocate(broker, AllocationRequest("p", 10 * MiB, cache_id=f"c{i}", holder="s", retain=i in (5, 6)))
     broker.release("c5", "s")
     broker.release("c6", "s")  # idle retained: no holder, kept only by retain
     evicted = broker.reclaim()
@@ -45,7 +47,7 @@ def test_idle_retained_first_then_policy_order_down_to_the_hysteresis():
 def test_pinned_caches_are_never_reclaimed_and_batches_are_bounded():
     broker = make(0.1)
     for i in range(9):
-        broker.allocate(AllocationRequest("p", 10 * MiB, cache_id=f"c{i}", holder="s", pinned=i < 3))
+        allocate(broker, AllocationRequest("p", 10 * MiB, cache_id=f"c{i}", holder="s", pinned=i < 3))
     first = broker.reclaim(max_victims=2)
     assert len(first) == 2
     rest = broker.reclaim(max_victims=64)

@@ -20,6 +20,17 @@ id never comes back, and a drained segment is retired exactly when its last mapp
 leaves. Waiting: a request that failed with ``satisfiable=True`` is retried after the
 caches in its way are released (and the drained segments unmapped), and must then fit;
 one that failed with ``satisfiable=False`` must fail again, even on an empty broker.
+
+Work the daemon does outside its lock is modelled as steps of its own, with other rules
+running in between. An allocation is PENDING until its segment is created and its bytes
+are ready; meanwhile it is never handed out, evicted or moved, its holder may leave (the
+cache is freed at ``cache_ready``) and the allocation may be aborted (a segment still
+being created goes with it). Bytes the broker calls fresh (``needs_zeroing`` False)
+must be zero. A compaction is begun, then the machine releases, ends sessions and
+allocates elsewhere, then it commits a random prefix of the plan (the backend copied
+those moves) or aborts it: frozen arenas are never placed in or evicted from, caches
+freed in them keep their bytes until the end, moving caches refuse attach and pin, and
+the byte replay of the committed prefix keeps every cache's bytes intact.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvbroker.core import (
+    AllocateResult,
     AllocationRequest,
     Broker,
     CacheState,
@@ -49,6 +61,8 @@ from kvbroker.core import (
     SegmentInfo,
 )
 from kvbroker.core.audit import audit
+
+from .support import evict
 
 K = 1024
 
@@ -96,15 +110,24 @@ class Clock:
 
 
 class Record:
-    __slots__ = ("holders", "retain", "state", "priority", "epoch", "pool")
+    __slots__ = ("holders", "retain", "state", "priority", "epoch", "pool", "doomed")
 
     def __init__(self, holder: str, retain: bool, priority: int, pool: str) -> None:
         self.holders = {holder}
         self.retain = retain
-        self.state = "resident"
+        self.state = "pending"  # then "resident", "evicted"
         self.priority = priority
         self.epoch = 0
         self.pool = pool
+        self.doomed = False  # pending, and its holders left: freed at cache_ready
+
+
+class Active:
+    """A compaction in flight: its plan and the arenas (pool, device) it freezes."""
+
+    def __init__(self, plan: CompactionPlan, arenas: set[tuple[str, str]]) -> None:
+        self.plan = plan
+        self.arenas = arenas
 
 
 class BrokerMachine(RuleBasedStateMachine):
@@ -137,6 +160,12 @@ class BrokerMachine(RuleBasedStateMachine):
         self.empty_at: dict[int, float] = {}  # placeable empty segment -> since when
         # Requests that failed: (allocation args, satisfiable).
         self.waiting: list[tuple[tuple, bool]] = []
+        # Work in flight outside the daemon's lock.
+        self.pending: dict[str, AllocateResult] = {}  # pending caches: their allocation
+        self.pending_at: dict[str, Extent] = {}
+        self.creating: set[int] = set()  # segments the backend is still creating
+        self.active: list[Active] = []  # compactions begun, not yet committed
+        self.deferred: dict[str, Extent] = {}  # freed in a frozen arena: bytes kept
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -165,7 +194,28 @@ class BrokerMachine(RuleBasedStateMachine):
             self.expected_events.append((kind.value, cid, epoch, -1, 0, tuple(sorted(holders))))
 
     def _segment_caches(self, sid: int) -> list[str]:
-        return [cid for cid, ext in self.where.items() if ext.segment_id == sid]
+        """Caches that occupy bytes of segment ``sid``: resident, pending or deferred."""
+        return [cid for extents in (self.where, self.pending_at, self.deferred)
+                for cid, ext in extents.items() if ext.segment_id == sid]
+
+    def _arena(self, ext: Extent) -> tuple[str, str]:
+        info = self.segment_pool[ext.segment_id]
+        return info.pool, info.device_id
+
+    def _arena_of(self, sid: int) -> tuple[str, str]:
+        info = self.segment_pool[sid]
+        return info.pool, info.device_id
+
+    def _frozen(self) -> set[tuple[str, str]]:
+        return {arena for active in self.active for arena in active.arenas}
+
+    def _moving(self) -> set[str]:
+        return {m.cache_id for active in self.active for m in active.plan.moves if m.cache_id in self.where}
+
+    def _freed_bytes(self, cid: str, ext: Extent) -> None:
+        """``cid`` was freed: its bytes wait for the compaction freezing its arena."""
+        if self._arena(ext) in self._frozen() and ext.segment_id not in self.creating:
+            self.deferred[cid] = ext
 
     def _retired(self, segments) -> None:
         for info in segments:
@@ -193,7 +243,7 @@ class BrokerMachine(RuleBasedStateMachine):
     def _learn_drains(self) -> None:
         """Segments the broker started draining in this step: only when the step may
         drain, only mapped empty ones, each announced to exactly its mappers."""
-        now = {sid for sid, seg in self.b._segments.items() if seg.draining}
+        now = {seg.info.segment_id for seg in self.b._ledger.segments if seg.draining}
         assert self.draining <= now, f"drained segments vanished: {self.draining - now}"
         self.drained_now = now - self.draining
         for sid in sorted(self.drained_now):
@@ -209,7 +259,8 @@ class BrokerMachine(RuleBasedStateMachine):
         self.draining = now
 
     def _track_empty(self) -> None:
-        occupied = {ext.segment_id for ext in self.where.values()}
+        occupied = {ext.segment_id for extents in (self.where, self.pending_at, self.deferred)
+                    for ext in extents.values()}
         for sid in self.mem:
             if sid in self.draining or sid in occupied:
                 self.empty_at.pop(sid, None)
@@ -220,6 +271,7 @@ class BrokerMachine(RuleBasedStateMachine):
         """The broker evicted ``cid`` (found by _settle): update the model."""
         rec = self.records[cid]
         assert self.pin_count(cid) == 0, f"pinned cache {cid} was evicted"
+        assert self._arena(self.where[cid]) not in self._frozen(), f"{cid} evicted from a frozen arena"
         del self.pattern[cid], self.where[cid]
         rec.epoch += 1
         self._event(EventKind.EVICTED, cid, rec.epoch, rec.holders)
@@ -245,6 +297,7 @@ class BrokerMachine(RuleBasedStateMachine):
         self._track_empty()
         resident = {c.cache_id for c in self.b.caches(state=CacheState.RESIDENT)}
         assert resident == set(self.pattern), "a cache appeared that the model lacks"
+        moving = self._moving()
         for cid, rec in self.records.items():
             info = self.b.get(cid)
             assert info.state.value == rec.state, cid
@@ -252,8 +305,11 @@ class BrokerMachine(RuleBasedStateMachine):
             assert info.pin_count == self.pin_count(cid), cid
             assert info.epoch == rec.epoch, (cid, info.epoch, rec.epoch)
             assert info.retain == rec.retain and info.priority == rec.priority
+            assert info.moving == (cid in moving) == self.b.is_moving(cid), cid
             if rec.state == "resident":
                 assert info.extents == (self.where[cid],), f"{cid} moved without a plan"
+            elif rec.state == "pending":
+                assert info.extents == (self.pending_at[cid],), cid
             else:
                 assert info.extents == ()
         # Pools stay at or above min_bytes, draining bytes not counted as kept: a drained
@@ -265,10 +321,18 @@ class BrokerMachine(RuleBasedStateMachine):
                 assert name in self.shrink_ok, f"pool {name} taken below min_bytes ({now} < {floor})"
         self.reserved_before = after
 
-    def _apply_plan(self, plan: CompactionPlan) -> None:
-        """What a backend does: copy every move's bytes, in order, memmove-style."""
-        for move in plan.moves:
+    def _apply_plan(self, plan: CompactionPlan, count: int | None = None) -> None:
+        """What a backend does: copy the first ``count`` moves' bytes (all when None), in
+        order, memmove-style. A cache freed since the plan began still moves (its
+        destination is reserved for it); only its bytes no longer matter."""
+        for move in plan.moves[:count]:
             cid = move.cache_id
+            if cid not in self.where:
+                assert self.deferred[cid] == move.source, (cid, move)
+                chunk = bytes(self.mem[move.source.segment_id][move.source.offset:move.source.end])
+                self.mem[move.destination.segment_id][move.destination.offset:move.destination.end] = chunk
+                self.deferred[cid] = move.destination
+                continue
             assert self.pin_count(cid) == 0, f"plan moves pinned cache {cid}"
             assert self.where[cid] == move.source, (cid, self.where[cid], move.source)
             assert move.source.nbytes == move.destination.nbytes
@@ -292,7 +356,7 @@ class BrokerMachine(RuleBasedStateMachine):
         assert {s.segment_id for s in retired} == {sid for sid in emptied if not self.mapped.get(sid)}
         self._retired(retired)
         for sid in emptied - {s.segment_id for s in retired}:
-            assert self.b._segments[sid].draining, f"emptied mapped segment {sid} not drained"
+            assert self.b._ledger.segments[sid].draining, f"emptied mapped segment {sid} not drained"
         self.check_bytes()
 
     def _release_model(self, cid: str, holder: str, force: bool) -> bool:
@@ -302,25 +366,35 @@ class BrokerMachine(RuleBasedStateMachine):
         if self.pin_count(cid) == 0:
             self.pinned_at.pop(cid, None)
         rec.holders.discard(holder)
-        if force and rec.holders and rec.state == "resident":
-            rec.epoch += 1
-            self._event(EventKind.EVICTED, cid, rec.epoch, rec.holders)
+        forced = False
+        if force and rec.holders:
+            if rec.state == "resident":
+                rec.epoch += 1
+                self._event(EventKind.EVICTED, cid, rec.epoch, rec.holders)
+                forced = True
             rec.holders.clear()
-        if rec.holders or (rec.retain and not force and rec.state == "resident"):
+        if rec.holders or (rec.retain and not force and rec.state != "evicted"):
+            return False
+        if rec.state == "pending":
+            rec.doomed = True
             return False
         was_resident = rec.state == "resident"
         del self.records[cid]
-        self.tomb[cid] = "released" if was_resident else "evicted"
+        self.tomb[cid] = ("forced" if forced else "released") if was_resident else "evicted"
         if was_resident:
-            del self.pattern[cid], self.where[cid]
+            del self.pattern[cid]
+            self._freed_bytes(cid, self.where.pop(cid))
         return was_resident
 
     def _expect_lookup_error(self, cid: str, call: Callable[[], object]) -> None:
-        """``cid`` has no record: NotFound, or FailedPrecondition for an evicted one."""
-        expected = FailedPrecondition if self.tomb.get(cid) == "evicted" else NotFound
+        """``cid`` has no record: NotFound, or FailedPrecondition for an evicted one (saying
+        so when another holder force-released it)."""
+        tomb = self.tomb.get(cid)
+        expected = FailedPrecondition if tomb in ("evicted", "forced") else NotFound
         try:
             call()
-        except expected:
+        except expected as err:
+            assert tomb != "forced" or "released by force" in str(err), err
             return
         raise AssertionError(f"{cid}: expected {expected.__name__}")
 
@@ -369,6 +443,9 @@ class BrokerMachine(RuleBasedStateMachine):
     @rule(pool=st.sampled_from(sorted(SPEC)), count=st.integers(2, 6), size=small_sizes,
           hint=st.sampled_from(["d0", "d1"]), holder=ANY_HOLDER,
           pin_every=st.integers(0, 4), then_compact=st.booleans())
+    def fill_and_punch_rule(self, pool, count, size, hint, holder, pin_every, then_compact) -> None:
+        self.fill_and_punch(pool, count, size, hint, holder, pin_every, then_compact)
+
     def fill_and_punch(self, pool, count, size, hint, holder, pin_every, then_compact) -> None:
         """Allocate a run of caches, then release every other one: fragmentation."""
         holder = self._holder(holder)
@@ -413,8 +490,11 @@ class BrokerMachine(RuleBasedStateMachine):
 
     def _allocate(self, pool, size, holder, pinned, retain, priority, hint, named, backend,
                   *, record: bool = True) -> tuple[str, object]:
-        """Allocate as the daemon does (compaction plans copied and committed, some
-        backend failures aborted). Returns ("ok", cache id), ("aborted", cache id),
+        """Allocate as the daemon does: compaction plans copied and committed, then the
+        placed cache finished by ``backend``: 0 aborts it (the backend failed), 2 has
+        its holder release it before it is ready, 3 leaves it pending (``record`` only)
+        for ``finish_pending``, others make it ready. Returns ("ok", cache id) for a
+        cache handed to its holder, ("aborted" | "released" | "pending", cache id),
         ("exhausted", the error) or ("invalid", None)."""
         spec = SPEC[pool]
         args = (pool, size, holder, pinned, retain, priority, hint, named)
@@ -471,6 +551,9 @@ class BrokerMachine(RuleBasedStateMachine):
             raise AssertionError("allocate kept asking for compaction")
         new_id = result.cache.cache_id if result.cache is not None else None
         self._learn_evictions(lambda c: c in evicted and c != new_id)
+        frozen = self._frozen()
+        for info in result.retired_segments:
+            assert (info.pool, info.device_id) not in frozen, f"segment {info} taken from a frozen arena"
         if evicted:
             event("allocate: evicted")
         if any(s.pool != pool for s in result.retired_segments):
@@ -495,23 +578,86 @@ class BrokerMachine(RuleBasedStateMachine):
         assert seg.pool == pool and seg.device_id == info.device_id
         assert ext.offset + ext.nbytes <= seg.nbytes
         assert info.holders == frozenset({holder}) and info.pin_count == int(pinned)
-        if result.new_segment is not None and backend == 0:
-            event("allocate: aborted")
-            self._retired(self.b.abort_allocation(result))
-            self.ids.append(cid)
-            self.tomb[cid] = "aborted"
-            self._settle(lambda c: c in evicted)
-            return "aborted", cid
+        assert info.state is CacheState.PENDING and not info.moving
+        fresh = self.mem[ext.segment_id][ext.offset:ext.end]
+        if result.needs_zeroing:
+            event("allocate: needs zeroing")
+        else:
+            assert not any(fresh), f"{cid}: bytes called fresh are not zero"
+        if result.new_segment is None:
+            assert (pool, info.device_id) not in frozen, f"{cid} placed in a frozen arena"
+            assert ext.segment_id not in self.creating
+        else:
+            assert ext.offset == 0 and result.new_segment.segment_id == ext.segment_id
+            self.creating.add(ext.segment_id)
         self.ids.append(cid)
         self.records[cid] = Record(holder, retain, prio, pool)
-        self.pattern[cid] = struct.pack("<Q", self.serial) * (ext.nbytes // 8)
-        self.mem[ext.segment_id][ext.offset:ext.offset + ext.nbytes] = self.pattern[cid]
-        self.where[cid] = ext
+        self.pending[cid] = result
+        self.pending_at[cid] = ext
         if pinned:
             self.pins[(cid, holder)] += 1
             self.pinned_at[cid] = ext
         self._settle(lambda c: c in evicted)
+        if backend == 0:
+            self._finish(cid, "abort")
+            return "aborted", cid
+        if backend == 2:
+            self._finish(cid, "release")
+            return "released", cid
+        if backend == 3 and record:
+            event("allocate: left pending")
+            return "pending", cid
+        self._finish(cid, "ready")
         return "ok", cid
+
+    def _finish(self, cid: str, action: str) -> None:
+        """The daemon's work on a pending cache ended: ``abort`` (the backend failed),
+        ``create`` (its new segment exists; the cache stays pending), ``release`` (its
+        holders leave first, then the cache is made ready) or ``ready``."""
+        result, ext, rec = self.pending[cid], self.pending_at[cid], self.records[cid]
+        sid = ext.segment_id
+        self._begin({rec.pool} if action == "abort" else set())
+        if action == "abort":
+            event("pending: aborted")
+            assert self.b.abort_allocation(result) == ()
+            del self.pending[cid], self.pending_at[cid], self.records[cid]
+            for key in [k for k in self.pins if k[0] == cid]:
+                del self.pins[key]
+            self.pinned_at.pop(cid, None)
+            self.tomb[cid] = "aborted"
+            if sid in self.creating:  # the segment goes with it: nothing to free
+                self.creating.discard(sid)
+                del self.mem[sid], self.segment_pool[sid]
+                self.empty_at.pop(sid, None)
+                self.retired_ids.add(sid)
+            else:
+                self._freed_bytes(cid, ext)
+            self._settle()
+            return
+        if sid in self.creating:
+            self.b.segment_created(sid)
+            self.creating.discard(sid)
+            if action == "create":
+                event("pending: segment created")
+                self._settle()
+                return
+        if action == "release":
+            for holder in sorted(rec.holders):
+                assert self.b.release(cid, holder) is self._release_model(cid, holder, False)
+        ready = self.b.cache_ready(cid)
+        assert ready is not rec.doomed, (cid, ready)
+        del self.pending[cid], self.pending_at[cid]
+        if rec.doomed:
+            event("pending: freed at ready")
+            del self.records[cid]
+            self.tomb[cid] = "released"
+            self._freed_bytes(cid, ext)
+        else:
+            rec.state = "resident"
+            self.pattern[cid] = struct.pack("<Q", self.serial) * (ext.nbytes // 8)
+            self.mem[sid][ext.offset:ext.end] = self.pattern[cid]
+            self.where[cid] = ext
+        self._settle()
 
     def _retry_while_draining(self, request: AllocationRequest) -> None:
         """The daemon retries a queued request (another cache was released, say) before
@@ -558,6 +704,17 @@ class BrokerMachine(RuleBasedStateMachine):
         assert self.b.release(cid, holder, force=force) is expected
         self._settle()
 
+    def _expect_refusal(self, cid: str, rec: Record, call: Callable[[], object]) -> None:
+        """Attach or pin of a cache that is evicted, pending or moving: refused, saying why."""
+        why = {"evicted": "was evicted", "pending": "is not ready yet"}.get(rec.state, "is being moved")
+        try:
+            call()
+        except FailedPrecondition as err:
+            assert why in str(err), (cid, err)
+            event(f"refused: {why}")
+        else:
+            raise AssertionError(f"{cid} {why} but was handed out")
+
     def attach(self, index, holder) -> str | None:
         """Returns the id when the attach succeeded (a handle was handed out)."""
         cid = self.pick(index)
@@ -565,13 +722,8 @@ class BrokerMachine(RuleBasedStateMachine):
         rec = self.records.get(cid)
         if rec is None:
             self._expect_lookup_error(cid, lambda: self.b.attach(cid, holder))
-        elif rec.state == "evicted":
-            try:
-                self.b.attach(cid, holder)
-            except FailedPrecondition:
-                pass
-            else:
-                raise AssertionError("attach to an evicted cache")
+        elif rec.state != "resident" or cid in self._moving():
+            self._expect_refusal(cid, rec, lambda: self.b.attach(cid, holder))
         else:
             info = self.b.attach(cid, holder)
             rec.holders.add(holder)
@@ -588,13 +740,8 @@ class BrokerMachine(RuleBasedStateMachine):
         rec = self.records.get(cid)
         if rec is None:
             self._expect_lookup_error(cid, lambda: self.b.pin(cid, holder))
-        elif rec.state == "evicted":
-            try:
-                self.b.pin(cid, holder)
-            except FailedPrecondition:
-                pass
-            else:
-                raise AssertionError("pin of an evicted cache")
+        elif rec.state != "resident" or cid in self._moving():
+            self._expect_refusal(cid, rec, lambda: self.b.pin(cid, holder))
         else:
             info = self.b.pin(cid, holder)
             rec.holders.add(holder)
@@ -629,21 +776,17 @@ class BrokerMachine(RuleBasedStateMachine):
         self._settle()
 
     def evict(self, index) -> None:
+        """Evict one cache as the pressure ladder may: resident, unpinned, not frozen."""
         cid = self.pick(index)
-        self._begin(set())
         rec = self.records.get(cid)
-        if rec is None:
-            self._expect_lookup_error(cid, lambda: self.b.evict(cid))
-        elif rec.state == "evicted" or self.pin_count(cid):
-            try:
-                self.b.evict(cid)
-            except FailedPrecondition:
-                pass
-            else:
-                raise AssertionError("evicted a pinned or evicted cache")
-        else:
-            info = self.b.evict(cid)
-            assert info.state is CacheState.EVICTED
+        if rec is None or rec.state != "resident" or self.pin_count(cid):
+            return
+        if self._arena(self.where[cid]) in self._frozen():
+            return
+        self._begin(set())
+        evict(self.b, cid)
+        if rec.holders:
+            assert self.b.get(cid).state is CacheState.EVICTED
         self._settle(lambda c: c == cid)
 
     def _drop_holder_model(self, holder) -> list[str]:
@@ -676,10 +819,11 @@ class BrokerMachine(RuleBasedStateMachine):
             assert device is None or info.device_id == device
             assert pool is None or info.pool == pool
         assert 0.0 <= plan.fragmentation_after <= 1.0 and 0.0 <= plan.fragmentation_before <= 1.0
-        if stale == 0 and self.pattern:
-            cid = sorted(self.pattern)[0]
+        if stale == 0 and plan.moves:
+            cid = plan.moves[0].cache_id
             holder = sorted(self.records[cid].holders or {""})[0]
-            self.b.attach(cid, holder)  # any mutation makes the plan stale
+            self.b.pin(cid, holder)  # the plan would move a pinned cache: it is stale
+            self.b.unpin(cid, holder)
             self.records[cid].holders.add(holder)
             try:
                 self.b.commit(plan)
@@ -702,7 +846,9 @@ class BrokerMachine(RuleBasedStateMachine):
         """Idle retirement: segments empty for ``idle_seconds`` go back to the device,
         at once when nobody maps them, else they drain (SEGMENT_RETIRED to the mappers)."""
         self.clock.now += advance
-        idle = {sid for sid, t in self.empty_at.items() if self.clock.now - t >= idle_seconds}
+        frozen = self._frozen()
+        idle = {sid for sid, t in self.empty_at.items()
+                if self.clock.now - t >= idle_seconds and self._arena_of(sid) not in frozen}
         self._begin(set(SPEC), drain_ok=True)
         retired = self.b.retire_idle_segments(idle_seconds)
         assert {s.segment_id for s in retired} == {sid for sid in idle if not self.mapped.get(sid)}
@@ -833,7 +979,8 @@ class BrokerMachine(RuleBasedStateMachine):
         self._begin(set())
         held = {cid for cid, rec in self.records.items() if session in rec.holders}
         alone = {cid for cid in held
-                 if self.records[cid].holders == {session} and not self.records[cid].retain}
+                 if self.records[cid].holders == {session} and not self.records[cid].retain
+                 and self.records[cid].state != "pending"}
         expected_freed = self._drop_holder_model(session)
         expected_retired = set()
         for sid, mappers in self.mapped.items():
@@ -851,12 +998,12 @@ class BrokerMachine(RuleBasedStateMachine):
         del self.inbox[session]
         self.waiting = [w for w in self.waiting if w[0][2] != session]
         for c in self.b.caches():
-            rec = self.b._caches[c.cache_id]
+            rec = self.b._ledger.caches.records[c.cache_id]
             assert session not in c.holders and session not in rec.pins, c.cache_id
         for cid in alone:
             assert not any(c.cache_id == cid for c in self.b.caches()), f"{cid} outlived its session"
-        for sid, seg in self.b._segments.items():
-            assert session not in seg.mappers, f"segment {sid} still lists ended {session}"
+        for seg in self.b._ledger.segments:
+            assert session not in seg.mappers, f"segment {seg.info.segment_id} still lists ended {session}"
         self._settle()
 
     # -- waiting ----------------------------------------------------------------------
@@ -910,8 +1057,17 @@ class BrokerMachine(RuleBasedStateMachine):
             self._map(args[2], outcome[1])
         return outcome
 
+    def _finish_all(self) -> None:
+        """The daemon's work in flight ends: pending caches become ready, compactions
+        commit whole."""
+        for cid in sorted(self.pending):
+            self._finish(cid, "ready")
+        while self.active:
+            self._end_compaction(self.active[0], None)
+
     def _empty(self) -> None:
         """Every session ends, every cache is released and every segment goes idle."""
+        self._finish_all()
         for session in list(self.sessions):
             self._end_session(session)
         self._release_all(None, pinned_too=True)
@@ -929,6 +1085,7 @@ class BrokerMachine(RuleBasedStateMachine):
         nothing."""
         if not self.waiting:
             return
+        self._finish_all()
         args, satisfiable = self.waiting.pop(which % len(self.waiting))
         pool, size, _, _, _, _, hint, _ = args
         if not satisfiable:
@@ -968,6 +1125,79 @@ class BrokerMachine(RuleBasedStateMachine):
         assert outcome[0] == "ok", f"{args} does not fit an empty broker: {outcome}"
         event("wait: fits an empty broker")
 
+    # -- work outside the daemon's lock -----------------------------------------------
+
+    @rule(pool=st.sampled_from(sorted(SPEC)), size=st.one_of(small_sizes, sizes), holder=ANY_HOLDER,
+          pinned=st.booleans(), retain=st.booleans())
+    def allocate_pending(self, pool, size, holder, pinned, retain) -> None:
+        """Place a cache and leave it pending while other rules run."""
+        self._allocate(pool, size, self._holder(holder), pinned, retain, None, None, False, 3)
+
+    @rule(which=st.integers(0, 10**6),
+          action=st.sampled_from(["ready", "ready", "create", "abort", "release"]))
+    def finish_pending(self, which, action) -> None:
+        if not self.pending:
+            return
+        cid = sorted(self.pending)[which % len(self.pending)]
+        self._finish(cid, action)
+        if cid in self.pattern:
+            for holder in sorted(self.records[cid].holders):
+                self._handed(holder, cid)
+
+    @rule(device=st.sampled_from([None, "d0", "d1"]), pool=st.sampled_from([None, "a", "b", "c", "e"]),
+          fragment=st.integers(0, 6), size=small_sizes)
+    def begin_compaction(self, device, pool, fragment, size) -> None:
+        """Begin a compaction; other rules run while its bytes are copied. With
+        ``fragment`` >= 2, first punch holes into a run of that many caches."""
+        if fragment >= 2 and device and pool in SPEC and device in SPEC[pool].devices:
+            self.fill_and_punch(pool, fragment, size, device, "", 0, False)
+        plan = self.b.plan_compaction(device=device, pool=pool)
+        if not plan.moves:
+            return
+        arenas = {self._arena(self.where[m.cache_id]) for m in plan.moves}
+        assert not arenas & self._frozen(), "a plan moves caches of a frozen arena"
+        self._begin(set())
+        self.b.begin_compaction(plan)
+        self.active.append(Active(plan, arenas))
+        event("compaction: begun")
+        try:
+            self.b.begin_compaction(plan)
+        except FailedPrecondition:
+            pass
+        else:
+            raise AssertionError("a compaction was begun twice")
+        self._settle()
+
+    @rule(which=st.integers(0, 10**6), how=st.sampled_from(["all", "prefix", "prefix", "abort"]),
+          k=st.integers(0, 10**6))
+    def finish_compaction(self, which, how, k) -> None:
+        """The copy ended: all moves done, a prefix (the copy failed at move k), or none."""
+        if not self.active:
+            return
+        active = self.active[which % len(self.active)]
+        count = None if how == "all" else 0 if how == "abort" else k % (len(active.plan.moves) + 1)
+        event(f"compaction: {how}")
+        self._end_compaction(active, count)
+
+    def _end_compaction(self, active: Active, count: int | None) -> None:
+        plan = active.plan
+        self._begin(set(SPEC), drain_ok=True)
+        self._apply_plan(plan, count)
+        if count == 0:
+            retired = self.b.abort_compaction(plan)
+        else:
+            retired = self.b.commit(plan, completed=count)
+        self.active.remove(active)
+        for cid in [c for c, ext in self.deferred.items() if self._arena(ext) in active.arenas]:
+            event("compaction: deferred free")
+            del self.deferred[cid]
+        emptied = {sid for sid in plan.segments_emptied if not self._segment_caches(sid)}
+        assert {s.segment_id for s in retired} == {sid for sid in emptied if not self.mapped.get(sid)}
+        self._retired(retired)
+        self._settle()
+        assert self.drained_now == {sid for sid in emptied if self.mapped.get(sid)}
+        self.check_bytes()
+
     # -- invariants -------------------------------------------------------------------
 
     @invariant()
@@ -980,20 +1210,23 @@ class BrokerMachine(RuleBasedStateMachine):
             assert info.nbytes == len(self.mem[sid])
         # Mappings: exactly the model's, only live sessions; draining exactly the model's.
         live = set(self.sessions)
-        for sid, seg in self.b._segments.items():
+        for seg in self.b._ledger.segments:
+            sid = seg.info.segment_id
             assert seg.mappers == self.mapped.get(sid, set()), (sid, seg.mappers, self.mapped.get(sid))
             assert seg.mappers <= live, f"segment {sid} mapped by ended {seg.mappers - live}"
             assert seg.draining == (sid in self.draining), sid
+            assert seg.creating == (sid in self.creating), sid
+        # Every placed cache: resident and pending ones as the broker lists them, and those
+        # freed in a frozen arena, whose bytes stay allocated until the compaction ends.
+        placed = [(c.cache_id, c.extents[0]) for c in self.b.caches() if c.state is not CacheState.EVICTED]
+        assert {cid: ext for cid, ext in placed} == {**self.where, **self.pending_at}
         by_segment: dict[int, list[tuple[int, int, str]]] = {}
         allocated_by_device: Counter[str] = Counter()
-        for c in self.b.caches(state=CacheState.RESIDENT):
-            (ext,) = c.extents
-            assert ext.segment_id not in self.draining, f"{c.cache_id} lives in a draining segment"
-            assert ext.segment_id not in self.retired_ids, f"{c.cache_id} lives in a retired segment"
-            by_segment.setdefault(ext.segment_id, []).append((ext.offset, ext.nbytes, c.cache_id))
-            allocated_by_device[c.device_id] += ext.nbytes
-            assert segments[ext.segment_id].pool == c.pool
-            assert segments[ext.segment_id].device_id == c.device_id
+        for cid, ext in placed + list(self.deferred.items()):
+            assert ext.segment_id not in self.draining, f"{cid} lives in a draining segment"
+            assert ext.segment_id not in self.retired_ids, f"{cid} lives in a retired segment"
+            by_segment.setdefault(ext.segment_id, []).append((ext.offset, ext.nbytes, cid))
+            allocated_by_device[segments[ext.segment_id].device_id] += ext.nbytes
         for sid, spans in by_segment.items():
             spans.sort()
             end = 0
@@ -1008,6 +1241,10 @@ class BrokerMachine(RuleBasedStateMachine):
                 draining_by_device[info.device_id] += info.nbytes
                 continue
             used = sum(n for _, n, _ in by_segment.get(sid, []))
+            if sid in self.creating:  # its bytes beyond its one cache are withheld
+                assert [o for o, _, _ in by_segment[sid]] == [0], sid
+                free_by_device[info.device_id] += info.nbytes - used
+                continue
             free = self.b._pools[info.pool].arenas[info.device_id].free.segment_free_bytes(sid)
             assert used + free == info.nbytes, f"segment {sid}: {used} + {free} != {info.nbytes}"
             free_by_device[info.device_id] += free
@@ -1032,7 +1269,7 @@ class BrokerMachine(RuleBasedStateMachine):
         for cid, ext in self.pinned_at.items():
             assert self.pin_count(cid) > 0
             info = self.b.get(cid)
-            assert info.state is CacheState.RESIDENT and info.extents == (ext,), cid
+            assert info.state in (CacheState.RESIDENT, CacheState.PENDING) and info.extents == (ext,), cid
             assert info.pin_count == self.pin_count(cid)
 
     @invariant()

@@ -1,0 +1,119 @@
+"""Checking an allocation request, choosing its candidate arenas, explaining a refusal.
+
+Everything that decides *whether* and *where* a request may go before any byte is
+placed. Every error names the wire field at fault and quotes at most ``ECHO_MAX_CHARS``
+of what the client sent.
+"""
+
+from __future__ import annotations
+
+from kvbroker.core.arena import headroom, round_up, segment_need
+from kvbroker.core.errors import InvalidArgument, NotFound, ResourceExhausted, echo
+from kvbroker.core.records import ArenaRecord, DeviceRecord, PoolRecord
+from kvbroker.core.types import AllocationRequest, Placement
+
+MODEL_NAME_MAX_CHARS = 256
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+
+
+def find_pool(pools: dict[str, PoolRecord], name: str) -> PoolRecord:
+    pool = pools.get(name)
+    if pool is None:
+        if not name:
+            raise InvalidArgument("pool", "is required")
+        raise NotFound(f"pool {echo(name)} does not exist (pools: {', '.join(sorted(pools))})")
+    return pool
+
+
+def request_size(pool: PoolRecord, nbytes: object) -> tuple[int, int]:
+    """The request's size (the pool's default when 0) and its block-rounded size."""
+    spec = pool.spec
+    if nbytes == 0 and type(nbytes) is int and spec.default_cache_bytes:
+        nbytes = spec.default_cache_bytes
+    if type(nbytes) is not int or nbytes <= 0:
+        raise InvalidArgument(
+            "size_bytes",
+            f"must be a positive integer, got {echo(nbytes)} (give size_bytes, or dtype and "
+            f"shape; pool {spec.name!r} has no default cache size)",
+        )
+    return nbytes, round_up(nbytes, spec.block_bytes)
+
+
+def check_metadata(request: AllocationRequest, priority: object) -> None:
+    """Validate the priority, model name and shape (a fast path for the defaults)."""
+    if priority == 0 and type(priority) is int and request.model_name == "" and request.shape == ():
+        return
+    if type(priority) is not int or not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:
+        raise InvalidArgument("priority", f"must be a 32-bit integer, got {echo(priority)}")
+    name = request.model_name
+    if not isinstance(name, str) or len(name) > MODEL_NAME_MAX_CHARS or not name.isprintable():
+        raise InvalidArgument("model_name", f"must be at most {MODEL_NAME_MAX_CHARS} printable characters")
+    if any(type(n) is not int or n < 0 for n in request.shape):
+        raise InvalidArgument("shape", f"dimensions must be non-negative integers, got {echo(request.shape)}")
+
+
+def candidate_arenas(
+    pool: PoolRecord, devices: dict[str, DeviceRecord], hint: str | None, reserved: int
+) -> list[ArenaRecord]:
+    """The arenas to try, in order: the hinted device's, or the pool's by its placement
+    rule. Raises ``InvalidArgument`` (size above every device, or a device the pool does
+    not use), ``NotFound`` (unknown device) or ``ResourceExhausted`` (above the quota,
+    never satisfiable). Cost: O(1) for a one-device pool, else O(devices of the pool)."""
+    if not hint and pool.single_arena is not None and reserved <= pool.largest_device_bytes:
+        if reserved > pool.max_bytes:
+            raise _over_quota(pool, reserved)
+        return pool.single_arena
+    if hint:
+        arena = pool.arenas.get(hint)
+        if arena is None:
+            if hint not in devices:
+                raise NotFound(f"device {echo(hint)} does not exist")
+            raise InvalidArgument("device", f"pool {pool.spec.name!r} does not use device {echo(hint)}")
+        candidates = [arena]
+    elif len(pool.arenas) == 1:
+        candidates = list(pool.arenas.values())
+    elif pool.spec.placement is Placement.ROUND_ROBIN:
+        arenas = list(pool.arenas.values())
+        start = pool.next_device % len(arenas)
+        pool.next_device += 1
+        candidates = arenas[start:] + arenas[:start]
+    else:
+        candidates = sorted(pool.arenas.values(), key=lambda a: a.allocated_bytes / a.device.spec.capacity_bytes)
+    largest = max(a.device.spec.capacity_bytes for a in candidates)
+    if reserved > largest:
+        raise InvalidArgument(
+            "size_bytes",
+            f"{echo(reserved)} bytes exceed the capacity of every device the request may use "
+            f"(largest: {largest} bytes)",
+        )
+    if reserved > pool.max_bytes:
+        raise _over_quota(pool, reserved)
+    return candidates
+
+
+def _over_quota(pool: PoolRecord, reserved: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"pool {pool.spec.name!r} has a quota of {pool.max_bytes} bytes",
+        requested_bytes=reserved, free_bytes=0, largest_free_extent_bytes=0, satisfiable=False,
+    )
+
+
+def exhausted(pool: PoolRecord, arenas: list[ArenaRecord], reserved: int) -> ResourceExhausted:
+    """The refusal of a request that found no room: the free bytes and largest extent the
+    pool could use now (a frozen arena's free extents cannot be used until its compaction
+    ends), and whether it could ever fit (``satisfiable``: the pool's quota and the
+    largest candidate device allow it, so waiting may help)."""
+    # The pool's quota is shared by its devices: count the unreserved budget once, and
+    # only where a segment can be made of it (not below a device's minimum).
+    grow = {id(a): h if (h := headroom(a)) >= segment_need(a, 1) else 0 for a in arenas}
+    usable = [a for a in arenas if a.compaction is None]
+    quota_room = max(pool.max_bytes - pool.reserved_bytes, 0)
+    free = sum(a.free.free_bytes for a in usable) + min(sum(grow.values()), quota_room)
+    largest = max(grow.values(), default=0)
+    largest = max([largest] + [a.free.largest_extent() for a in usable])
+    ceiling = min(pool.max_bytes, max(a.device.spec.capacity_bytes for a in arenas))
+    return ResourceExhausted(
+        f"pool {pool.spec.name!r} cannot place the cache now",
+        requested_bytes=reserved, free_bytes=free, largest_free_extent_bytes=largest,
+        satisfiable=reserved <= ceiling,
+    )
