@@ -29,9 +29,18 @@ from kvbroker.core.errors import (
     NotFound,
     ResourceExhausted,
 )
-from kvbroker.engine import CacheHandle, DefragmentResult, RpcStats
+from kvbroker.engine import (
+    CacheHandle,
+    DefragmentResult,
+    EngineStatus,
+    RpcStats,
+    SessionEnded,
+    SessionEvent,
+    SessionOpened,
+)
 from kvbroker.memory.backend import CudaHandle, HostHandle
 from kvbroker.v1 import broker_pb2 as pb
+from kvbroker.wire import DTYPE_BY_NAME, DTYPE_BY_VALUE
 
 #: The one mapping of domain errors to gRPC status codes. Anything else is a bug:
 #: INTERNAL, logged with its traceback by the servicer.
@@ -44,28 +53,22 @@ STATUS_FOR_ERROR: dict[type[BrokerError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
-#: Wire dtype -> (torch-style name, bytes per element).
-DTYPES: dict[int, tuple[str, int]] = {
-    pb.DTYPE_UINT8: ("uint8", 1),
-    pb.DTYPE_INT8: ("int8", 1),
-    pb.DTYPE_INT16: ("int16", 2),
-    pb.DTYPE_INT32: ("int32", 4),
-    pb.DTYPE_INT64: ("int64", 8),
-    pb.DTYPE_FLOAT16: ("float16", 2),
-    pb.DTYPE_BFLOAT16: ("bfloat16", 2),
-    pb.DTYPE_FLOAT32: ("float32", 4),
-    pb.DTYPE_FLOAT64: ("float64", 8),
-    pb.DTYPE_BOOL: ("bool", 1),
-    pb.DTYPE_FLOAT8_E4M3FN: ("float8_e4m3fn", 1),
-    pb.DTYPE_FLOAT8_E5M2: ("float8_e5m2", 1),
+_STATE_TO_PB = {
+    CacheState.RESIDENT: pb.CACHE_STATE_RESIDENT,
+    CacheState.EVICTED: pb.CACHE_STATE_EVICTED,
+    CacheState.PENDING: pb.CACHE_STATE_PENDING,
 }
-_DTYPE_BY_NAME = {name: value for value, (name, _) in DTYPES.items()}
-
-_STATE_TO_PB = {CacheState.RESIDENT: pb.CACHE_STATE_RESIDENT, CacheState.EVICTED: pb.CACHE_STATE_EVICTED}
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
 
 MAX_WAIT_TIMEOUT_MS = 3_600_000
 MAX_SHAPE_DIMS = 16
+#: Error messages echo what the client sent (pool names, model names, ids): at most this
+#: many characters of message per field, so a 4 MB name never comes back whole.
+MAX_DETAIL_CHARS = 200
+#: ... and at most this many for a message that names no field.
+MAX_MESSAGE_CHARS = 2 * MAX_DETAIL_CHARS
+#: Where host segments live when the backend's handle does not say (older backends).
+DEFAULT_SHM_DIR = "/dev/shm"
 
 
 def status_for(err: BrokerError) -> grpc.StatusCode:
@@ -75,6 +78,27 @@ def status_for(err: BrokerError) -> grpc.StatusCode:
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def error_details(err: BrokerError) -> str:
+    """The status details of a domain error: its message, capped (``MAX_DETAIL_CHARS``
+    per field, ``MAX_MESSAGE_CHARS`` in all), since it may echo client input."""
+    text = str(err)
+    field = getattr(err, "field", None)
+    if isinstance(field, str) and text.startswith(f"{field}: "):
+        return f"{_cap(field, 64)}: {_cap(text[len(field) + 2:], MAX_DETAIL_CHARS)}"
+    return _cap(text, MAX_MESSAGE_CHARS)
+
+
+def _cap(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def _dtype_value(name: str) -> int:
+    wire_dtype = DTYPE_BY_NAME.get(name)
+    return pb.DTYPE_UNSPECIFIED if wire_dtype is None else wire_dtype.value
 
 
 # -- requests -------------------------------------------------------------------------
@@ -89,9 +113,10 @@ def allocation_request(msg: pb.AllocateRequest, holder: str) -> tuple[Allocation
     shape = tuple(msg.shape)
     dtype_name = ""
     if msg.dtype != pb.DTYPE_UNSPECIFIED:
-        if msg.dtype not in DTYPES:
+        wire_dtype = DTYPE_BY_VALUE.get(msg.dtype)
+        if wire_dtype is None:
             raise InvalidArgument("dtype", f"unknown dtype value {msg.dtype}")
-        dtype_name, itemsize = DTYPES[msg.dtype]
+        dtype_name, itemsize = wire_dtype.name, wire_dtype.itemsize
     nbytes = msg.size_bytes
     if shape:
         if not dtype_name:
@@ -164,7 +189,7 @@ def cache_message(info: CacheInfo) -> pb.Cache:
         holder_count=len(info.holders),
         retain=info.retain,
         priority=info.priority,
-        dtype=_DTYPE_BY_NAME.get(info.dtype, pb.DTYPE_UNSPECIFIED),
+        dtype=_dtype_value(info.dtype),
         shape=info.shape,
         created_at_unix_seconds=info.created_at,
         last_access_unix_seconds=info.last_access_at,
@@ -190,6 +215,8 @@ def handle_message(handle: CacheHandle) -> pb.Handle:
                 size_bytes=backend.size_bytes,
                 st_dev=backend.st_dev,
                 st_ino=backend.st_ino,
+                # HostHandle.shm_dir comes with the memory branch; until then the default.
+                shm_dir=getattr(backend, "shm_dir", DEFAULT_SHM_DIR),
             )
         )
     elif isinstance(backend, CudaHandle):
@@ -228,9 +255,11 @@ def usage_message(usage: Usage, allocation_count: int, eviction_count: int) -> p
     )
 
 
-def stats_message(stats: BrokerStats, *, version: str, instance_id: str, uptime_seconds: float) -> pb.StatsResponse:
+def stats_message(stats: BrokerStats, status: EngineStatus) -> pb.StatsResponse:
+    """The Stats reply: the core's figures, this daemon run, and (with telemetry) the
+    recent RPC latencies and errors."""
     total = stats.total
-    return pb.StatsResponse(
+    response = pb.StatsResponse(
         total_capacity_bytes=total.capacity_bytes,
         total_allocated_bytes=total.allocated_bytes,
         utilization_ratio=total.utilization_ratio,
@@ -259,13 +288,14 @@ def stats_message(stats: BrokerStats, *, version: str, instance_id: str, uptime_
             )
             for p in stats.pools
         ],
-        version=version,
-        instance_id=instance_id,
-        uptime_seconds=uptime_seconds,
+        version=status.version,
+        instance_id=status.instance_id,
+        uptime_seconds=status.uptime_seconds,
     )
+    return _add_rpc_stats(response, status.rpc)
 
 
-def add_rpc_stats(response: pb.StatsResponse, rpc: RpcStats | None) -> pb.StatsResponse:
+def _add_rpc_stats(response: pb.StatsResponse, rpc: RpcStats | None) -> pb.StatsResponse:
     """Fill ``methods`` and ``window_seconds`` (left empty when telemetry is off)."""
     if rpc is not None:
         response.window_seconds = rpc.window_seconds
@@ -296,6 +326,19 @@ _EVENT_KIND_TO_PB = {
     EventKind.SEGMENT_RETIRED: pb.EVENT_KIND_SEGMENT_RETIRED,
     EventKind.SHUTTING_DOWN: pb.EVENT_KIND_SHUTTING_DOWN,
 }
+
+
+def session_event_message(event: SessionEvent) -> pb.WatchEvent:
+    """One item of a Watch stream: SESSION_OPENED first, the core's events, and
+    SESSION_ENDED (with the ``wire.SessionEndReason`` value) when the broker ended it."""
+    if isinstance(event, SessionOpened):
+        return pb.WatchEvent(
+            kind=pb.EVENT_KIND_SESSION_OPENED, session_id=event.session_id,
+            lease_seconds=event.lease_seconds, instance_id=event.instance_id,
+        )  # fmt: skip
+    if isinstance(event, SessionEnded):
+        return pb.WatchEvent(kind=pb.EVENT_KIND_SESSION_ENDED, reason=event.reason.value)
+    return event_message(event)
 
 
 def event_message(event: Event) -> pb.WatchEvent:

@@ -2,25 +2,26 @@
 
 No state and no policy live here: a method that needs more than decode/call/encode is
 missing a piece in the engine or the core. Domain errors become status codes through
-``convert.status_for`` (one table); anything else is a bug, logged with its traceback
-and answered with INTERNAL, so one bad request never takes the daemon down.
+``convert.status_for`` (one table) with capped details (``convert.error_details``);
+anything else is a bug, logged with its traceback and answered with INTERNAL, so one
+bad request never takes the daemon down. Request bytes that do not parse never reach
+these methods (``kvbroker.server.registration`` answers them INVALID_ARGUMENT).
 
 The caller's identity (its holder id) comes from the ``kvbroker-session-id`` request
-metadata; calls without it act as the one anonymous holder (an operator's grpcurl).
+metadata (``wire.SESSION_ID_KEY``); calls without it act as the one anonymous holder
+(an operator's grpcurl).
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import functools
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
 
-from kvbroker import __version__
 from kvbroker.core import ANONYMOUS_HOLDER
 from kvbroker.core.errors import BrokerError
 from kvbroker.core.types import validate_id
@@ -28,10 +29,10 @@ from kvbroker.engine import Engine
 from kvbroker.server import convert
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
+from kvbroker.wire import SESSION_ID_KEY
 
 log = logging.getLogger(__name__)
 
-SESSION_METADATA_KEY = "kvbroker-session-id"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -48,7 +49,7 @@ def _translate_errors(
         try:
             return await method(self, request, context)
         except BrokerError as err:
-            await context.abort(convert.status_for(err), str(err))
+            await context.abort(convert.status_for(err), convert.error_details(err))
         except grpc.aio.AbortError:
             raise
         except Exception:
@@ -62,14 +63,14 @@ def _translate_errors(
 def _valid_session_id(value: str) -> str:
     """Validate a session id once per distinct value (every RPC of a session sends it)."""
     if not value:
-        raise convert.InvalidArgument(SESSION_METADATA_KEY, "is required to open a session")
-    return validate_id(SESSION_METADATA_KEY, value)
+        raise convert.InvalidArgument(SESSION_ID_KEY, "is required to open a session")
+    return validate_id(SESSION_ID_KEY, value)
 
 
 def holder_of(context: grpc.aio.ServicerContext) -> str:
     """The caller's holder id from its metadata (anonymous without one)."""
     for key, value in context.invocation_metadata() or ():
-        if key == SESSION_METADATA_KEY:
+        if key == SESSION_ID_KEY:
             return _valid_session_id(value)
     return ANONYMOUS_HOLDER
 
@@ -110,71 +111,53 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
 
     @_translate_errors
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
-        response = convert.stats_message(
-            self._engine.stats(),
-            version=__version__,
-            instance_id=self._engine.instance_id,
-            uptime_seconds=time.time() - self._engine.started_at,
-        )
-        return convert.add_rpc_stats(response, self._engine.observer.rpc_stats())
+        return convert.stats_message(self._engine.stats(), self._engine.status())
 
     @_translate_errors
     async def ListCaches(self, request: pb.ListCachesRequest, context) -> pb.ListCachesResponse:
         if request.page_size > MAX_PAGE_SIZE:
             raise convert.InvalidArgument("page_size", f"must be at most {MAX_PAGE_SIZE}")
-        page_size = request.page_size or DEFAULT_PAGE_SIZE
-        caches = self._engine.caches(
+        # The token is the last id served: pages stay consistent while caches come and go.
+        page = self._engine.list_caches(
             pool=request.pool or None,
             model_name=request.model_name or None,
             state=convert.cache_state(request.state),
+            after=request.page_token,
+            limit=request.page_size or DEFAULT_PAGE_SIZE,
         )
-        # Caches come sorted by id; the token is the last id served, so pages stay
-        # consistent while caches come and go.
-        if request.page_token:
-            caches = [c for c in caches if c.cache_id > request.page_token]
-        page = caches[:page_size]
-        token = page[-1].cache_id if len(caches) > page_size else ""
-        return pb.ListCachesResponse(caches=[convert.cache_message(c) for c in page], next_page_token=token)
+        return pb.ListCachesResponse(
+            caches=[convert.cache_message(c) for c in page.caches], next_page_token=page.next_page_token
+        )
 
     async def Watch(self, request: pb.WatchRequest, context) -> AsyncIterator[pb.WatchEvent]:
         """Open the caller's session and stream its events until the stream breaks (the
-        session then ends at once: a killed client is reclaimed in milliseconds)."""
+        session then ends at once: a killed client is reclaimed in milliseconds) or the
+        broker ends the session (SESSION_ENDED, then the stream ends)."""
         try:
             session_id = holder_of(context) or _valid_session_id(request.session_id or "")
-            session = self._engine.watch(
+            events = self._engine.session_events(
                 session_id, client_name=request.client_name[:128], pid=request.pid, host=request.host[:256]
             )
+            opened = await anext(events)
         except BrokerError as err:
-            await context.abort(convert.status_for(err), str(err))
-        try:
-            yield pb.WatchEvent(
-                kind=pb.EVENT_KIND_SESSION_OPENED,
-                session_id=session_id,
-                lease_seconds=self._engine.sessions.lease_seconds,
-                instance_id=self._engine.instance_id,
-            )
-            while True:
-                event = await session.events.get()
-                if event is None:
-                    return
-                yield convert.event_message(event)
-        finally:
-            # Shielded: the stream's task is being cancelled when the client vanished,
-            # and the session's end must run to completion all the same.
-            await asyncio.shield(self._engine.end_session(session_id, "watch stream closed"))
+            await context.abort(convert.status_for(err), convert.error_details(err))
+        async with contextlib.aclosing(events):
+            yield convert.session_event_message(opened)
+            async for event in events:
+                yield convert.session_event_message(event)
 
     @_translate_errors
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
         holder = holder_of(context)
         if not holder:
-            raise convert.InvalidArgument(SESSION_METADATA_KEY, "is required to heartbeat a session")
+            raise convert.InvalidArgument(SESSION_ID_KEY, "is required to heartbeat a session")
         return pb.HeartbeatResponse(lease_seconds=self._engine.heartbeat(holder))
 
     @_translate_errors
     async def ReportUnmapped(self, request: pb.ReportUnmappedRequest, context) -> pb.ReportUnmappedResponse:
         holder = holder_of(context)
         if not holder:
-            raise convert.InvalidArgument(SESSION_METADATA_KEY, "is required to report an unmapping")
+            raise convert.InvalidArgument(SESSION_ID_KEY, "is required to report an unmapping")
         if not request.segment_id:
             raise convert.InvalidArgument("segment_id", "is required")
         await self._engine.report_unmapped(request.segment_id, request.segment_generation, holder)

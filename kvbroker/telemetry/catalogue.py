@@ -21,6 +21,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from kvbroker.wire import SessionEndReason
+
 PREFIX = "kvbroker_"
 
 
@@ -130,7 +132,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
                "Time one compaction spent copying bytes on a device.", ("device",), COMPACTION_BUCKETS),
     MetricSpec("kvbroker_sessions_opened_total", Kind.COUNTER, "", "Client sessions opened."),
     MetricSpec("kvbroker_sessions_reclaimed_total", Kind.COUNTER, "",
-               "Client sessions ended by the broker, by reason (stream_closed, lease_expired, other).",
+               "Client sessions ended by the broker, by reason "
+               f"({', '.join(r.value for r in SessionEndReason)}, other).",
                ("reason",)),
     MetricSpec("kvbroker_rpc_duration_seconds", Kind.HISTOGRAM, "seconds",
                "Server-side duration of RPCs by service, method and status code.",

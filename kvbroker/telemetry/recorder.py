@@ -25,6 +25,7 @@ from kvbroker.core.errors import (
     ResourceExhausted,
 )
 from kvbroker.engine import MethodStats, RpcStats
+from kvbroker.wire import SessionEndReason
 from kvbroker.telemetry.catalogue import BY_NAME
 from kvbroker.telemetry.histogram import Histogram, HistogramValue, Window
 
@@ -41,8 +42,8 @@ _OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
     (asyncio.CancelledError, "cancelled"),
 )
 
-#: The engine's session-end reasons -> label values.
-SESSION_END_REASONS = {"watch stream closed": "stream_closed", "lease expired": "lease_expired"}
+#: The ``reason`` label of a session end that is not a ``wire.SessionEndReason``.
+OTHER_REASON = "other"
 
 _ALLOCATIONS = BY_NAME["kvbroker_allocations_total"].name
 _WAIT = BY_NAME["kvbroker_allocation_wait_seconds"]
@@ -115,8 +116,8 @@ class Recorder:
         series = self._counters[_OPENED]
         series[()] = series.get((), 0) + 1
 
-    def session_reclaimed(self, reason: str) -> None:
-        key = (SESSION_END_REASONS.get(reason, "other"),)
+    def session_reclaimed(self, reason: SessionEndReason) -> None:
+        key = (reason.value if isinstance(reason, SessionEndReason) else OTHER_REASON,)
         series = self._counters[_RECLAIMED]
         series[key] = series.get(key, 0) + 1
 

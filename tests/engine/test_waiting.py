@@ -7,24 +7,18 @@ import asyncio
 
 import pytest
 
-from kvbroker.core import AllocationRequest, Broker, DeviceSpec, PoolSpec
+from kvbroker.core import AllocationRequest
 from kvbroker.core.errors import DeadlineExceeded
-from kvbroker.engine import Engine, EngineSettings
-from kvbroker.memory.host import HostMemory
 
-MiB = 1 << 20
+from .support import MiB, host_engine, private_shm_dir, until
 
 
 @pytest.fixture
-def engine(tmp_path):
-    broker = Broker(
-        [DeviceSpec("host", 16 * MiB, 4096)],
-        [PoolSpec("p", ("host",), block_bytes=MiB, segment_bytes=16 * MiB, gc_threshold=1.0)],
-    )
-    memory = HostMemory("wait", shm_dir=str(tmp_path))
-    engine = Engine(broker, {"host": memory}, "wait", EngineSettings(lease_seconds=60))
-    yield engine
-    asyncio.run(engine.close())
+def engine():
+    with private_shm_dir() as shm_dir:
+        engine = host_engine(shm_dir)
+        yield engine
+        asyncio.run(engine.close())
 
 
 def test_waiters_are_served_by_priority_then_arrival(engine):
@@ -33,24 +27,24 @@ def test_waiters_are_served_by_priority_then_arrival(engine):
         served: list[str] = []
 
         async def wait(name: str, priority: int) -> None:
-            info, _ = await engine.allocate(
-                AllocationRequest("p", 8 * MiB, holder=name, priority=priority, pinned=True), wait_timeout_s=10
+            await engine.allocate(
+                AllocationRequest("p", 8 * MiB, holder=name, priority=priority, pinned=True), wait_timeout_s=30
             )
             served.append(name)
 
         tasks = []
-        for name, priority in (("low-1", 0), ("high", 3), ("low-2", 0)):
+        for n, (name, priority) in enumerate((("low-1", 0), ("high", 3), ("low-2", 0)), 1):
             tasks.append(asyncio.create_task(wait(name, priority)))
-            await asyncio.sleep(0.05)
+            await until(lambda: engine.waiting == n, what=f"{n} waiters")
         assert served == []
         await engine.unpin(blocker.cache_id, "h")
         await engine.release(blocker.cache_id, "h")
-        await asyncio.sleep(0.2)
+        await until(lambda: len(served) == 2, what="two served")
         assert served == ["high", "low-1"], "two 8 MiB requests fit: the high one, then the first low one"
-        assert len(engine._waiters) == 1, "low-2 still waits for its turn"
+        assert engine.waiting == 1, "low-2 still waits for its turn"
         tasks[2].cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        assert engine._waiters == []
+        assert engine.waiting == 0
 
     asyncio.run(body())
 
@@ -60,14 +54,35 @@ def test_timeout_and_cancellation_leave_the_queue(engine):
         blocker, _ = await engine.allocate(AllocationRequest("p", 16 * MiB, holder="h", pinned=True))
         with pytest.raises(DeadlineExceeded, match="wait_timeout_ms=200"):
             await engine.allocate(AllocationRequest("p", MiB, holder="w"), wait_timeout_s=0.2)
-        task = asyncio.create_task(engine.allocate(AllocationRequest("p", MiB, holder="c"), wait_timeout_s=10))
-        await asyncio.sleep(0.05)
+        task = asyncio.create_task(engine.allocate(AllocationRequest("p", MiB, holder="c"), wait_timeout_s=30))
+        await until(lambda: engine.waiting == 1, what="the waiter")
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        assert engine._waiters == []
+        assert engine.waiting == 0
         await engine.unpin(blocker.cache_id, "h")
         await engine.release(blocker.cache_id, "h")
-        await asyncio.sleep(0.05)
+        await engine.idle()
         assert engine.broker.stats().total.allocated_bytes == 0, "the cancelled request got nothing"
+
+    asyncio.run(body())
+
+
+def test_a_head_that_does_not_fit_blocks_smaller_requests_behind_it(engine):
+    async def body():
+        a, _ = await engine.allocate(AllocationRequest("p", 8 * MiB, holder="h", pinned=True))
+        b, _ = await engine.allocate(AllocationRequest("p", 8 * MiB, holder="h", pinned=True))
+        big = asyncio.create_task(engine.allocate(AllocationRequest("p", 16 * MiB, holder="big"), wait_timeout_s=30))
+        await until(lambda: engine.waiting == 1)
+        small = asyncio.create_task(engine.allocate(AllocationRequest("p", MiB, holder="small"), wait_timeout_s=30))
+        await until(lambda: engine.waiting == 2)
+        await engine.release(a.cache_id, "h")
+        await engine.idle()
+        assert not small.done(), "8 MiB are free, but the 16 MiB head goes first"
+        await engine.release(b.cache_id, "h")
+        info, _ = await big
+        assert info.nbytes == 16 * MiB
+        await engine.release(info.cache_id, "big")
+        small_info, _ = await small
+        assert small_info.nbytes == MiB
 
     asyncio.run(body())

@@ -68,3 +68,50 @@ def test_state_filter():
     assert convert.cache_state(pb.CACHE_STATE_EVICTED) is CacheState.EVICTED
     with pytest.raises(errors.InvalidArgument, match="state"):
         convert.cache_state(42)
+
+
+def test_pending_caches_have_a_wire_state():
+    assert convert.cache_state(pb.CACHE_STATE_PENDING) is CacheState.PENDING
+    assert convert._STATE_TO_PB[CacheState.PENDING] == pb.CACHE_STATE_PENDING
+    assert set(convert._STATE_TO_PB) == set(CacheState)
+
+
+def test_dtypes_come_from_the_wire_table():
+    from kvbroker import wire
+
+    for dtype in wire.DTYPES:
+        request, _ = convert.allocation_request(pb.AllocateRequest(pool="p", dtype=dtype.value, shape=[3]), "")
+        assert (request.dtype, request.nbytes) == (dtype.name, 3 * dtype.itemsize)
+        assert convert._dtype_value(dtype.name) == dtype.value
+    assert not hasattr(convert, "DTYPES"), "one table: kvbroker.wire.DTYPES"
+
+
+def test_error_details_are_capped_per_field():
+    err = errors.InvalidArgument("model_name", "x" * 10_000)
+    details = convert.error_details(err)
+    assert details.startswith("model_name: " + "x" * 200) and details.endswith("(9800 more characters)")
+    assert convert.error_details(errors.NotFound("short")) == "short"
+    assert len(convert.error_details(errors.NotFound("y" * 100_000))) < convert.MAX_MESSAGE_CHARS + 40
+
+
+def test_host_handles_name_their_directory():
+    from kvbroker.core import SegmentInfo
+    from kvbroker.engine import CacheHandle
+    from kvbroker.memory.backend import HostHandle
+
+    segment = SegmentInfo(1, 1, "p", "host", 4096)
+    backend = HostHandle("kvb-1-x-1-1", 4096, 1, 2)
+    msg = convert.handle_message(CacheHandle("x", 1, segment, backend, 0, 10, 0))
+    assert msg.host.shm_dir == getattr(backend, "shm_dir", "/dev/shm")
+
+
+def test_session_events_on_the_wire():
+    from kvbroker.engine import SessionEnded, SessionOpened
+    from kvbroker.wire import SessionEndReason
+
+    opened = convert.session_event_message(SessionOpened("s", 10.0, "i"))
+    assert (opened.kind, opened.session_id, opened.lease_seconds, opened.instance_id) == (
+        pb.EVENT_KIND_SESSION_OPENED, "s", 10.0, "i",
+    )  # fmt: skip
+    ended = convert.session_event_message(SessionEnded(SessionEndReason.LEASE_EXPIRED))
+    assert (ended.kind, ended.reason) == (pb.EVENT_KIND_SESSION_ENDED, "lease_expired")

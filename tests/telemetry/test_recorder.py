@@ -6,6 +6,7 @@ import asyncio
 
 from kvbroker.core.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
 from kvbroker.telemetry.recorder import Recorder, outcome_of
+from kvbroker.wire import SessionEndReason
 
 
 class Clock:
@@ -29,7 +30,7 @@ def test_label_values_are_bounded() -> None:
         r.allocation_finished(f"pool-{i}", NotFound("x"))
         r.allocation_waited(f"pool-{i}", 0.1)
         r.session_reclaimed(f"reason {i}")
-    r.session_reclaimed("lease expired")
+    r.session_reclaimed(SessionEndReason.LEASE_EXPIRED)
     snap = r.snapshot()
     assert snap.counters["kvbroker_allocations_total"] == {("", "not_found"): 100}
     assert list(snap.histograms["kvbroker_allocation_wait_seconds"]) == [("",)]

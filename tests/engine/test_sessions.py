@@ -8,7 +8,8 @@ import pytest
 
 from kvbroker.core.errors import AlreadyExists
 from kvbroker.core.types import Event, EventKind
-from kvbroker.sessions import SessionRegistry
+from kvbroker.engine.sessions import SessionEnded, SessionRegistry
+from kvbroker.wire import SessionEndReason
 
 
 class Clock:
@@ -45,9 +46,10 @@ def test_one_stream_per_session_and_events_reach_watchers_only():
         registry.touch("lease-only")
         queued = registry.deliver([Event(EventKind.EVICTED, frozenset({"s", "lease-only", "gone"}), cache_id="c")])
         assert queued == 1
-        assert (await session.events.get()).cache_id == "c"
-        registry.close("s")
-        assert await session.events.get() is None, "closing ends the stream"
+        stream = registry.stream(session)
+        assert (await anext(stream)).cache_id == "c"
+        registry.close("s", SessionEndReason.STREAM_CLOSED)
+        assert [e async for e in stream] == [], "closing ends the stream"
         assert "s" not in registry
 
     asyncio.run(body())
@@ -59,5 +61,29 @@ def test_a_lease_only_session_can_start_watching():
         registry.touch("s")
         _, opened = registry.watch("s", client_name="w", pid=1, host="h")
         assert opened is False
+
+    asyncio.run(body())
+
+
+def test_a_lease_expiry_tells_the_stream_why_before_ending_it():
+    async def body():
+        registry = SessionRegistry(5.0)
+        session, _ = registry.watch("s", client_name="w", pid=1, host="h")
+        assert registry.close("s", SessionEndReason.LEASE_EXPIRED) is session
+        assert [e async for e in registry.stream(session)] == [SessionEnded(SessionEndReason.LEASE_EXPIRED)]
+        assert registry.close("s", SessionEndReason.STREAM_CLOSED) is None, "idempotent"
+
+    asyncio.run(body())
+
+
+def test_a_late_close_does_not_end_a_newer_session_with_the_same_id():
+    async def body():
+        registry = SessionRegistry(5.0)
+        old, _ = registry.watch("s", client_name="w", pid=1, host="h")
+        registry.close("s", SessionEndReason.LEASE_EXPIRED)
+        new, opened = registry.watch("s", client_name="w", pid=1, host="h")
+        assert opened
+        assert registry.close("s", SessionEndReason.STREAM_CLOSED, only=old) is None
+        assert registry.get("s") is new
 
     asyncio.run(body())

@@ -1,0 +1,17 @@
+"""The engine: the pure core plus the device memory, driven from one asyncio event loop.
+
+``Engine`` (``kvbroker.engine.engine``) is what the server and the daemon call; the
+other modules are its parts. See ``engine.py`` for the concurrency invariant.
+"""
+
+from kvbroker.engine.background import EngineSettings
+from kvbroker.engine.engine import CachePage, DefragmentResult, Engine, EngineStatus
+from kvbroker.engine.handles import CacheHandle
+from kvbroker.engine.ports import MethodStats, NullObserver, Observer, RpcStats, Span
+from kvbroker.engine.sessions import SessionEnded, SessionEvent, SessionOpened
+
+__all__ = [
+    "CacheHandle", "CachePage", "DefragmentResult", "Engine", "EngineSettings", "EngineStatus",
+    "MethodStats", "NullObserver", "Observer", "RpcStats", "SessionEnded", "SessionEvent",
+    "SessionOpened", "Span",
+]

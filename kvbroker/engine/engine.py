@@ -1,0 +1,324 @@
+"""The engine: the pure core plus the device memory, driven from one asyncio event loop.
+
+The core decides; backends hold bytes; the engine makes the two agree. This module is
+the facade the server and the daemon call; the work is done by its parts:
+``allocation`` (place, back, hand out, wait), ``compaction`` (copy and commit),
+``devicework`` (every blocking backend call, in threads), ``handles``, ``sessions``
+and ``background`` (the tick).
+
+Concurrency invariant: **the core is mutated only in synchronous sections on the event
+loop, and device work never runs inside one.** Each core call, and the bookkeeping that
+depends on its result, runs without an ``await`` in between; that is the engine's lock
+(the one loop thread serializes them, so an ``asyncio.Lock`` around code that never
+awaits would never be contended). Device work (creating and zeroing segments,
+compaction copies, frees) runs in threads between two such sections, and the core's
+in-flight states (PENDING caches, CREATING segments, compacting arenas, MOVING caches;
+CONTRACT.md) keep every other call correct meanwhile: an attach or pin of a PENDING or
+MOVING cache waits for the work to end, then retries; an allocation of a pool being
+compacted waits for the compaction. Reads (``stats``, ``list_caches``) run between
+mutations and see a consistent state.
+
+Sessions are the holders: every handle handed to a session is recorded as a mapping of
+its segment; a session that ends (its Watch stream breaks, its lease runs out) loses
+its holds, pins and mappings, and the core's events (EVICTED, MOVED, SEGMENT_RETIRED)
+are queued for the sessions they concern after every mutation (``_settle``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from kvbroker import __version__
+from kvbroker.core import (
+    ANONYMOUS_HOLDER,
+    AllocationRequest,
+    Broker,
+    BrokerStats,
+    CacheInfo,
+    CacheState,
+    Event,
+    EventKind,
+    SegmentInfo,
+)
+from kvbroker.engine.allocation import Allocator
+from kvbroker.engine.background import Background, EngineSettings
+from kvbroker.engine.compaction import Compactions
+from kvbroker.engine.devicework import DeviceWork
+from kvbroker.engine.handles import CacheHandle, HandleCache
+from kvbroker.engine.ports import NullObserver, Observer, RpcStats
+from kvbroker.engine.sessions import SessionEvent, SessionOpened, SessionRegistry
+from kvbroker.memory.backend import SegmentMemory
+from kvbroker.wire import SessionEndReason
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DefragmentResult:
+    caches_moved: int
+    bytes_moved: int
+    fragmentation_before: float
+    fragmentation_after: float
+    segments_freed: int
+    duration_seconds: float
+    dry_run: bool
+
+
+class EngineStatus(NamedTuple):
+    """This daemon run, for the Stats RPC. ``rpc`` is None when telemetry is off."""
+
+    version: str
+    instance_id: str
+    uptime_seconds: float
+    lease_seconds: float
+    rpc: RpcStats | None
+
+
+class CachePage(NamedTuple):
+    """One page of ``list_caches``; ``next_page_token`` is "" on the last page."""
+
+    caches: list[CacheInfo]
+    next_page_token: str
+
+
+class Engine:
+    """The broker with bytes behind it.
+
+    Args:
+        broker: the core; the engine becomes its only caller.
+        memories: one backend per device id of the broker.
+        instance_id: identifies this daemon run in handles and shm names.
+        settings: leases, idle-segment retirement and the background tick.
+        observer: telemetry's hooks (``NullObserver`` when None).
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        memories: Mapping[str, SegmentMemory],
+        instance_id: str,
+        settings: EngineSettings | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        missing = {d.device_id for d in broker.devices} - set(memories)
+        if missing:
+            raise ValueError(f"no memory backend for devices {sorted(missing)}")
+        self.broker = broker
+        self.instance_id = instance_id
+        self.settings = settings or EngineSettings()
+        self._observer: Observer = observer or NullObserver()
+        self._sessions = SessionRegistry(self.settings.lease_seconds)
+        self._started_at = time.time()
+        self._handles = HandleCache(broker, memories, instance_id)
+        self._device = DeviceWork(memories, self._handles)
+        self._compactions = Compactions(broker, self._device, self._observer, self._settle)
+        self._allocator = Allocator(broker, self._device, self._handles, self._compactions, self._observer, self._settle)
+        self._background = Background(broker, self._sessions, self.settings, self._end_session_now, self._settle)
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background tick (call from the running loop)."""
+        self._background.start()
+
+    async def shutting_down(self) -> None:
+        """Tell every watching session that the broker stops, and end their sessions
+        (reason ``BROKER_STOPPING``; their streams end after ``SHUTTING_DOWN``)."""
+        event = Event(EventKind.SHUTTING_DOWN, frozenset(), reason="broker stopping")
+        for session_id in self._sessions.broadcast(event):
+            self._end_session_now(session_id, SessionEndReason.BROKER_STOPPING)
+
+    async def close(self) -> None:
+        """Stop the tick, wait for device work in flight, free every backend's memory
+        (unlinking host shm objects). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._background.stop()
+        await self._device.close()
+
+    async def idle(self) -> None:
+        """Until no device work (creation, zeroing, copy, free, abandoned allocation)
+        is in flight."""
+        await self._device.idle()
+
+    # -- allocation, holders and pins -------------------------------------------------
+
+    async def allocate(self, request: AllocationRequest, *, wait_timeout_s: float = 0.0) -> tuple[CacheInfo, CacheHandle]:
+        """Place a cache, back it and hand it out; wait up to ``wait_timeout_s`` for
+        room (see ``kvbroker.engine.allocation``). A cancelled call holds nothing."""
+        self._touch(request.holder)
+        try:
+            placed = await self._allocator.allocate(request, wait_timeout_s)
+        except BaseException as err:
+            self._observer.allocation_finished(request.pool, err)
+            raise
+        self._observer.allocation_finished(request.pool, None)
+        return placed
+
+    async def release(self, cache_id: str, holder: str, *, force: bool = False) -> bool:
+        """Drop ``holder``'s hold; True when this freed the cache."""
+        self._touch(holder)
+        freed = self.broker.release(cache_id, holder, force=force)
+        self._settle((), True)  # freed bytes, or a dropped pin that makes eviction possible
+        return freed
+
+    async def attach(self, cache_id: str, holder: str) -> tuple[CacheInfo, CacheHandle]:
+        """Hold an existing cache; waits while it is being created or moved."""
+        self._touch(holder)
+        await self._until_settled(cache_id)
+        info = self.broker.attach(cache_id, holder)
+        return info, self._handles.for_cache(info, holder)
+
+    async def pin(self, cache_id: str, holder: str) -> tuple[CacheInfo, CacheHandle]:
+        """Pin (and hold) a cache; waits while it is being created or moved."""
+        self._touch(holder)
+        await self._until_settled(cache_id)
+        info = self.broker.pin(cache_id, holder)
+        return info, self._handles.for_cache(info, holder)
+
+    async def unpin(self, cache_id: str, holder: str) -> CacheInfo:
+        self._touch(holder)
+        info = self.broker.unpin(cache_id, holder)
+        self._settle((), not info.pinned)
+        return info
+
+    async def _until_settled(self, cache_id: str) -> None:
+        """Wait (outside any core section) while ``cache_id`` is PENDING or MOVING."""
+        while True:
+            busy = self._allocator.pending(cache_id) or self._compactions.moving(cache_id)
+            if busy is None:
+                return
+            await busy.wait()
+
+    # -- sessions ---------------------------------------------------------------------
+
+    async def session_events(self, session_id: str, *, client_name: str, pid: int, host: str) -> AsyncIterator[SessionEvent]:
+        """Open (or attach a stream to) a session and yield its events: first
+        ``SessionOpened``, then the core's events, and ``SessionEnded`` last when the
+        broker ended the session. Leaving the iteration (the stream broke) ends the
+        session (``STREAM_CLOSED``). Raises ``AlreadyExists`` on the first step when
+        another stream watches the session."""
+        session, opened = self._sessions.watch(session_id, client_name=client_name, pid=pid, host=host)
+        if opened:
+            self._observer.session_opened()
+            log.info("session %s opened (%s pid %d on %s)", session_id, client_name or "?", pid, host or "?")
+        try:
+            yield SessionOpened(session_id, self._sessions.lease_seconds, self.instance_id)
+            async for event in self._sessions.stream(session):
+                yield event
+        finally:
+            # Synchronous, so it completes even while the stream's task is cancelled.
+            self._end_session_now(session_id, SessionEndReason.STREAM_CLOSED, only=session)
+
+    def heartbeat(self, session_id: str) -> float:
+        """Renew a session's lease; returns the lease in seconds."""
+        self._touch(session_id)
+        return self._sessions.lease_seconds
+
+    async def end_session(self, session_id: str, reason: SessionEndReason) -> list[str]:
+        """End a session: its holds, pins and mappings go, its non-retained caches are
+        freed, segments only it mapped go back to the device. Idempotent. Returns the
+        freed cache ids."""
+        return self._end_session_now(session_id, reason)
+
+    def _end_session_now(self, session_id: str, reason: SessionEndReason, *, only: object = None) -> list[str]:
+        session = self._sessions.close(session_id, reason, only=only)
+        if session is None:
+            return []
+        self._observer.session_reclaimed(reason)
+        freed, retired = self.broker.end_session(session_id)
+        self._settle(retired, True)
+        log.info("session %s ended (%s): %d caches freed, %d segments retired",
+                 session_id, reason.value, len(freed), len(retired))  # fmt: skip
+        return freed
+
+    async def report_unmapped(self, segment_id: int, generation: int, holder: str) -> None:
+        """A session no longer maps a segment; a draining segment whose last mapper this
+        was goes back to the device. A report about an older segment that had the same
+        id (another generation) is ignored."""
+        self._touch(holder)
+        known = self._handles.generation(segment_id)
+        if known is not None and known != generation:
+            return
+        retired = self.broker.note_unmapped(segment_id, holder)
+        if retired is not None:
+            self._settle((retired,), True)
+
+    # -- queries ----------------------------------------------------------------------
+
+    def stats(self) -> BrokerStats:
+        return self.broker.stats()
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(
+            __version__, self.instance_id, time.time() - self._started_at,
+            self._sessions.lease_seconds, self._observer.rpc_stats(),
+        )  # fmt: skip
+
+    def list_caches(
+        self, *, pool: str | None, model_name: str | None, state: CacheState | None, after: str, limit: int
+    ) -> CachePage:
+        """Caches ordered by id, after ``after``, at most ``limit`` (the core's paged
+        index: O(limit log n) per page)."""
+        caches, token = self.broker.list_caches(pool=pool, model_name=model_name, state=state, after=after, limit=limit)
+        return CachePage(caches, token)
+
+    @property
+    def waiting(self) -> int:
+        """Allocations waiting for room."""
+        return len(self._allocator.queue)
+
+    def memory(self, device_id: str) -> SegmentMemory:
+        return self._device.memory(device_id)
+
+    # -- compaction and background ----------------------------------------------------
+
+    async def defragment(self, *, device: str | None, pool: str | None, dry_run: bool) -> DefragmentResult:
+        """Compact now: plan, copy in threads, commit, free emptied segments. Waits for
+        compactions already in flight first. Raises the copy's error after committing
+        the moves that completed."""
+        started = time.perf_counter()
+        await self._compactions.quiet()
+        plan = self.broker.plan_compaction(device=device, pool=pool)
+        moved, nbytes, freed = plan.caches_moved, plan.bytes_moved, len(plan.segments_emptied)
+        if not dry_run and plan.moves:
+            outcome = await self._compactions.run(plan)
+            if outcome.error is not None:
+                raise outcome.error
+            moved, nbytes, freed = outcome.completed, outcome.bytes_moved, outcome.segments_freed
+        elif not dry_run:
+            freed = 0
+        return DefragmentResult(
+            caches_moved=moved, bytes_moved=nbytes,
+            fragmentation_before=plan.fragmentation_before, fragmentation_after=plan.fragmentation_after,
+            segments_freed=freed, duration_seconds=time.perf_counter() - started, dry_run=dry_run,
+        )  # fmt: skip
+
+    async def tick(self) -> None:
+        """One round of background work (see ``kvbroker.engine.background``)."""
+        self._background.tick()
+
+    # -- internals --------------------------------------------------------------------
+
+    def _touch(self, holder: str) -> None:
+        if holder != ANONYMOUS_HOLDER:
+            self._sessions.touch(holder)
+
+    def _settle(self, retired: Sequence[SegmentInfo], memory_freed: bool) -> None:
+        """After a core mutation: queue the core's events for the sessions they concern,
+        free retired segments (in a thread), and let the first waiting allocation retry
+        when memory was freed."""
+        events = self.broker.drain_events()
+        if events:
+            self._sessions.deliver(events)
+        if retired:
+            self._device.free_soon(retired)
+        if memory_freed or retired:
+            self._allocator.queue.wake_head()

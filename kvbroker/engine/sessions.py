@@ -1,0 +1,177 @@
+"""Sessions: who is connected, whether they are alive, and the stream of their events.
+
+A session is one client process, named by the id it sends in the ``kvbroker-session-id``
+metadata (``kvbroker.wire.SESSION_ID_KEY``). It is alive while its lease runs: every
+call it makes, and every Heartbeat, renews the lease; a ``Watch`` stream also ends the
+session the moment it breaks (a killed process closes its socket, so a crash is noticed
+in milliseconds, not after the lease). A hung process (stream open, no heartbeat) is
+caught by the lease, and its stream is told why (``SessionEnded``) before it ends.
+
+The registry only keeps time and queues; what a session's end means for its caches is
+the core's ``Broker.end_session``, driven by the engine. Events reach a stream through
+``SessionRegistry.stream``, an async iterator that ends when the session does: the
+queue and its end marker never leave this module. Not thread-safe: it lives on the
+engine's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple, TypeAlias
+
+from kvbroker.core.errors import AlreadyExists
+from kvbroker.core.types import Event
+from kvbroker.wire import SessionEndReason
+
+
+class SessionOpened(NamedTuple):
+    """The first item of every stream: the session is open, with this lease."""
+
+    session_id: str
+    lease_seconds: float
+    instance_id: str
+
+
+class SessionEnded(NamedTuple):
+    """The last item of a stream whose session the broker ended (its lease ran out)."""
+
+    reason: SessionEndReason
+
+
+#: What a Watch stream carries: the core's events, framed by the two above.
+SessionEvent: TypeAlias = Event | SessionOpened | SessionEnded
+
+#: Marks the end of a session's queue (never yielded).
+_END = object()
+
+
+@dataclass(eq=False)
+class Session:
+    """One connected client. ``stream_end`` is set when the broker ended the session
+    (the Watch stream then ends with that reason, not ``STREAM_CLOSED``)."""
+
+    session_id: str
+    expires_at: float
+    client_name: str = ""
+    pid: int = 0
+    host: str = ""
+    watching: bool = False
+    stream_end: SessionEndReason | None = None
+    _queue: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
+
+
+class SessionRegistry:
+    """Live sessions and their leases.
+
+    Args:
+        lease_seconds: how long a session lives without a call or heartbeat.
+        clock: monotonic seconds (injectable for tests).
+    """
+
+    def __init__(self, lease_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if lease_seconds <= 0:
+            raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
+        self.lease_seconds = lease_seconds
+        self._clock = clock
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._sessions
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def watch(self, session_id: str, *, client_name: str, pid: int, host: str) -> tuple[Session, bool]:
+        """Attach a Watch stream to the session (opening it if new). Returns the session
+        and whether it is new.
+
+        Raises:
+            AlreadyExists: another live stream watches this session.
+        """
+        session = self._sessions.get(session_id)
+        opened = session is None
+        if session is None:
+            session = self._sessions[session_id] = Session(session_id, self._deadline())
+        elif session.watching:
+            raise AlreadyExists(f"session {session_id!r} is already watched by another stream")
+        session.watching = True
+        session.client_name, session.pid, session.host = client_name, pid, host
+        session.expires_at = self._deadline()
+        return session, opened
+
+    def touch(self, session_id: str) -> bool:
+        """Renew a session's lease, opening a lease-only session for an unknown id (a
+        client that calls without watching). Returns True when the session is new."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            self._sessions[session_id] = Session(session_id, self._deadline())
+            return True
+        session.expires_at = self._deadline()
+        return False
+
+    def expired(self) -> list[str]:
+        """Ids of the sessions whose lease ran out. Cost: O(sessions)."""
+        now = self._clock()
+        return [sid for sid, s in self._sessions.items() if s.expires_at <= now]
+
+    def close(self, session_id: str, reason: SessionEndReason, *, only: Session | None = None) -> Session | None:
+        """Forget a session and end its Watch stream. Returns the session, or None when
+        it was not live (so a second close does nothing).
+
+        ``only``: close only if this very object is the live session; a stream that
+        closes late must not end a newer session that reused the id.
+
+        The stream ends after ``SessionEnded(reason)`` when the lease expired (the client
+        must learn that every hold, pin and mapping is gone); at ``BROKER_STOPPING`` it
+        already got SHUTTING_DOWN, and at ``STREAM_CLOSED`` nobody reads it.
+        """
+        session = self._sessions.get(session_id)
+        if session is None or (only is not None and session is not only):
+            return None
+        del self._sessions[session_id]
+        if session.watching:
+            if reason is not SessionEndReason.STREAM_CLOSED:
+                session.stream_end = reason
+            if reason is SessionEndReason.LEASE_EXPIRED:
+                session._queue.put_nowait(SessionEnded(reason))
+            session._queue.put_nowait(_END)
+        return session
+
+    async def stream(self, session: Session) -> AsyncIterator[Event | SessionEnded]:
+        """The session's events until it ends (``SessionEnded`` last, when the broker
+        ended it). Cost per event: one queue get."""
+        queue = session._queue
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            yield item
+
+    def deliver(self, events: Iterable[Event]) -> int:
+        """Queue each event for its recipients that watch; returns how many were queued.
+        Events for sessions without a stream are dropped (they learn on next use)."""
+        queued = 0
+        for event in events:
+            for session_id in event.recipients:
+                session = self._sessions.get(session_id)
+                if session is not None and session.watching:
+                    session._queue.put_nowait(event)
+                    queued += 1
+        return queued
+
+    def broadcast(self, event: Event) -> list[str]:
+        """Queue ``event`` for every watching session (used for SHUTTING_DOWN); returns
+        their ids."""
+        watching = [s for s in self._sessions.values() if s.watching]
+        for session in watching:
+            session._queue.put_nowait(event)
+        return [s.session_id for s in watching]
+
+    def _deadline(self) -> float:
+        return self._clock() + self.lease_seconds

@@ -1,0 +1,139 @@
+"""Engines over real host segments for the engine and server tests, and a backend whose
+device work can be held at the door or made to fail (to see what runs in between)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from kvbroker.core import Broker, DeviceSpec, Move, PoolSpec, SegmentInfo
+from kvbroker.core.audit import audit
+from kvbroker.engine import Engine, EngineSettings
+from kvbroker.memory.backend import CopyError
+from kvbroker.memory.host import HostMemory
+
+MiB = 1 << 20
+
+
+@contextmanager
+def private_shm_dir() -> Iterator[str]:
+    """A directory of our own on the host's tmpfs: segments there cost what /dev/shm
+    objects cost, and a test can count exactly the objects its broker made."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    path = tempfile.mkdtemp(prefix="kvb-test-", dir=base)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Door:
+    """Where a device thread stops until the test opens the door. ``entered`` is set
+    each time a thread arrives."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        self.opened.set()
+
+    def close(self) -> None:
+        self.opened.clear()
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def pass_through(self) -> None:
+        self.entered.set()
+        if not self.opened.wait(30):
+            raise TimeoutError("the test never opened the door")
+
+    async def arrival(self, timeout: float = 10.0) -> None:
+        """Until a device thread reached the door."""
+        if not await asyncio.to_thread(self.entered.wait, timeout):
+            raise TimeoutError("no device thread reached the door")
+
+
+class DoorMemory:
+    """A ``HostMemory`` whose create, zero and copy pass a ``Door`` first, and whose
+    copy can fail after ``copy_fails_after`` moves (the earlier moves complete, the rest
+    do not start: what ``CopyError`` promises)."""
+
+    def __init__(self, inner: HostMemory) -> None:
+        self.inner = inner
+        self.doors = {"create": Door(), "zero": Door(), "copy": Door()}
+        self.copy_fails_after: int | None = None
+        self.create_error: BaseException | None = None
+        self.zeroed: list[tuple[int, int, int]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def create(self, segment: SegmentInfo) -> None:
+        self.doors["create"].pass_through()
+        if self.create_error is not None:
+            raise self.create_error
+        self.inner.create(segment)
+
+    def zero(self, segment_id: int, offset: int, nbytes: int) -> None:
+        self.doors["zero"].pass_through()
+        self.inner.zero(segment_id, offset, nbytes)
+        self.zeroed.append((segment_id, offset, nbytes))
+
+    def copy(self, moves: Sequence[Move]) -> None:
+        self.doors["copy"].pass_through()
+        k = self.copy_fails_after
+        if k is None or k >= len(moves):
+            self.inner.copy(moves)
+            return
+        self.inner.copy(moves[:k])
+        raise CopyError(k, OSError(errno.EIO, "injected copy failure"))
+
+
+def host_engine(
+    shm_dir: str,
+    *,
+    capacity: int = 16 * MiB,
+    pools: Sequence[PoolSpec] | None = None,
+    settings: EngineSettings | None = None,
+    wrap: Callable[[HostMemory], object] = lambda memory: memory,
+    instance_id: str = "test",
+    observer: object = None,
+) -> Engine:
+    """An engine over real host segments in ``shm_dir``: one device, by default one
+    pool "p" of 1 MiB blocks and 16 MiB segments that never reclaims in the background."""
+    if pools is None:
+        pools = [PoolSpec("p", ("host",), block_bytes=MiB, segment_bytes=16 * MiB, gc_threshold=1.0)]
+    broker = Broker([DeviceSpec("host", capacity, 4096)], pools, id_prefix=instance_id)
+    memory = wrap(HostMemory(instance_id, shm_dir=shm_dir))
+    return Engine(broker, {"host": memory}, instance_id, settings or EngineSettings(lease_seconds=60), observer)
+
+
+async def until(condition: Callable[[], bool], *, timeout: float = 10.0, what: str = "the condition") -> None:
+    """Poll ``condition`` on the loop (yielding between polls) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
+async def steps(n: int) -> None:
+    """Let the loop run ``n`` steps (no time passes: a deterministic interleaving)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def shm_objects(shm_dir: str) -> list[str]:
+    return sorted(name for name in os.listdir(shm_dir) if name.startswith("kvb-"))
+
+
+def check(engine: Engine) -> None:
+    """The core's accounting is consistent (call when no device work is in flight)."""
+    audit(engine.broker)
