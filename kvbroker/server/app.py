@@ -17,10 +17,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvbroker.engine import Engine
+from kvbroker.server.registration import SERVICE, add_cache_broker
 from kvbroker.server.servicer import CacheBrokerServicer
-from kvbroker.v1 import broker_pb2, broker_pb2_grpc
 
-SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["CacheBroker"].full_name
+SERVICE_NAME = SERVICE.full_name
 
 #: Handles and stats are small; 16 MiB leaves room for large ListCaches pages.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -69,7 +69,7 @@ async def create_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    broker_pb2_grpc.add_CacheBrokerServicer_to_server(CacheBrokerServicer(engine), server)
+    add_cache_broker(CacheBrokerServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
