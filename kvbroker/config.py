@@ -59,7 +59,15 @@ def parse_size(key: str, value: Any) -> int:
 @dataclass(frozen=True)
 class PoolConfig:
     """A pool as configured; devices are resolved against the discovered devices by the
-    daemon (``"*"`` means every device; ``"cuda:N"`` a GPU by index; else an id)."""
+    daemon (``"*"`` means every device; ``"cuda:N"`` a GPU by index; else an id).
+
+    ``scrub`` (default true) zeroes every reused byte range before a new cache gets it,
+    so no tenant ever reads bytes another tenant released (issue 9.1). It costs one
+    memset per allocation that reuses freed bytes (in a device thread, at memory
+    bandwidth). TURN IT OFF ONLY FOR SINGLE-TENANT DEPLOYMENTS, where every client of
+    the pool may read every other client's KV caches anyway: with ``scrub = false`` a
+    new cache starts with whatever the last cache at that place held.
+    """
 
     name: str
     devices: tuple[str, ...] = (ALL_DEVICES,)
@@ -72,6 +80,8 @@ class PoolConfig:
     segment_bytes: int = 256 * MiB
     default_cache_bytes: int = 0
     placement: Placement = Placement.LEAST_LOADED
+    #: Zero reused bytes before handing them out. Off only for single-tenant deployments.
+    scrub: bool = True
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,7 @@ class BrokerConfig:
 _POOL_KEYS = {
     "name": str, "devices": list, "min_bytes": "size", "max_bytes": "size", "priority": int,
     "eviction_policy": str, "gc_threshold": float, "block_bytes": "size", "segment_bytes": "size",
-    "default_cache_bytes": "size", "placement": str,
+    "default_cache_bytes": "size", "placement": str, "scrub": bool,
 }
 _SECTIONS = {
     "server": {"listen": str, "unix_socket": str, "grace_seconds": float, "log_level": str},

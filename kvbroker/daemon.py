@@ -106,6 +106,7 @@ def pool_specs(config: BrokerConfig, devices: DevicePlan) -> list[PoolSpec]:
                     eviction_policy=pool.eviction_policy, gc_threshold=pool.gc_threshold,
                     block_bytes=pool.block_bytes, segment_bytes=pool.segment_bytes,
                     default_cache_bytes=pool.default_cache_bytes, placement=pool.placement,
+                    scrub=pool.scrub,
                 )
             )
         except InvalidArgument as err:

@@ -92,3 +92,15 @@ def test_session_timing_keys(tmp_path):
         load_config(path=write(tmp_path, "[sessions]\nlease_seconds = 0\n"))
     with pytest.raises(ConfigError, match="KVBROKER_SEGMENT_IDLE_SECONDS"):
         load_config(environ={"KVBROKER_SEGMENT_IDLE_SECONDS": "-1"})
+
+
+def test_pools_scrub_reused_bytes_unless_told_not_to(tmp_path):
+    from kvbroker.core import DeviceSpec
+    from kvbroker.daemon import DevicePlan, pool_specs
+
+    config = load_config(path=write(tmp_path, "[[pools]]\nname = 'shared'\n[[pools]]\nname = 'mine'\nscrub = false\n"))
+    assert [(p.name, p.scrub) for p in config.pools] == [("shared", True), ("mine", False)]
+    specs = pool_specs(config, DevicePlan((DeviceSpec("host", GiB),), {}))
+    assert [(p.name, p.scrub) for p in specs] == [("shared", True), ("mine", False)]
+    with pytest.raises(ConfigError, match=r"pools\[0\].scrub"):
+        load_config(path=write(tmp_path, "[[pools]]\nname = 'a'\nscrub = 'no'\n"))
