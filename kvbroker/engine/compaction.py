@@ -129,18 +129,19 @@ class Compactions:
                             raise
                         self._observer.compaction_copied(device_id, nbytes, time.perf_counter() - started)
                     completed += len(moves)
-        except BaseException as err:  # noqa: BLE001 - reported in the outcome, re-raised by callers
+        except Exception as err:  # reported in the outcome; callers re-raise it
             error = err
             log.error("compaction copy failed after %d of %d moves: %r", completed, len(plan.moves), err)
-        finally:
-            retired = self._broker.commit(plan, None if completed == len(plan.moves) else completed)
-            for arena in arenas:
-                if self._arenas.get(arena) is done:
-                    del self._arenas[arena]
-            for move in plan.moves:
-                if self._moving.get(move.cache_id) is done:
-                    del self._moving[move.cache_id]
-            done.set()
-            self._settle(retired, True)
+        # (A CancelledError propagates without a commit: the engine never cancels a
+        # compaction, only a loop being torn down does, and the copy thread may still run.)
+        retired = self._broker.commit(plan, None if completed == len(plan.moves) else completed)
+        for arena in arenas:
+            if self._arenas.get(arena) is done:
+                del self._arenas[arena]
+        for move in plan.moves:
+            if self._moving.get(move.cache_id) is done:
+                del self._moving[move.cache_id]
+        done.set()
+        self._settle(retired, True)
         moved = sum(m.destination.nbytes for m in plan.moves[:completed])
         return CompactionOutcome(completed, moved, len(retired), error)
