@@ -26,7 +26,7 @@ are queued for the sessions they concern after every mutation (``_settle``).
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -211,8 +211,9 @@ class Engine:
             log.info("session %s opened (%s pid %d on %s)", session_id, client_name or "?", pid, host or "?")
         try:
             yield SessionOpened(session_id, self._sessions.lease_seconds, self.instance_id)
-            async for event in self._sessions.stream(session):
-                yield event
+            async with contextlib.aclosing(self._sessions.stream(session)) as events:
+                async for event in events:
+                    yield event
         finally:
             # Synchronous, so it completes even while the stream's task is cancelled.
             self._end_session_now(session_id, SessionEndReason.STREAM_CLOSED, only=session)
