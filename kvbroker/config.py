@@ -62,7 +62,7 @@ class PoolConfig:
     daemon (``"*"`` means every device; ``"cuda:N"`` a GPU by index; else an id).
 
     ``scrub`` (default true) zeroes every reused byte range before a new cache gets it,
-    so no tenant ever reads bytes another tenant released (issue 9.1). It costs one
+    so no tenant ever reads bytes another tenant released. It costs one
     memset per allocation that reuses freed bytes (in a device thread, at memory
     bandwidth). TURN IT OFF ONLY FOR SINGLE-TENANT DEPLOYMENTS, where every client of
     the pool may read every other client's KV caches anyway: with ``scrub = false`` a

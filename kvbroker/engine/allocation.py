@@ -1,6 +1,6 @@
 """Allocation: place in the core, back and zero in threads, hand out; or wait for room.
 
-The path of one Allocate (CONTRACT.md's protocol):
+The path of one Allocate (the core's in-flight protocol, ``kvbroker/core/broker.py``):
 
 1. **Place** (a synchronous core call): ``Broker.allocate`` puts the cache in PENDING,
    perhaps in a new CREATING segment, or answers with a compaction plan (run by
@@ -8,13 +8,13 @@ The path of one Allocate (CONTRACT.md's protocol):
    is waited for first (the core places nothing in a frozen arena).
 2. **Back** (in threads, off the loop): create the new segment; zero the extent when the
    core says the bytes were used before (``needs_zeroing``) and the pool scrubs
-   (``PoolSpec.scrub``, issue 9.1: released bytes never reach the next tenant).
+   (``PoolSpec.scrub``): bytes one tenant released never reach the next tenant.
 3. **Hand out** (synchronous): ``segment_created``, ``cache_ready``, the handle.
 
 When the request does not fit and may wait (``wait_timeout_s``), it joins the
 ``WaitQueue`` and the head retries whenever memory is freed.
 
-Cancellation (issue 9.3): a caller can vanish at any await. Before placement nothing is
+Cancellation: a caller can vanish at any await (an RPC's deadline, a client gone). Before placement nothing is
 held. Between placement and hand-out the device work runs in its own task, awaited
 shielded: a thread cannot be stopped, so a cancelled caller leaves it running and the
 allocation is aborted when it ends (``Broker.abort_allocation``, and the segment it

@@ -1,6 +1,6 @@
 """Running compactions: plan in the core, copy in a thread, commit in the core.
 
-Protocol (CONTRACT.md): ``Broker.begin_compaction(plan)`` freezes the plan's arenas
+Protocol (``kvbroker/core/broker.py``): ``Broker.begin_compaction(plan)`` freezes the plan's arenas
 (nothing is placed in them, nothing in them is evicted, moved caches are MOVING); the
 bytes are copied with the loop free; ``Broker.commit(plan, completed)`` applies the
 moves whose bytes arrived and aborts the rest, then the engine frees the segments the

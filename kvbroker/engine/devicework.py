@@ -4,8 +4,9 @@ Why: creating a segment touches every page (about 0.6 s per GiB on the host, see
 ``kvbroker/memory/host.py``), zeroing and compaction copies run at memory bandwidth, and
 a CUDA free may synchronize the device. None of it may run on the loop, and none of it
 runs while the engine is inside a core mutation: the core marks what is in flight
-(pending caches, creating segments, compacting arenas; CONTRACT.md) so other calls stay
-correct meanwhile, and the engine commits or aborts when the thread is done.
+(pending caches, creating segments, compacting arenas: ``kvbroker/core/broker.py``) so
+other calls stay correct meanwhile, and the engine commits or aborts when the thread is
+done.
 
 Frees are fire-and-forget for the caller: ``free_soon`` forgets the handles at once and
 frees in a background thread; ``idle`` waits for every such task (``Engine.close`` and

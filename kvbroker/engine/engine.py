@@ -13,7 +13,8 @@ depends on its result, runs without an ``await`` in between; that is the engine'
 awaits would never be contended). Device work (creating and zeroing segments,
 compaction copies, frees) runs in threads between two such sections, and the core's
 in-flight states (PENDING caches, CREATING segments, compacting arenas, MOVING caches;
-CONTRACT.md) keep every other call correct meanwhile: an attach or pin of a PENDING or
+see ``Broker.allocate``, ``begin_compaction`` and ``commit`` in ``kvbroker/core/broker.py``)
+keep every other call correct meanwhile: an attach or pin of a PENDING or
 MOVING cache waits for the work to end, then retries; an allocation of a pool being
 compacted waits for the compaction. Reads (``stats``, ``list_caches``) run between
 mutations and see a consistent state.

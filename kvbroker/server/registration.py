@@ -2,7 +2,7 @@
 
 The generated ``add_CacheBrokerServicer_to_server`` deserializes with ``FromString``; a
 ``DecodeError`` there escapes into grpc, which answers UNKNOWN and logs an ERROR with a
-traceback for every such request (issue 9.6: one misbehaving client floods the log).
+traceback for every such request: one misbehaving client floods the log.
 Here each method's deserializer catches the error and hands the handler a ``Garbled``
 marker instead, and the handler aborts with INVALID_ARGUMENT naming the message type.
 At most one log line per ``LOG_INTERVAL_S`` says how many were refused.

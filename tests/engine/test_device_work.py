@@ -1,4 +1,4 @@
-"""Device work runs outside every core section (CONTRACT.md): while a segment is being
+"""Device work runs outside every core section (``kvbroker/engine/engine.py``): while a segment is being
 created or a compaction copied, other calls go on; calls that need the busy cache or
 pool wait for the work and then proceed; a failed copy commits what it completed."""
 
