@@ -14,16 +14,17 @@ The path of one Allocate (the core's in-flight protocol, ``kvbroker/core/broker.
 When the request does not fit and may wait (``wait_timeout_s``), it joins the
 ``WaitQueue`` and the head retries whenever memory is freed.
 
-Cancellation: a caller can vanish at any await (an RPC's deadline, a client gone). Before placement nothing is
-held. Between placement and hand-out the device work runs in its own task, awaited
+Cancellation: a caller can vanish at any await (an RPC's deadline, a client gone).
+Before placement nothing is held. Between placement and hand-out the device work runs in its own task, awaited
 shielded: a thread cannot be stopped, so a cancelled caller leaves it running and the
 allocation is aborted when it ends (``Broker.abort_allocation``, and the segment it
 created is freed). The hand-out runs in the caller's own step right after the await, so
 either the caller gets the cache or the cache is aborted; never a cache without a
 caller. The wait is bounded with ``asyncio.timeout()`` (see ``waitqueue``).
 
-Cost: a request that fits at once and needs no device work never suspends; one that
-needs zeroing pays a thread hop (tens of microseconds) plus the memset.
+Cost: a request that fits at once and needs no device work never suspends. One that
+needs zeroing pays a thread hop plus the memset: about 35 -> 190 us per 64 KiB
+allocate+release on a loaded 2-core VM (most of it the hop, not the memset).
 """
 
 from __future__ import annotations
