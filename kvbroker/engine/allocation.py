@@ -68,6 +68,9 @@ class Allocator:
         self._settle = settle
         self.queue = WaitQueue()
         self._pending: dict[str, asyncio.Event] = {}  # cache id -> set when handed out or aborted
+        #: pool -> the ``_pending`` events of its allocations that create a segment: the
+        #: rest of such a segment becomes placeable when the event is set.
+        self._creating: dict[str, set[asyncio.Event]] = {}
         self._priority = {p.name: p.priority for p in broker.pools}
         self._scrub = {p.name: p.scrub for p in broker.pools}
 
@@ -82,12 +85,26 @@ class Allocator:
         ``FailedPrecondition`` when the holder's session ended while the cache was being
         backed."""
         try:
-            result = await self._place(request)
+            result = await self._place_after_creations(request)
         except ResourceExhausted as err:
             if not err.satisfiable or wait_timeout_s <= 0:
                 raise
             result = await self._wait_and_place(request, wait_timeout_s, err)
         return await self._back(result, request.holder)
+
+    async def _place_after_creations(self, request: AllocationRequest) -> AllocateResult:
+        """``_place``, retried after each segment of the pool that is being created: its
+        free bytes are withheld until it exists, and a request that would fit in them
+        must not fail (or make a segment of its own) because it arrived a moment early.
+        Bounded: each retry follows one creation's end."""
+        while True:
+            try:
+                return await self._place(request)
+            except ResourceExhausted as err:
+                creating = self._creating.get(request.pool)
+                if not err.satisfiable or not creating:
+                    raise
+                await next(iter(creating)).wait()
 
     # -- placing --------------------------------------------------------------------------
 
@@ -128,7 +145,7 @@ class Allocator:
                     waiter.wake.clear()  # before the attempt: a wake-up during it counts
                     if self.queue.is_head(waiter):
                         try:
-                            return await self._place(request)
+                            return await self._place_after_creations(request)
                         except ResourceExhausted as err:
                             if not err.satisfiable:
                                 raise
@@ -152,6 +169,8 @@ class Allocator:
         if result.new_segment is None and not zero:
             return self._hand_out(result, holder, None)
         done = self._pending[cache.cache_id] = asyncio.Event()
+        if result.new_segment is not None:
+            self._creating.setdefault(cache.pool, set()).add(done)
         work = asyncio.get_running_loop().create_task(self._device_work(result, zero))
         self._device.track(work)
         try:
@@ -194,7 +213,8 @@ class Allocator:
             raise FailedPrecondition("the session ended while the cache was being created")
         info = self._broker.get(cache_id)
         handle = self._handles.for_cache(info, holder)
-        self._settle((), False)
+        # A new segment's free bytes became placeable: the queue's head may now fit.
+        self._settle((), result.new_segment is not None)
         return info, handle
 
     def _abandon(self, result: AllocateResult, work: asyncio.Task, done: asyncio.Event) -> None:
@@ -214,6 +234,11 @@ class Allocator:
         if done is not None:
             if self._pending.get(cache_id) is done:
                 del self._pending[cache_id]
+            for pool, events in list(self._creating.items()):
+                if done in events:
+                    events.discard(done)
+                    if not events:
+                        del self._creating[pool]
             done.set()
 
 

@@ -67,8 +67,6 @@ MAX_SHAPE_DIMS = 16
 MAX_DETAIL_CHARS = 200
 #: ... and at most this many for a message that names no field.
 MAX_MESSAGE_CHARS = 2 * MAX_DETAIL_CHARS
-#: Where host segments live when the backend's handle does not say (older backends).
-DEFAULT_SHM_DIR = "/dev/shm"
 
 
 def status_for(err: BrokerError) -> grpc.StatusCode:
@@ -215,8 +213,7 @@ def handle_message(handle: CacheHandle) -> pb.Handle:
                 size_bytes=backend.size_bytes,
                 st_dev=backend.st_dev,
                 st_ino=backend.st_ino,
-                # HostHandle.shm_dir comes with the memory branch; until then the default.
-                shm_dir=getattr(backend, "shm_dir", DEFAULT_SHM_DIR),
+                shm_dir=backend.shm_dir,
             )
         )
     elif isinstance(backend, CudaHandle):

@@ -131,7 +131,11 @@ async def steps(n: int) -> None:
 
 
 def shm_objects(shm_dir: str) -> list[str]:
-    return sorted(name for name in os.listdir(shm_dir) if name.startswith("kvb-"))
+    """The segment objects in ``shm_dir`` (not the owners' lock files, which live as long
+    as their HostMemory: see kvbroker/memory/owner.py)."""
+    return sorted(
+        name for name in os.listdir(shm_dir) if name.startswith("kvb-") and not name.endswith(".lock")
+    )
 
 
 def check(engine: Engine) -> None:

@@ -14,6 +14,7 @@ from kvbroker.core.errors import NotFound, ResourceExhausted
 from kvbroker.memory.backend import CopyError
 
 from .support import DoorMemory, MiB, check, host_engine, private_shm_dir, shm_objects, steps
+from tests.support.segments import read_segment, write_segment
 
 POOLS = [
     PoolSpec("p", ("host",), block_bytes=MiB, segment_bytes=8 * MiB, gc_threshold=1.0),
@@ -37,7 +38,7 @@ async def fragmented(engine, memory) -> list:
     caches = []
     for i in range(8):
         info, _ = await engine.allocate(AllocationRequest("p", MiB, holder="h", cache_id=f"c{i}"))
-        memory.write(info.extents[0].segment_id, info.extents[0].offset, bytes([i]) * MiB)
+        write_segment(memory, info.extents[0].segment_id, info.extents[0].offset, bytes([i]) * MiB)
         caches.append(info)
     for i in (0, 2, 4):
         await engine.release(f"c{i}", "h")
@@ -47,7 +48,7 @@ async def fragmented(engine, memory) -> list:
 def content(engine, memory, cache_id: str) -> bytes:
     info = engine.broker.get(cache_id)
     extent = info.extents[0]
-    return memory.read(extent.segment_id, extent.offset, MiB)
+    return read_segment(memory, extent.segment_id, extent.offset, MiB)
 
 
 def test_a_failed_copy_commits_the_completed_moves_and_aborts_the_rest():
@@ -173,3 +174,33 @@ def test_attach_of_a_cache_whose_creation_failed_is_not_found():
             await attach
 
     run(body)
+
+
+def test_allocations_that_arrive_while_a_segment_is_created_share_it_instead_of_failing():
+    """Pool r may hold one 8 MiB segment (max_bytes). While its first segment is being
+    created, its other bytes are withheld: requests that arrive then must wait for the
+    creation and be placed in it, not fail RESOURCE_EXHAUSTED (nor make a second
+    segment) because they came a moment early."""
+    pools = POOLS + [PoolSpec("r", ("host",), block_bytes=MiB, segment_bytes=8 * MiB, max_bytes=8 * MiB, gc_threshold=1.0)]
+
+    async def body(engine, memory):
+        door = memory.doors["create"]
+        door.close()
+        first = asyncio.create_task(engine.allocate(AllocationRequest("r", MiB, holder="h", cache_id="r0")))
+        await door.arrival()
+        others = [asyncio.create_task(engine.allocate(AllocationRequest("r", MiB, holder="h", cache_id=f"r{i}"))) for i in range(1, 6)]
+        await steps(20)
+        assert not any(t.done() for t in others), "they wait for the creation, they do not fail"
+        door.open()
+        placed = [info for info, _ in await asyncio.gather(first, *others)]
+        assert {c.extents[0].segment_id for c in placed} == {placed[0].extents[0].segment_id}
+        assert len(engine.broker.segments()) == 1
+        check(engine)
+
+    with private_shm_dir() as shm_dir:
+        engine = host_engine(shm_dir, capacity=32 * MiB, pools=pools, wrap=DoorMemory)
+        try:
+            asyncio.run(body(engine, engine.memory("host")))
+        finally:
+            asyncio.run(engine.close())
+        assert shm_objects(shm_dir) == []

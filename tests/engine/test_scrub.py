@@ -11,6 +11,7 @@ import asyncio
 from kvbroker.core import AllocationRequest, PoolSpec
 
 from .support import DoorMemory, MiB, check, host_engine, private_shm_dir
+from tests.support.segments import read_segment, write_segment
 
 
 def _pool(scrub: bool = True) -> list[PoolSpec]:
@@ -19,7 +20,7 @@ def _pool(scrub: bool = True) -> list[PoolSpec]:
 
 def _bytes_of(engine, info) -> bytes:
     extent = info.extents[0]
-    return engine.memory("host").read(extent.segment_id, extent.offset, info.nbytes)
+    return read_segment(engine.memory("host"), extent.segment_id, extent.offset, info.nbytes)
 
 
 def test_released_bytes_are_zeroed_before_the_next_tenant_gets_them():
@@ -27,7 +28,7 @@ def test_released_bytes_are_zeroed_before_the_next_tenant_gets_them():
         engine = host_engine(shm_dir, pools=_pool(), wrap=DoorMemory)
         memory = engine.memory("host")
         a, _ = await engine.allocate(AllocationRequest("p", MiB, holder="A"))
-        memory.write(a.extents[0].segment_id, a.extents[0].offset, b"\xab" * MiB)
+        write_segment(memory, a.extents[0].segment_id, a.extents[0].offset, b"\xab" * MiB)
         await engine.release(a.cache_id, "A")
         b, handle = await engine.allocate(AllocationRequest("p", MiB, holder="B"))
         assert b.extents == a.extents, "B got the bytes A released"
@@ -60,7 +61,7 @@ def test_without_scrub_the_next_tenant_sees_the_old_bytes():
         engine = host_engine(shm_dir, pools=_pool(scrub=False))
         memory = engine.memory("host")
         a, _ = await engine.allocate(AllocationRequest("p", MiB, holder="A"))
-        memory.write(a.extents[0].segment_id, a.extents[0].offset, b"\xab" * MiB)
+        write_segment(memory, a.extents[0].segment_id, a.extents[0].offset, b"\xab" * MiB)
         await engine.release(a.cache_id, "A")
         b, _ = await engine.allocate(AllocationRequest("p", MiB, holder="B"))
         assert b.extents == a.extents
@@ -81,14 +82,14 @@ def test_the_place_a_moved_cache_left_is_zeroed_for_the_next_cache():
         x, _ = await engine.allocate(AllocationRequest("p", MiB, holder="h"))
         y, _ = await engine.allocate(AllocationRequest("p", MiB, holder="h"))
         z, _ = await engine.allocate(AllocationRequest("p", MiB, holder="h"))
-        memory.write(z.extents[0].segment_id, z.extents[0].offset, b"\xcd" * MiB)
+        write_segment(memory, z.extents[0].segment_id, z.extents[0].offset, b"\xcd" * MiB)
         await engine.release(x.cache_id, "h")
         result = await engine.defragment(device=None, pool="p", dry_run=False)
         assert result.caches_moved == 2
         moved = engine.broker.get(z.cache_id)
         assert moved.extents[0].offset == MiB and _bytes_of(engine, moved) == b"\xcd" * MiB
         old = z.extents[0]
-        assert memory.read(old.segment_id, old.offset, MiB) == b"\xcd" * MiB, "the copy leaves the source as is"
+        assert read_segment(memory, old.segment_id, old.offset, MiB) == b"\xcd" * MiB, "the copy leaves the source as is"
         new, _ = await engine.allocate(AllocationRequest("p", 2 * MiB, holder="n"))
         assert new.extents[0].offset == 2 * MiB, "placed where Z was"
         assert _bytes_of(engine, new) == bytes(2 * MiB)

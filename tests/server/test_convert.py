@@ -100,9 +100,9 @@ def test_host_handles_name_their_directory():
     from kvbroker.memory.backend import HostHandle
 
     segment = SegmentInfo(1, 1, "p", "host", 4096)
-    backend = HostHandle("kvb-1-x-1-1", 4096, 1, 2)
+    backend = HostHandle("kvb-1-x-1-1", 4096, 1, 2, "/dev/shm/private")
     msg = convert.handle_message(CacheHandle("x", 1, segment, backend, 0, 10, 0))
-    assert msg.host.shm_dir == getattr(backend, "shm_dir", "/dev/shm")
+    assert msg.host.shm_dir == "/dev/shm/private"
 
 
 def test_session_events_on_the_wire():
