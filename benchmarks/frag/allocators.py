@@ -40,6 +40,10 @@ class CoreAllocator:
                 return None
             if result.compaction is None:
                 assert result.cache is not None
+                # What the engine does once the bytes are backed (no device here).
+                if result.new_segment is not None:
+                    self.broker.segment_created(result.new_segment.segment_id)
+                self.broker.cache_ready(result.cache.cache_id)
                 if self.check:
                     self._reserved[result.cache.cache_id] = result.cache.reserved_bytes
                     self._check()

@@ -27,11 +27,18 @@ def measure_per_op(
     def request() -> AllocationRequest:
         return AllocationRequest(pool=POOL, nbytes=rng.randint(1, 256) * BLOCK)
 
-    allocate, release = broker.allocate, broker.release
-    ids = [
-        allocate(request(), allow_eviction=False, allow_compaction=False).cache.cache_id
-        for _ in range(live_caches)
-    ]
+    release, ready = broker.release, broker.cache_ready
+
+    def allocate(req: AllocationRequest) -> str:
+        """Place and hand out, as the engine does once the bytes are backed (a new
+        segment is reported created; every cache is made ready)."""
+        result = broker.allocate(req, allow_eviction=False, allow_compaction=False)
+        if result.new_segment is not None:
+            broker.segment_created(result.new_segment.segment_id)
+        ready(result.cache.cache_id)
+        return result.cache.cache_id
+
+    ids = [allocate(request()) for _ in range(live_caches)]
     timings = []
     profile_text = ""
     for rep in range(repeats):
@@ -42,7 +49,7 @@ def measure_per_op(
             profiler.enable()
         started = time.perf_counter()
         for req, slot in zip(requests, victims):
-            new_id = allocate(req, allow_eviction=False, allow_compaction=False).cache.cache_id
+            new_id = allocate(req)
             old_id = ids[slot]
             ids[slot] = new_id
             release(old_id)

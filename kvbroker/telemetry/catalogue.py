@@ -110,7 +110,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     # Cumulative counts kept by the core, per arena (pool x device), read at scrape time.
     MetricSpec("kvbroker_evictions_total", Kind.COUNTER, "",
                "Caches evicted, by the pool's eviction policy and the reason "
-               "(idle, policy, reclaim, threshold, operator).", ("pool", "device", "policy", "reason")),
+               "(idle, policy, reclaim, threshold).", ("pool", "device", "policy", "reason")),
     MetricSpec("kvbroker_evicted_bytes_total", Kind.COUNTER, "bytes",
                "Bytes of the caches evicted (block-rounded), by policy and reason.",
                ("pool", "device", "policy", "reason")),
