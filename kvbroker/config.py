@@ -10,6 +10,7 @@ Unknown keys are errors too: a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import math
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from typing import Any
 
 from kvbroker.core.eviction import POLICIES
 from kvbroker.core.types import GiB, MiB, Placement
+from kvbroker.security import AuthPolicy, parse_auth
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_UNIX_SOCKET = "/tmp/kvbroker.sock"
@@ -99,6 +101,16 @@ class BrokerConfig:
     #: Prometheus ``/metrics`` address (host:port); "" serves no metrics.
     metrics_listen: str = DEFAULT_METRICS_LISTEN
     pools: tuple[PoolConfig, ...] = field(default_factory=lambda: (PoolConfig("default"),))
+    #: Principals and their rights (``[auth]``); no principal means authorization off.
+    auth: AuthPolicy = field(default_factory=AuthPolicy)
+    #: TLS for the TCP listener: certificate chain and key (PEM files), and the CA that
+    #: client certificates must chain to (mutual TLS; "" accepts clients without one).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    #: Serve a non-loopback TCP address with authorization off. Off by default: anyone who
+    #: reaches the port could then read and free every tenant's caches.
+    allow_unauthenticated_listen: bool = False
 
 
 _POOL_KEYS = {
@@ -111,6 +123,7 @@ _SECTIONS = {
     "devices": {"kind": str, "host_capacity": "size", "cuda_memory_fraction": float, "shm_dir": str},
     "telemetry": {"metrics_listen": str},
     "sessions": {"lease_seconds": float, "segment_idle_seconds": float},
+    "tls": {"cert": str, "key": str, "client_ca": str},
 }
 _ENV = {
     "KVBROKER_LISTEN": ("listen", str),
@@ -124,8 +137,14 @@ _ENV = {
     "KVBROKER_METRICS_LISTEN": ("metrics_listen", str),
     "KVBROKER_LEASE_SECONDS": ("lease_seconds", float),
     "KVBROKER_SEGMENT_IDLE_SECONDS": ("segment_idle_seconds", float),
+    "KVBROKER_TLS_CERT": ("tls_cert", str),
+    "KVBROKER_TLS_KEY": ("tls_key", str),
+    "KVBROKER_TLS_CLIENT_CA": ("tls_client_ca", str),
 }
-_SECTION_FIELD = {("devices", "kind"): "device_kind", ("devices", "host_capacity"): "host_capacity_bytes"}
+_SECTION_FIELD = {
+    ("devices", "kind"): "device_kind", ("devices", "host_capacity"): "host_capacity_bytes",
+    ("tls", "cert"): "tls_cert", ("tls", "key"): "tls_key", ("tls", "client_ca"): "tls_client_ca",
+}
 
 
 def _typed(key: str, kind: Any, value: Any) -> Any:
@@ -202,6 +221,15 @@ def _validate(config: BrokerConfig, key_of: Mapping[str, str]) -> BrokerConfig:
         value = getattr(config, name)
         if value and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}", value):
             raise ConfigError(key(name), f"expected host:port, got {value!r}")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        given, missing = ("tls_cert", "tls_key") if config.tls_cert else ("tls_key", "tls_cert")
+        raise ConfigError(key(given), f"TLS needs both a certificate and a key (set {missing} too)")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ConfigError(key("tls_client_ca"), "mutual TLS needs the server's own certificate and key too")
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(config, name)
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(key(name), f"cannot read {path}")
     if not config.pools:
         raise ConfigError("pools", "at least one pool is required")
     seen: set[str] = set()
@@ -241,6 +269,13 @@ def load_config(
             raise ConfigError(path, f"invalid TOML: {err}") from None
         values: dict[str, Any] = {}
         for section, table in data.items():
+            if section == "auth":
+                try:
+                    values["auth"] = parse_auth(table, environ if environ is not None else {})
+                except ValueError as err:
+                    key, _, message = str(err).partition(": ")
+                    raise ConfigError(key, message) from None
+                continue
             if section == "pools":
                 if not isinstance(table, list):
                     raise ConfigError("pools", "expected [[pools]] tables")
@@ -248,7 +283,7 @@ def load_config(
                 continue
             known = _SECTIONS.get(section)
             if known is None or not isinstance(table, dict):
-                raise ConfigError(section, f"unknown section (known: pools, {', '.join(_SECTIONS)})")
+                raise ConfigError(section, f"unknown section (known: auth, pools, {', '.join(_SECTIONS)})")
             for name, value in table.items():
                 if name not in known:
                     raise ConfigError(f"{section}.{name}", f"unknown key (known: {', '.join(sorted(known))})")

@@ -69,3 +69,8 @@ class SessionEndReason(enum.Enum):
     STREAM_CLOSED = "stream_closed"
     LEASE_EXPIRED = "lease_expired"
     BROKER_STOPPING = "broker_stopping"
+
+#: Request metadata carrying a peer token from the Unix handshake socket (the path of the
+#: gRPC Unix socket plus ``PEER_SOCKET_SUFFIX``): it tells the broker the caller's uid/pid.
+PEER_TOKEN_KEY = "kvbroker-peer-token"
+PEER_SOCKET_SUFFIX = ".peer"

@@ -104,3 +104,29 @@ def test_pools_scrub_reused_bytes_unless_told_not_to(tmp_path):
     assert [(p.name, p.scrub) for p in specs] == [("shared", True), ("mine", False)]
     with pytest.raises(ConfigError, match=r"pools\[0\].scrub"):
         load_config(path=write(tmp_path, "[[pools]]\nname = 'a'\nscrub = 'no'\n"))
+
+
+def test_auth_section_builds_the_policy_and_names_bad_keys(tmp_path):
+    good = tmp_path / "auth.toml"
+    good.write_text(
+        '[[auth.principals]]\nname = "vista"\ntoken_env = "VISTA_TOKEN"\n'
+        'pools = { vista = ["allocate", "attach", "release"] }\n'
+    )
+    config = load_config(path=str(good), environ={"VISTA_TOKEN": "s3cret"})
+    assert config.auth.enabled and config.auth.principals[0].name == "vista"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[auth.principals]]\nname = "vista"\nuids = [1]\npools = { vista = ["fly"] }\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path=str(bad), environ={})
+    assert err.value.key == "auth.principals[0].pools.vista"
+
+
+def test_tls_files_must_come_in_pairs_and_be_readable(tmp_path):
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError, match=r"--tls-cert: TLS needs both a certificate and a key \(set tls_key too\)"):
+        load_config(overrides={"tls_cert": str(cert)})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(overrides={"tls_cert": str(cert), "tls_key": str(tmp_path / "missing.pem")})
+    with pytest.raises(ConfigError, match="mutual TLS needs"):
+        load_config(overrides={"tls_client_ca": str(cert)})
