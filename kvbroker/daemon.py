@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import ipaddress
 import logging
 import os
 import secrets
@@ -34,7 +35,9 @@ from kvbroker.core.types import KiB
 from kvbroker.engine import Engine, EngineSettings
 from kvbroker.memory.backend import SegmentMemory
 from kvbroker.memory.cuda import CUDA_MIN_SEGMENT_BYTES, CUDA_SEGMENT_ALIGNMENT_BYTES
-from kvbroker.server.app import BrokerServer, create_server
+from kvbroker.security import PeerHandshakeServer, PeerRegistry
+from kvbroker.server.app import BrokerServer, TlsFiles, create_server
+from kvbroker.wire import PEER_SOCKET_SUFFIX
 from kvbroker.telemetry.service import Telemetry
 
 log = logging.getLogger("kvbroker")
@@ -148,8 +151,48 @@ def _clear_stale_socket(path: str) -> None:
         probe.close()
 
 
+def is_loopback(listen: str) -> bool:
+    """Whether a ``host:port`` listens only on this machine."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: BrokerConfig) -> None:
+    """Refuse to serve every tenant's memory to the network without authorization, and
+    say at start what protects the daemon.
+
+    Raises ``ConfigError`` for a non-loopback TCP listener with authorization off, unless
+    ``allow_unauthenticated_listen`` says it is wanted."""
+    remote = bool(config.listen) and not is_loopback(config.listen)
+    if not config.auth.enabled:
+        if remote and not config.allow_unauthenticated_listen:
+            raise ConfigError(
+                "--listen",
+                f"{config.listen} is reachable from other hosts and authorization is off: anyone "
+                "who reaches it could read and free every tenant's caches. Configure "
+                "[[auth.principals]] (and TLS), listen on 127.0.0.1, or pass "
+                "--allow-unauthenticated-listen if the network is trusted",
+            )
+        log.warning(
+            "authorization is off: every caller on the Unix socket%s may use every pool "
+            "(configure [[auth.principals]] to restrict who may do what)",
+            "" if not config.listen else (" and on " + config.listen),
+        )
+    else:
+        log.info("authorization on: %d principal(s): %s", len(config.auth.principals),
+                 ", ".join(p.name for p in config.auth.principals))  # fmt: skip
+        if remote and not config.tls_cert:
+            log.warning("bearer tokens travel in clear text on %s: configure --tls-cert/--tls-key", config.listen)
+
+
 async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT (or until the task is cancelled)."""
+    check_exposure(config)
     devices = plan_devices(config)
     pools = pool_specs(config, devices)
     instance_id = secrets.token_hex(4)
@@ -170,13 +213,18 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
     )
     engine = Engine(broker, memories, instance_id, settings, observer=telemetry.observer)
     server: BrokerServer | None = None
+    peers = PeerRegistry()
+    handshake = PeerHandshakeServer(config.unix_socket + PEER_SOCKET_SUFFIX, peers) if config.unix_socket else None
+    tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
     try:
         if config.unix_socket:
             _clear_stale_socket(config.unix_socket)
         server = await create_server(
             engine, listen=config.listen or None, unix_socket=config.unix_socket or None,
-            interceptors=telemetry.interceptors,
+            interceptors=telemetry.interceptors, policy=config.auth, peers=peers, tls=tls,
         )  # fmt: skip
+        if handshake is not None:
+            await handshake.start()
         await telemetry.start(engine)
         await server.start()
         engine.start()
@@ -186,7 +234,8 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        where = [f"tcp {config.listen.rsplit(':', 1)[0]}:{server.tcp_port}"] if config.listen else []
+        scheme = "tcp" if tls is None else ("tcp+mtls" if config.tls_client_ca else "tcp+tls")
+        where = [f"{scheme} {config.listen.rsplit(':', 1)[0]}:{server.tcp_port}"] if config.listen else []
         where += [f"unix {config.unix_socket}"] if config.unix_socket else []
         log.info(
             "kvbroker %s serving on %s; instance %s; devices %s; pools %s",
@@ -205,6 +254,8 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
         await engine.shutting_down()
         await server.stop(config.grace_seconds)
     finally:
+        if handshake is not None:
+            await handshake.stop()
         await telemetry.stop()
         await engine.close()
         if config.unix_socket and server is not None:
@@ -231,6 +282,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--segment-idle-seconds", type=float, help="an empty segment this idle goes back to the device")
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.add_argument("--metrics-listen", help="Prometheus /metrics address host:port (default 127.0.0.1:9464; '' disables)")
+    parser.add_argument("--tls-cert", help="PEM certificate chain for the TCP listener (TLS)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates that chain to it (mutual TLS)")
+    parser.add_argument("--allow-unauthenticated-listen", action="store_true", default=None,
+                        help="serve a non-loopback --listen address with authorization off (a trusted network only)")
     parser.add_argument("--version", action="version", version=f"kvbroker {__version__}")
     return parser
 
@@ -250,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             "segment_idle_seconds": args.segment_idle_seconds,
             "log_level": args.log_level,
             "metrics_listen": args.metrics_listen,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
+            "tls_client_ca": args.tls_client_ca,
+            "allow_unauthenticated_listen": args.allow_unauthenticated_listen,
         }
         config = load_config(path=args.config, environ=os.environ, overrides=overrides)
     except ConfigError as err:

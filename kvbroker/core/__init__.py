@@ -18,6 +18,8 @@ from kvbroker.core.errors import (
 from kvbroker.core.eviction import POLICIES
 from kvbroker.core.types import (
     ANONYMOUS_HOLDER,
+    SESSIONLESS_PREFIX,
+    is_sessionless,
     EVICTION_CAUSES,
     AllocateResult,
     AllocationRequest,
@@ -41,7 +43,7 @@ from kvbroker.core.types import (
 )
 
 __all__ = [
-    "ANONYMOUS_HOLDER", "EVICTION_CAUSES", "POLICIES", "AllocateResult", "AllocationRequest",
+    "ANONYMOUS_HOLDER", "SESSIONLESS_PREFIX", "is_sessionless", "EVICTION_CAUSES", "POLICIES", "AllocateResult", "AllocationRequest",
     "AlreadyExists", "ArenaCounters", "Broker", "BrokerError", "BrokerStats", "CacheInfo",
     "CacheState", "CompactionPlan", "DeadlineExceeded", "DeviceSpec", "DeviceStats", "Event",
     "EventKind", "Extent", "FailedPrecondition", "InvalidArgument", "Move", "NotFound",

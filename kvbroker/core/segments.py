@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from kvbroker.core.arena import reserve, unreserve
 from kvbroker.core.errors import FailedPrecondition, NotFound
 from kvbroker.core.records import ArenaRecord, SegmentRecord
-from kvbroker.core.types import ANONYMOUS_HOLDER, Event, EventKind, SegmentInfo
+from kvbroker.core.types import Event, EventKind, SegmentInfo, is_sessionless
 
 
 class SegmentTable:
@@ -166,10 +166,10 @@ class SegmentTable:
     # -- mappings ---------------------------------------------------------------------
 
     def note_mapped(self, segment_id: int, holder: str) -> None:
-        """``holder`` was handed the segment's handle. The anonymous holder is not
-        tracked: it has no session to report unmapping. Unknown ids are ignored."""
+        """``holder`` was handed the segment's handle. Sessionless holders are not
+        tracked: they have no session to report unmapping. Unknown ids are ignored."""
         seg = self._segments.get(segment_id)
-        if holder != ANONYMOUS_HOLDER and seg is not None and holder not in seg.mappers:
+        if not is_sessionless(holder) and seg is not None and holder not in seg.mappers:
             seg.mappers.add(holder)
             self._mapped.setdefault(holder, set()).add(segment_id)
 

@@ -21,6 +21,16 @@ GiB = 1024 * MiB
 
 #: The holder that stands for calls made without a session (an operator's grpcurl).
 ANONYMOUS_HOLDER = ""
+#: With authorization on, calls without a session act as their principal's own
+#: sessionless holder, ``"~" + principal name``, so that two principals never share one.
+#: Like ``ANONYMOUS_HOLDER`` it never expires and maps nothing the broker tracks. Session
+#: ids start with a letter or digit (``validate_id``), so they never take this form.
+SESSIONLESS_PREFIX = "~"
+
+
+def is_sessionless(holder: str) -> bool:
+    """Whether ``holder`` stands for calls without a session (no lease, no mappings)."""
+    return not holder or holder[0] == SESSIONLESS_PREFIX
 
 
 def validate_id(field_name: str, value: str) -> str:

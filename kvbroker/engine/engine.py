@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 from kvbroker import __version__
 from kvbroker.core import (
-    ANONYMOUS_HOLDER,
+    is_sessionless,
     AllocationRequest,
     Broker,
     BrokerStats,
@@ -53,6 +53,7 @@ from kvbroker.engine.devicework import DeviceWork
 from kvbroker.engine.handles import CacheHandle, HandleCache
 from kvbroker.engine.ports import NullObserver, Observer, RpcStats
 from kvbroker.engine.sessions import SessionEvent, SessionOpened, SessionRegistry
+from kvbroker.security import PeerIdentity
 from kvbroker.memory.backend import SegmentMemory
 from kvbroker.wire import SessionEndReason
 
@@ -200,24 +201,45 @@ class Engine:
 
     # -- sessions ---------------------------------------------------------------------
 
-    async def session_events(self, session_id: str, *, client_name: str, pid: int, host: str) -> AsyncIterator[SessionEvent]:
+    async def session_events(
+        self, session_id: str, secret: str | None = None, *, client_name: str, pid: int, host: str,
+        principal: str = "", peer: PeerIdentity | None = None,
+    ) -> AsyncIterator[SessionEvent]:
         """Open (or attach a stream to) a session and yield its events: first
-        ``SessionOpened``, then the core's events, and ``SessionEnded`` last when the
-        broker ended the session. Leaving the iteration (the stream broke) ends the
-        session (``STREAM_CLOSED``). Raises ``AlreadyExists`` on the first step when
-        another stream watches the session."""
-        session, opened = self._sessions.watch(session_id, client_name=client_name, pid=pid, host=host)
+        ``SessionOpened`` (with the session's secret), then the core's events, and
+        ``SessionEnded`` last when the broker ended the session. Leaving the iteration
+        (the stream broke) ends the session (``STREAM_CLOSED``). Raises, on the first
+        step, ``Unauthenticated`` when the session exists and ``secret`` is not its own,
+        and ``AlreadyExists`` when another stream watches it."""
+        session, opened = self._sessions.watch(
+            session_id, secret, client_name=client_name, pid=pid, host=host, principal=principal, peer=peer
+        )
         if opened:
             self._observer.session_opened()
-            log.info("session %s opened (%s pid %d on %s)", session_id, client_name or "?", pid, host or "?")
+            log.info("session %s opened (%s pid %d on %s%s%s)", session_id, client_name or "?", pid, host or "?",
+                     f", principal {principal}" if principal else "",
+                     f", peer uid {peer.uid} pid {peer.pid}" if peer else "")  # fmt: skip
         try:
-            yield SessionOpened(session_id, self._sessions.lease_seconds, self.instance_id)
+            yield SessionOpened(session_id, self._sessions.lease_seconds, self.instance_id, session.secret)
             async with contextlib.aclosing(self._sessions.stream(session)) as events:
                 async for event in events:
                     yield event
         finally:
             # Synchronous, so it completes even while the stream's task is cancelled.
             self._end_session_now(session_id, SessionEndReason.STREAM_CLOSED, only=session)
+
+    def identify(
+        self, session_id: str, secret: str | None, *, principal: str = "", peer: PeerIdentity | None = None
+    ) -> str | None:
+        """Check that a call may act for ``session_id`` (its secret, its principal) and
+        renew the session's lease. An unknown id opens a lease-only session: its new
+        secret is returned, for the caller to learn; None otherwise. Raises
+        ``Unauthenticated``."""
+        session, opened = self._sessions.identify(session_id, secret, principal=principal, peer=peer)
+        if opened:
+            self._observer.session_opened()
+            return session.secret
+        return None
 
     def heartbeat(self, session_id: str) -> float:
         """Renew a session's lease; returns the lease in seconds."""
@@ -254,6 +276,11 @@ class Engine:
             self._settle((retired,), True)
 
     # -- queries ----------------------------------------------------------------------
+
+    def cache(self, cache_id: str) -> CacheInfo:
+        """The cache's current view (its pool and holders, for authorization). Raises
+        ``NotFound``, or ``FailedPrecondition`` for an evicted cache nobody holds."""
+        return self.broker.get(cache_id)
 
     def stats(self) -> BrokerStats:
         return self.broker.stats()
@@ -310,7 +337,7 @@ class Engine:
     # -- internals --------------------------------------------------------------------
 
     def _touch(self, holder: str) -> None:
-        if holder != ANONYMOUS_HOLDER:
+        if not is_sessionless(holder):
             self._sessions.touch(holder)
 
     def _settle(self, retired: Sequence[SegmentInfo], memory_freed: bool) -> None:

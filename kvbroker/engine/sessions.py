@@ -1,7 +1,13 @@
 """Sessions: who is connected, whether they are alive, and the stream of their events.
 
 A session is one client process, named by the id it sends in the ``kvbroker-session-id``
-metadata (``kvbroker.wire.SESSION_ID_KEY``). It is alive while its lease runs: every
+metadata (``kvbroker.wire.SESSION_ID_KEY``). The id is chosen by the client but proves
+nothing: when a session opens, the broker issues it a secret (``Session.secret``, 256
+random bits, returned in SESSION_OPENED or in a call's initial metadata), and every later
+call that names the session must carry it (``wire.SESSION_SECRET_KEY``); the session also
+belongs to the principal that opened it. Another session's id alone grants nothing. A
+session records the caller's Unix peer uid and pid when it came through the peer
+handshake (``kvbroker/security/peercred.py``). It is alive while its lease runs: every
 call it makes, and every Heartbeat, renews the lease; a ``Watch`` stream also ends the
 session the moment it breaks (a killed process closes its socket, so a crash is noticed
 in milliseconds, not after the lease). A hung process (stream open, no heartbeat) is
@@ -17,6 +23,9 @@ engine's event loop.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import hmac
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,6 +33,7 @@ from typing import NamedTuple, TypeAlias
 
 from kvbroker.core.errors import AlreadyExists
 from kvbroker.core.types import Event
+from kvbroker.security import PeerIdentity, Unauthenticated
 from kvbroker.wire import SessionEndReason
 
 
@@ -33,6 +43,8 @@ class SessionOpened(NamedTuple):
     session_id: str
     lease_seconds: float
     instance_id: str
+    #: The session's secret, for the client to send with every later call.
+    secret: str = ""
 
 
 class SessionEnded(NamedTuple):
@@ -55,6 +67,11 @@ class Session:
 
     session_id: str
     expires_at: float
+    secret: str = ""
+    #: The principal that opened the session (``kvbroker.security``); only it may use it.
+    principal: str = ""
+    #: The caller's Unix uid and pid, when it came through the peer handshake.
+    peer: PeerIdentity | None = None
     client_name: str = ""
     pid: int = 0
     host: str = ""
@@ -77,6 +94,10 @@ class SessionRegistry:
         self.lease_seconds = lease_seconds
         self._clock = clock
         self._sessions: dict[str, Session] = {}
+        #: (expires_at, session id) for every lease set; stale entries (renewed or ended
+        #: sessions) are skipped when popped, and the heap is rebuilt when it holds more
+        #: than ``_HEAP_SLACK`` times the live sessions.
+        self._deadlines: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -87,38 +108,78 @@ class SessionRegistry:
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
-    def watch(self, session_id: str, *, client_name: str, pid: int, host: str) -> tuple[Session, bool]:
-        """Attach a Watch stream to the session (opening it if new). Returns the session
-        and whether it is new.
+    def identify(
+        self, session_id: str, secret: str | None, *, principal: str = "", peer: PeerIdentity | None = None
+    ) -> tuple[Session, bool]:
+        """The session a call names, proven by its secret, and whether it was opened by
+        this call (an unknown id opens a session: its secret is new and must reach the
+        caller). Renews the lease.
 
         Raises:
-            AlreadyExists: another live stream watches this session.
+            Unauthenticated: the session exists and the call's secret is missing or
+                wrong, or it belongs to another principal.
         """
         session = self._sessions.get(session_id)
-        opened = session is None
         if session is None:
-            session = self._sessions[session_id] = Session(session_id, self._deadline())
-        elif session.watching:
+            session = self._sessions[session_id] = Session(
+                session_id, 0.0, secrets.token_urlsafe(32), principal, peer
+            )
+            self._renew(session)
+            return session, True
+        if secret is None or not hmac.compare_digest(secret.encode(), session.secret.encode()):
+            raise Unauthenticated(
+                f"session {session_id[:64]!r} is open and this call does not carry its secret "
+                "(the kvbroker-session-secret metadata the broker issued when it opened)"
+            )
+        if principal != session.principal:
+            raise Unauthenticated(f"session {session_id[:64]!r} belongs to another principal")
+        self._renew(session)
+        return session, False
+
+    def watch(
+        self, session_id: str, secret: str | None = None, *, client_name: str, pid: int, host: str,
+        principal: str = "", peer: PeerIdentity | None = None,
+    ) -> tuple[Session, bool]:
+        """Attach a Watch stream to the session (opening it if new; an existing one needs
+        its secret). Returns the session and whether it is new.
+
+        Raises:
+            Unauthenticated: see ``identify``.
+            AlreadyExists: another live stream watches this session.
+        """
+        session, opened = self.identify(session_id, secret, principal=principal, peer=peer)
+        if session.watching:
             raise AlreadyExists(f"session {session_id!r} is already watched by another stream")
         session.watching = True
         session.client_name, session.pid, session.host = client_name, pid, host
-        session.expires_at = self._deadline()
         return session, opened
 
     def touch(self, session_id: str) -> bool:
-        """Renew a session's lease, opening a lease-only session for an unknown id (a
-        client that calls without watching). Returns True when the session is new."""
+        """Renew a session's lease, opening a lease-only session for an unknown id (the
+        engine's own callers; calls from the network are identified by ``identify``
+        first). Returns True when the session is new."""
         session = self._sessions.get(session_id)
         if session is None:
-            self._sessions[session_id] = Session(session_id, self._deadline())
+            session = self._sessions[session_id] = Session(session_id, 0.0, secrets.token_urlsafe(32))
+            self._renew(session)
             return True
-        session.expires_at = self._deadline()
+        self._renew(session)
         return False
 
     def expired(self) -> list[str]:
-        """Ids of the sessions whose lease ran out. Cost: O(sessions)."""
+        """Ids of the sessions whose lease ran out (until they are closed). Cost: O(log n)
+        per lease set since the last call plus the expired ones, not O(sessions): a tick
+        with 20,000 live idle sessions pops nothing."""
         now = self._clock()
-        return [sid for sid, s in self._sessions.items() if s.expires_at <= now]
+        heap, out = self._deadlines, []
+        while heap and heap[0][0] <= now:
+            deadline, session_id = heapq.heappop(heap)
+            session = self._sessions.get(session_id)
+            if session is not None and session.expires_at == deadline and session_id not in out:
+                out.append(session_id)
+        for session_id in out:  # still live until closed: found again next time
+            heapq.heappush(heap, (self._sessions[session_id].expires_at, session_id))
+        return out
 
     def close(self, session_id: str, reason: SessionEndReason, *, only: Session | None = None) -> Session | None:
         """Forget a session and end its Watch stream. Returns the session, or None when
@@ -173,5 +234,15 @@ class SessionRegistry:
             session._queue.put_nowait(event)
         return [s.session_id for s in watching]
 
-    def _deadline(self) -> float:
-        return self._clock() + self.lease_seconds
+    def _renew(self, session: Session) -> None:
+        """Push the session's lease forward: one heap push (O(log n)); the heap is
+        rebuilt from the live sessions when stale entries pile up."""
+        session.expires_at = self._clock() + self.lease_seconds
+        heapq.heappush(self._deadlines, (session.expires_at, session.session_id))
+        if len(self._deadlines) > _HEAP_SLACK * max(len(self._sessions), 64):
+            self._deadlines = [(s.expires_at, sid) for sid, s in self._sessions.items()]
+            heapq.heapify(self._deadlines)
+
+
+#: The deadline heap is rebuilt when it holds this many times more entries than sessions.
+_HEAP_SLACK = 4

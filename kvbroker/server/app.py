@@ -17,6 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvbroker.engine import Engine
+from kvbroker.security import AuthPolicy, PeerRegistry
+from kvbroker.server.gate import Gate
 from kvbroker.server.registration import SERVICE, add_cache_broker
 from kvbroker.server.servicer import CacheBrokerServicer
 
@@ -46,15 +48,41 @@ class BrokerServer:
         await self.server.stop(grace_seconds)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for the TCP listener: the server's chain and key, and the CA that
+    client certificates must chain to ("" for TLS without client certificates)."""
+
+    cert: str
+    key: str
+    client_ca: str = ""
+
+    def credentials(self) -> grpc.ServerCredentials:
+        with open(self.cert, "rb") as f:
+            chain = f.read()
+        with open(self.key, "rb") as f:
+            key = f.read()
+        ca = None
+        if self.client_ca:
+            with open(self.client_ca, "rb") as f:
+                ca = f.read()
+        return grpc.ssl_server_credentials([(key, chain)], root_certificates=ca, require_client_auth=ca is not None)
+
+
 async def create_server(
     engine: Engine,
     *,
     listen: str | None,
     unix_socket: str | None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    policy: AuthPolicy | None = None,
+    peers: PeerRegistry | None = None,
+    tls: TlsFiles | None = None,
 ) -> BrokerServer:
-    """Build the server and bind ``listen`` (host:port) and ``unix_socket`` (a path).
-    ``interceptors`` see every call (telemetry's: durations, status codes, spans).
+    """Build the server and bind ``listen`` (host:port, with ``tls`` when given) and
+    ``unix_socket`` (a path, never TLS: its file mode and peer credentials protect it).
+    ``interceptors`` see every call (telemetry's: durations, status codes, spans);
+    ``policy`` and ``peers`` are the ``Gate``'s (authorization off by default).
 
     Raises:
         RuntimeError: an address could not be bound (named in the message).
@@ -69,7 +97,7 @@ async def create_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    add_cache_broker(CacheBrokerServicer(engine), server)
+    add_cache_broker(CacheBrokerServicer(engine, Gate(engine, policy, peers)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -80,7 +108,10 @@ async def create_server(
     tcp_port = None
     if listen:
         try:
-            tcp_port = server.add_insecure_port(listen)
+            if tls is not None:
+                tcp_port = server.add_secure_port(listen, tls.credentials())
+            else:
+                tcp_port = server.add_insecure_port(listen)
         except RuntimeError as err:
             raise RuntimeError(f"cannot listen on {listen}: {err}") from None
         if not tcp_port:

@@ -39,6 +39,7 @@ from kvbroker.engine import (
     SessionOpened,
 )
 from kvbroker.memory.backend import CudaHandle, HostHandle
+from kvbroker.security import PermissionDenied, Unauthenticated
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.wire import DTYPE_BY_NAME, DTYPE_BY_VALUE
 
@@ -51,6 +52,8 @@ STATUS_FOR_ERROR: dict[type[BrokerError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 _STATE_TO_PB = {
@@ -332,6 +335,7 @@ def session_event_message(event: SessionEvent) -> pb.WatchEvent:
         return pb.WatchEvent(
             kind=pb.EVENT_KIND_SESSION_OPENED, session_id=event.session_id,
             lease_seconds=event.lease_seconds, instance_id=event.instance_id,
+            session_secret=event.secret,
         )  # fmt: skip
     if isinstance(event, SessionEnded):
         return pb.WatchEvent(kind=pb.EVENT_KIND_SESSION_ENDED, reason=event.reason.value)

@@ -7,9 +7,8 @@ anything else is a bug, logged with its traceback and answered with INTERNAL, so
 bad request never takes the daemon down. Request bytes that do not parse never reach
 these methods (``kvbroker.server.registration`` answers them INVALID_ARGUMENT).
 
-The caller's identity (its holder id) comes from the ``kvbroker-session-id`` request
-metadata (``wire.SESSION_ID_KEY``); calls without it act as the one anonymous holder
-(an operator's grpcurl).
+Who the caller is and what it may do is the ``Gate``'s (``kvbroker.server.gate``): each
+method asks it once, then translates.
 """
 
 from __future__ import annotations
@@ -22,14 +21,15 @@ from typing import TypeVar
 
 import grpc
 
-from kvbroker.core import ANONYMOUS_HOLDER
 from kvbroker.core.errors import BrokerError
 from kvbroker.core.types import validate_id
 from kvbroker.engine import Engine
+from kvbroker.security import Action
 from kvbroker.server import convert
+from kvbroker.server.gate import Gate
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
-from kvbroker.wire import SESSION_ID_KEY
+from kvbroker.wire import SESSION_ID_KEY, SESSION_SECRET_KEY
 
 log = logging.getLogger(__name__)
 
@@ -59,64 +59,64 @@ def _translate_errors(
     return wrapper
 
 
-@functools.lru_cache(maxsize=4096)
-def _valid_session_id(value: str) -> str:
-    """Validate a session id once per distinct value (every RPC of a session sends it)."""
-    if not value:
-        raise convert.InvalidArgument(SESSION_ID_KEY, "is required to open a session")
-    return validate_id(SESSION_ID_KEY, value)
-
-
-def holder_of(context: grpc.aio.ServicerContext) -> str:
-    """The caller's holder id from its metadata (anonymous without one)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == SESSION_ID_KEY:
-            return _valid_session_id(value)
-    return ANONYMOUS_HOLDER
-
-
 class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, gate: Gate | None = None) -> None:
         self._engine = engine
+        self._gate = gate or Gate(engine)
 
     @_translate_errors
     async def Allocate(self, request: pb.AllocateRequest, context) -> pb.AllocateResponse:
-        core_request, wait_s = convert.allocation_request(request, holder_of(context))
+        caller = await self._gate.caller(context)
+        core_request, wait_s = convert.allocation_request(request, caller.holder)
+        self._gate.on_pool(caller, Action.ALLOCATE, core_request.pool)
         info, handle = await self._engine.allocate(core_request, wait_timeout_s=wait_s)
         return pb.AllocateResponse(cache=convert.cache_message(info), handle=convert.handle_message(handle))
 
     @_translate_errors
     async def Release(self, request: pb.ReleaseRequest, context) -> pb.ReleaseResponse:
+        caller = await self._gate.caller(context)
         cache_id = convert.required_id("cache_id", request.cache_id)
-        freed = await self._engine.release(cache_id, holder_of(context), force=request.force)
+        self._gate.on_cache(caller, Action.RELEASE, cache_id, force=request.force)
+        freed = await self._engine.release(cache_id, caller.holder, force=request.force)
         return pb.ReleaseResponse(freed=freed)
 
     @_translate_errors
     async def Attach(self, request: pb.AttachRequest, context) -> pb.AttachResponse:
+        caller = await self._gate.caller(context)
         cache_id = convert.required_id("cache_id", request.cache_id)
-        info, handle = await self._engine.attach(cache_id, holder_of(context))
+        self._gate.on_cache(caller, Action.ATTACH, cache_id)
+        info, handle = await self._engine.attach(cache_id, caller.holder)
         return pb.AttachResponse(cache=convert.cache_message(info), handle=convert.handle_message(handle))
 
     @_translate_errors
     async def Pin(self, request: pb.PinRequest, context) -> pb.PinResponse:
+        caller = await self._gate.caller(context)
         cache_id = convert.required_id("cache_id", request.cache_id)
-        info, handle = await self._engine.pin(cache_id, holder_of(context))
+        self._gate.on_cache(caller, Action.ATTACH, cache_id)
+        info, handle = await self._engine.pin(cache_id, caller.holder)
         return pb.PinResponse(cache=convert.cache_message(info), handle=convert.handle_message(handle))
 
     @_translate_errors
     async def Unpin(self, request: pb.UnpinRequest, context) -> pb.UnpinResponse:
+        caller = await self._gate.caller(context)
         cache_id = convert.required_id("cache_id", request.cache_id)
-        info = await self._engine.unpin(cache_id, holder_of(context))
+        self._gate.on_cache(caller, Action.ATTACH, cache_id)
+        info = await self._engine.unpin(cache_id, caller.holder)
         return pb.UnpinResponse(cache=convert.cache_message(info))
 
     @_translate_errors
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        await self._gate.caller(context)  # any authenticated principal: no cache ids
         return convert.stats_message(self._engine.stats(), self._engine.status())
 
     @_translate_errors
     async def ListCaches(self, request: pb.ListCachesRequest, context) -> pb.ListCachesResponse:
+        caller = await self._gate.caller(context)
         if request.page_size > MAX_PAGE_SIZE:
             raise convert.InvalidArgument("page_size", f"must be at most {MAX_PAGE_SIZE}")
+        visible = self._gate.visible_pools(caller)
+        if visible is not None and request.pool and request.pool not in visible:
+            self._gate.operator(caller, Action.LIST)  # raises PERMISSION_DENIED
         # The token is the last id served: pages stay consistent while caches come and go.
         page = self._engine.list_caches(
             pool=request.pool or None,
@@ -125,8 +125,9 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
             after=request.page_token,
             limit=request.page_size or DEFAULT_PAGE_SIZE,
         )
+        caches = page.caches if visible is None else [c for c in page.caches if c.pool in visible]
         return pb.ListCachesResponse(
-            caches=[convert.cache_message(c) for c in page.caches], next_page_token=page.next_page_token
+            caches=[convert.cache_message(c) for c in caches], next_page_token=page.next_page_token
         )
 
     async def Watch(self, request: pb.WatchRequest, context) -> AsyncIterator[pb.WatchEvent]:
@@ -134,37 +135,53 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
         session then ends at once: a killed client is reclaimed in milliseconds) or the
         broker ends the session (SESSION_ENDED, then the stream ends)."""
         try:
-            session_id = holder_of(context) or _valid_session_id(request.session_id or "")
-            events = self._engine.session_events(
-                session_id, client_name=request.client_name[:128], pid=request.pid, host=request.host[:256]
-            )
+            events = await self._open_session(request, context)
             opened = await anext(events)
         except BrokerError as err:
             await context.abort(convert.status_for(err), convert.error_details(err))
         async with contextlib.aclosing(events):
+            # The secret also travels in the initial metadata, as for a session that a
+            # unary call opened: one place for a client to read it.
+            await context.send_initial_metadata(((SESSION_SECRET_KEY, opened.secret),))
             yield convert.session_event_message(opened)
             async for event in events:
                 yield convert.session_event_message(event)
 
+    async def _open_session(self, request: pb.WatchRequest, context):
+        """The session the Watch opens: named by the metadata, else by the request; an
+        existing one only with its secret (``Gate``'s rules, checked by the engine)."""
+        from kvbroker.server.identity import call_credentials  # noqa: PLC0415
+
+        gate = self._gate
+        metadata = dict((k, v) for k, v in (context.invocation_metadata() or ()) if isinstance(v, str))
+        session_id = metadata.get(SESSION_ID_KEY) or request.session_id
+        if not session_id:
+            raise convert.InvalidArgument(SESSION_ID_KEY, "is required to open a session")
+        validate_id(SESSION_ID_KEY, session_id)
+        credentials = call_credentials(context, gate.peers)
+        principal = gate.policy.authenticate(credentials)
+        return self._engine.session_events(
+            session_id, metadata.get(SESSION_SECRET_KEY), client_name=request.client_name[:128],
+            pid=request.pid, host=request.host[:256], principal=principal.name, peer=gate.peer_of(credentials),
+        )
+
     @_translate_errors
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
-        holder = holder_of(context)
-        if not holder:
-            raise convert.InvalidArgument(SESSION_ID_KEY, "is required to heartbeat a session")
-        return pb.HeartbeatResponse(lease_seconds=self._engine.heartbeat(holder))
+        caller = await self._gate.caller(context, session_required="heartbeat a session")
+        return pb.HeartbeatResponse(lease_seconds=self._engine.heartbeat(caller.holder))
 
     @_translate_errors
     async def ReportUnmapped(self, request: pb.ReportUnmappedRequest, context) -> pb.ReportUnmappedResponse:
-        holder = holder_of(context)
-        if not holder:
-            raise convert.InvalidArgument(SESSION_ID_KEY, "is required to report an unmapping")
+        caller = await self._gate.caller(context, session_required="report an unmapping")
         if not request.segment_id:
             raise convert.InvalidArgument("segment_id", "is required")
-        await self._engine.report_unmapped(request.segment_id, request.segment_generation, holder)
+        await self._engine.report_unmapped(request.segment_id, request.segment_generation, caller.holder)
         return pb.ReportUnmappedResponse()
 
     @_translate_errors
     async def Defragment(self, request: pb.DefragmentRequest, context) -> pb.DefragmentResponse:
+        caller = await self._gate.caller(context)
+        self._gate.operator(caller, Action.DEFRAGMENT)
         result = await self._engine.defragment(
             device=request.device or None, pool=request.pool or None, dry_run=request.dry_run
         )

@@ -9,6 +9,7 @@ import pytest
 from kvbroker.core.errors import AlreadyExists
 from kvbroker.core.types import Event, EventKind
 from kvbroker.engine.sessions import SessionEnded, SessionRegistry
+from kvbroker.security import Unauthenticated
 from kvbroker.wire import SessionEndReason
 
 
@@ -42,7 +43,7 @@ def test_one_stream_per_session_and_events_reach_watchers_only():
         session, opened = registry.watch("s", client_name="w", pid=7, host="h")
         assert opened and session.pid == 7
         with pytest.raises(AlreadyExists):
-            registry.watch("s", client_name="w", pid=7, host="h")
+            registry.watch("s", session.secret, client_name="w", pid=7, host="h")
         registry.touch("lease-only")
         queued = registry.deliver([Event(EventKind.EVICTED, frozenset({"s", "lease-only", "gone"}), cache_id="c")])
         assert queued == 1
@@ -59,7 +60,12 @@ def test_a_lease_only_session_can_start_watching():
     async def body():
         registry = SessionRegistry(5.0)
         registry.touch("s")
-        _, opened = registry.watch("s", client_name="w", pid=1, host="h")
+        secret = registry.get("s").secret
+        with pytest.raises(Unauthenticated):
+            registry.watch("s", client_name="w", pid=1, host="h")  # the id alone grants nothing
+        with pytest.raises(Unauthenticated):
+            registry.watch("s", "guess", client_name="w", pid=1, host="h")
+        _, opened = registry.watch("s", secret, client_name="w", pid=1, host="h")
         assert opened is False
 
     asyncio.run(body())
@@ -87,3 +93,30 @@ def test_a_late_close_does_not_end_a_newer_session_with_the_same_id():
         assert registry.get("s") is new
 
     asyncio.run(body())
+
+
+class _NoWalk(dict):
+    """A session table that refuses to be walked: ``expired`` must not visit every
+    session on every tick (issue 9.5: 20k idle sessions made each tick O(sessions))."""
+
+    def items(self):
+        raise AssertionError("expired() walked every session")
+
+    def values(self):
+        raise AssertionError("expired() walked every session")
+
+    def __iter__(self):
+        raise AssertionError("expired() walked every session")
+
+
+def test_finding_expired_leases_does_not_walk_every_session():
+    clock = Clock()
+    registry = SessionRegistry(2.0, clock)
+    for i in range(20_000):
+        registry.touch(f"s{i}")
+    registry._sessions = _NoWalk(registry._sessions)
+    clock.now += 1.0
+    assert registry.expired() == []
+    registry.touch("s7")
+    clock.now += 1.5
+    assert len(registry.expired()) == 19_999

@@ -23,7 +23,9 @@ def engine():
 
 def test_waiters_are_served_by_priority_then_arrival(engine):
     async def body():
-        blocker, _ = await engine.allocate(AllocationRequest("p", 16 * MiB, holder="h", pinned=True))
+        # Two 8 MiB blockers fill the device: each release makes room for one waiter, so
+        # the order of service is the order of placement (backing then runs in threads).
+        blockers = [(await engine.allocate(AllocationRequest("p", 8 * MiB, holder="h", pinned=True)))[0] for _ in range(2)]
         served: list[str] = []
 
         async def wait(name: str, priority: int) -> None:
@@ -37,10 +39,14 @@ def test_waiters_are_served_by_priority_then_arrival(engine):
             tasks.append(asyncio.create_task(wait(name, priority)))
             await until(lambda: engine.waiting == n, what=f"{n} waiters")
         assert served == []
-        await engine.unpin(blocker.cache_id, "h")
-        await engine.release(blocker.cache_id, "h")
+        await engine.unpin(blockers[0].cache_id, "h")
+        await engine.release(blockers[0].cache_id, "h")
+        await until(lambda: len(served) == 1, what="one served")
+        assert served == ["high"], "the highest priority first"
+        await engine.unpin(blockers[1].cache_id, "h")
+        await engine.release(blockers[1].cache_id, "h")
         await until(lambda: len(served) == 2, what="two served")
-        assert served == ["high", "low-1"], "two 8 MiB requests fit: the high one, then the first low one"
+        assert served == ["high", "low-1"], "then, within a priority, the first to arrive"
         assert engine.waiting == 1, "low-2 still waits for its turn"
         tasks[2].cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -15,7 +15,7 @@ from kvbroker.core import PoolSpec
 from kvbroker.engine import Engine, EngineSettings
 from kvbroker.server.app import create_server
 from kvbroker.v1 import broker_pb2_grpc
-from kvbroker.wire import SESSION_ID_KEY
+from kvbroker.wire import SESSION_ID_KEY, SESSION_SECRET_KEY
 from tests.engine.support import MiB, host_engine
 
 POOLS = (
@@ -42,7 +42,8 @@ async def serving(
     server = await create_server(engine, listen="127.0.0.1:0", unix_socket=None)
     await server.start()
     engine.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.tcp_port}")
+    keeper = SecretKeeper()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.tcp_port}", interceptors=[keeper.unary, keeper.stream])
     try:
         yield Served(engine, broker_pb2_grpc.CacheBrokerStub(channel), channel, shm_dir, server.tcp_port)
     finally:
@@ -52,7 +53,53 @@ async def serving(
 
 
 def session(session_id: str) -> tuple[tuple[str, str], ...]:
+    """Metadata naming a session; the channel's ``SecretKeeper`` adds its secret."""
     return ((SESSION_ID_KEY, session_id),)
+
+
+class SecretKeeper:
+    """Plays the client stub's part with session secrets, so tests can name sessions by
+    id: the secret a session's first call (or Watch) got back in its initial metadata is
+    added to every later call that names the session. A call that names a session with
+    ``SESSION_SECRET_KEY`` already in its metadata is left as it is (tests of forgery)."""
+
+    def __init__(self) -> None:
+        self.secrets: dict[str, str] = {}
+        self._learning: set[asyncio.Future] = set()
+        keeper = self
+
+        class Unary(grpc.aio.UnaryUnaryClientInterceptor):
+            async def intercept_unary_unary(self, continuation, details, request):
+                return await keeper._call(continuation, details, request)
+
+        class Stream(grpc.aio.UnaryStreamClientInterceptor):
+            async def intercept_unary_stream(self, continuation, details, request):
+                return await keeper._call(continuation, details, request)
+
+        self.unary, self.stream = Unary(), Stream()
+
+    async def _call(self, continuation, details, request):
+        metadata = list(details.metadata or ())
+        keys = {k for k, _ in metadata}
+        session_id = next((v for k, v in metadata if k == SESSION_ID_KEY), None)
+        if session_id and SESSION_SECRET_KEY not in keys and session_id in self.secrets:
+            metadata.append((SESSION_SECRET_KEY, self.secrets[session_id]))
+            details = details._replace(metadata=grpc.aio.Metadata(*metadata))
+        call = await continuation(details, request)
+        if session_id and session_id not in self.secrets:
+            # Learn the secret beside the call: awaiting it here would keep a cancel of
+            # the caller's call from reaching the underlying RPC.
+            self._learning.add(asyncio.ensure_future(self._learn(session_id, call)))
+        return call
+
+    async def _learn(self, session_id: str, call) -> None:
+        try:
+            initial = await call.initial_metadata()
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            return
+        for key, value in initial or ():
+            if key == SESSION_SECRET_KEY:
+                self.secrets.setdefault(session_id, value)
 
 
 async def next_event(call, timeout: float = 10.0):

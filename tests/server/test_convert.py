@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import grpc
+
+from kvbroker.security import PermissionDenied, Unauthenticated
 import pytest
 
 from kvbroker.core import errors
@@ -21,6 +23,8 @@ def test_every_domain_error_has_a_status_code():
         ): grpc.StatusCode.RESOURCE_EXHAUSTED,
         errors.FailedPrecondition("x"): grpc.StatusCode.FAILED_PRECONDITION,
         errors.DeadlineExceeded("x"): grpc.StatusCode.DEADLINE_EXCEEDED,
+        Unauthenticated("x"): grpc.StatusCode.UNAUTHENTICATED,
+        PermissionDenied("x"): grpc.StatusCode.PERMISSION_DENIED,
     }
     for err, code in expected.items():
         assert convert.status_for(err) is code

@@ -86,7 +86,7 @@ STOP_TIMEOUT_S = 20.0
 PORT_ATTEMPTS = 3
 LOG_TAIL_LINES = 40
 
-_START_LINE = re.compile(r"\btcp (\S+?):(\d+)\b")
+_START_LINE = re.compile(r"\btcp(?:\+m?tls)? (\S+?):(\d+)\b")
 _PORT_TAKEN = ("cannot serve metrics on", "cannot listen on", "address already in use", "Address already in use")
 #: Fast reconnects while the daemon comes up: gRPC's default backoff (1 s, growing) would
 #: make readiness wait for the channel instead of the daemon.
@@ -396,7 +396,8 @@ def _start_once(
     try:
         wait_serving(daemon.target, process, log_path, ready_timeout)
         daemon.address = _tcp_address(daemon, metrics_port, timeout=max(1.0, ready_timeout - (time.monotonic() - started)))
-        if _health(daemon.address, timeout=5) != health_pb2.HealthCheckResponse.SERVING:
+        # A TLS listener answers only TLS clients; the Unix socket already said SERVING.
+        if "--tls-cert" not in args and _health(daemon.address, timeout=5) != health_pb2.HealthCheckResponse.SERVING:
             raise DaemonError(f"{daemon.address} does not serve health checks; log tail:\n{daemon.log_tail()}")
     except BaseException:
         daemon.stop()
