@@ -205,12 +205,33 @@ class Agent:
     """A worker process with its own ``BrokerClient`` (its own session), driven one JSON
     command per line (``tests/safety/agent.py``)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, *, wait: bool = True) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.safety.agent", target], cwd=ROOT, text=True, env=child_env(),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
-        self.session_id = self._reply()
+        self.session_id = self._reply() if wait else None
+
+    @classmethod
+    def many(cls, target: str, n: int) -> list[Agent]:
+        """Start ``n`` agents at once (each imports torch: seconds) and wait for all."""
+        agents = [cls(target, wait=False) for _ in range(n)]
+        for agent in agents:
+            agent.session_id = agent._reply()
+        return agents
+
+    @staticmethod
+    def close_all(agents: list[Agent]) -> None:
+        """Close several agents at once (each client releases its holds and ends its
+        session on the way out)."""
+        for agent in agents:
+            if agent.process.poll() is None:
+                agent.process.stdin.close()
+        for agent in agents:
+            try:
+                agent.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                agent.kill()
 
     def _reply(self):
         line = self.process.stdout.readline()
