@@ -234,7 +234,7 @@ def daemon(tmp_path_factory):
     from .conftest import _stop_clean, start_safety_daemon
 
     d = start_safety_daemon(
-        tmp_path_factory.mktemp("fuzz"), CONFIG, "--lease-seconds", "1", "--segment-idle-seconds", "0.3"
+        tmp_path_factory.mktemp("fuzz"), CONFIG, "--lease-seconds", "0.5", "--segment-idle-seconds", "0.3"
     )
     yield d
     _stop_clean(d)
@@ -250,12 +250,12 @@ def _path(method) -> str:
     return f"/{SERVICE.full_name}/{method.name}"
 
 
-def call(channel: grpc.Channel, method, payload: bytes, md: tuple) -> tuple[grpc.StatusCode, str]:
+def call(channel: grpc.Channel, method, payload: bytes, md: tuple, timeout: float = CALL_TIMEOUT_S) -> tuple[grpc.StatusCode, str]:
     """Send serialized bytes to one method; returns (code, details). The Watch stream is
     read to its first event (SESSION_OPENED), then cancelled (the session then ends)."""
     if method.server_streaming:
         stream = channel.unary_stream(_path(method), request_serializer=None, response_deserializer=None)
-        events = stream(payload, timeout=CALL_TIMEOUT_S, metadata=md)
+        events = stream(payload, timeout=timeout, metadata=md)
         try:
             first = pb.WatchEvent.FromString(next(events))
             assert first.kind == pb.EVENT_KIND_SESSION_OPENED, first
@@ -266,7 +266,7 @@ def call(channel: grpc.Channel, method, payload: bytes, md: tuple) -> tuple[grpc
             events.cancel()
     unary = channel.unary_unary(_path(method), request_serializer=None, response_deserializer=None)
     try:
-        reply = unary(payload, timeout=CALL_TIMEOUT_S, metadata=md)
+        reply = unary(payload, timeout=timeout, metadata=md)
     except grpc.RpcError as err:
         return err.code(), err.details() or ""
     if method.name == "Allocate":
@@ -492,7 +492,7 @@ def _overlong_cases():
             if field.type != FieldDescriptor.TYPE_STRING:
                 continue
             for kind, value in (("valid-alphabet", "a" * 10_000), ("non-printable", "\x01" * 10_000)):
-                marks = [ECHO_XFAIL] if kind == "valid-alphabet" and (method.name, field.name) in ECHOED_WHOLE_TODAY else []
+                marks = [ECHO_XFAIL] if (method.name, field.name) in ECHOED_WHOLE_TODAY else []
                 yield pytest.param(method.name, field.name, value, id=f"{method.name}.{field.name}-{kind}", marks=marks)
         # The session id in the metadata is a string the client chooses, too.
         yield pytest.param(method.name, SESSION_KEY, "s" * 4000, id=f"{method.name}-{SESSION_KEY}")
@@ -512,8 +512,11 @@ def test_overlong_values_are_not_echoed_whole(daemon, channel, name, field, valu
     else:
         kwargs[field] = value
     log_from = daemon.log_size()
-    code, details = call(channel, method, build(method.input_type, kwargs).SerializeToString(), md)
-    assert code in DOCUMENTED, (code, details[:300])
+    code, details = call(channel, method, build(method.input_type, kwargs).SerializeToString(), md, timeout=20)
+    assert code in DOCUMENTED - {grpc.StatusCode.DEADLINE_EXCEEDED}, (code, details[:300])
+    # An overlong message in the trailers makes the client's gRPC drop the reply itself
+    # ("received metadata size exceeds ... limit"): that is the same bug, seen client side.
+    assert "metadata size exceeds" not in details, f"the daemon's reply was too large to receive: {details[:200]}"
     assert len(details) <= MAX_DETAILS_CHARS, f"{code.name}: {len(details)} characters: {details[:200]}..."
     logged = daemon.log()[log_from:]
     assert value not in logged, "the overlong value was logged whole"
