@@ -11,6 +11,7 @@ import below changes.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,14 @@ class SafetyDaemon:
         return self.inner.process
 
     def shm_objects(self) -> list[str]:
-        """The shm objects this daemon created and has not unlinked."""
+        """The segment objects this daemon created and has not unlinked
+        (``kvb-<pid>-<instance>-<segment>-<generation>``; other files of the daemon, such
+        as a lock file, are not segments)."""
+        pattern = re.compile(rf"kvb-{self.pid}-.+-\d+-\d+")
+        return sorted(n for n in os.listdir(self.shm_dir) if pattern.fullmatch(n))
+
+    def shm_files(self) -> list[str]:
+        """Every file of this daemon in its shm dir, segments or not."""
         prefix = f"kvb-{self.pid}-"
         return sorted(n for n in os.listdir(self.shm_dir) if n.startswith(prefix))
 
@@ -82,7 +90,7 @@ def _stop_clean(daemon: SafetyDaemon) -> None:
     """Stop the daemon; it must exit 0 and leave no shm object behind."""
     code = daemon.stop()
     assert code == 0, daemon.log()[-4000:]
-    assert daemon.shm_objects() == [], "the daemon left shm objects behind"
+    assert daemon.shm_files() == [], "the daemon left files in its shm dir behind"
 
 
 @pytest.fixture
