@@ -12,8 +12,8 @@ one run: with ``SMALL`` (1,000) live caches, then with ``--caches`` (default 100
   once (their streams are cancelled, as when 500 worker processes die); the figure is
   the time from the cancellation until ``Stats`` shows their caches freed, divided by
   500 (per session).
-- **alloc_release**: one caller, ``--pairs`` Allocate + Release pairs of a 4 KiB cache
-  back to back; the figure is the time per pair.
+- **alloc_release**: one caller (anonymous), ``--pairs`` Allocate + Release pairs of a
+  4 KiB cache back to back; the figure is the time per pair.
 
 The live caches are held by the anonymous holder (calls without a session id), so no
 session holds them and they never expire; they are allocated by ``--workers`` processes,
@@ -68,6 +68,7 @@ PAGE = 1_000
 WINDOW = 64
 TARGET_RATIO = 2.0
 SESSION_KEY = "kvbroker-session-id"
+SECRET_KEY = "kvbroker-session-secret"
 
 CONFIG = """
 [devices]
@@ -230,7 +231,7 @@ def measure_stats(stub, repeats: int) -> float:
 
 
 def measure_alloc_release(stub, pairs: int, tag: str) -> float:
-    md = ((SESSION_KEY, f"bench-alloc-{tag}"),)
+    md = ()  # the anonymous holder, as the live caches: no session to keep alive
     for i in range(20):  # warm-up
         stub.Allocate(pb.AllocateRequest(pool=POOL, size_bytes=CACHE_BYTES, cache_id=f"w-{tag}-{i}"), timeout=60, metadata=md)
         stub.Release(pb.ReleaseRequest(cache_id=f"w-{tag}-{i}"), timeout=60, metadata=md)
@@ -259,13 +260,16 @@ def measure_session_end(target: str, stub, tag: str) -> float:
             call = watch(pb.WatchRequest(client_name="scale"), metadata=((SESSION_KEY, session),), timeout=600)
             first = next(call)
             assert first.kind == pb.EVENT_KIND_SESSION_OPENED, first
-            streams.append((call, session, channel))
+            md = ((SESSION_KEY, session),)
+            if getattr(first, "session_secret", ""):  # a broker that issues session secrets
+                md += ((SECRET_KEY, first.session_secret),)
+            streams.append((call, session, channel, md))
         pending = []
-        for call, session, channel in streams:
+        for call, session, channel, md in streams:
             allocate = broker_pb2_grpc.CacheBrokerStub(channel).Allocate
             for k in range(CACHES_PER_SESSION):
                 request = pb.AllocateRequest(pool=POOL, size_bytes=CACHE_BYTES, cache_id=f"{session}-{k}")
-                pending.append(allocate.future(request, timeout=120, metadata=((SESSION_KEY, session),)))
+                pending.append(allocate.future(request, timeout=120, metadata=md))
                 if len(pending) >= WINDOW:
                     pending.pop(0).result()
         for future in pending:
@@ -275,7 +279,7 @@ def measure_session_end(target: str, stub, tag: str) -> float:
         assert held == expected, (held, expected)
 
         started = time.perf_counter()
-        for call, _, _ in streams:
+        for call, *_ in streams:
             call.cancel()
         deadline = time.monotonic() + 600
         while stub.Stats(pb.StatsRequest(), timeout=60).total_allocated_bytes != before:
@@ -284,7 +288,7 @@ def measure_session_end(target: str, stub, tag: str) -> float:
             time.sleep(0.002)
         return (time.perf_counter() - started) / SESSIONS * 1000
     finally:
-        for call, _, _ in streams:
+        for call, *_ in streams:
             call.cancel()
         for channel in channels:
             channel.close()
