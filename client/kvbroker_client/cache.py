@@ -19,70 +19,22 @@ Not thread-safe per object: share the client across threads, not one ``Cache``.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
 from kvbroker.v1 import broker_pb2 as pb
-from kvbroker_client.errors import CacheEvicted, InvalidRequest, PreconditionFailed
+from kvbroker_client.dtypes import DTypeLike, to_proto_dtype, to_torch_dtype, torch_dtype_of
+from kvbroker_client.errors import CacheEvicted, PreconditionFailed
 
 if TYPE_CHECKING:
     import torch
 
     from kvbroker_client.client import AsyncBrokerClient, BrokerClient
-    from kvbroker_client.mapping import SegmentMapper
 
 # torch and the mapping module are imported on first use, not here: the operator CLI
 # imports this package and should not pay torch's import (seconds) to print a table.
 
-__all__ = ["AsyncCache", "Cache", "process_mapper", "to_proto_dtype", "to_torch_dtype"]
-
-DTypeLike: TypeAlias = "torch.dtype | str"
-
-_mapper: SegmentMapper | None = None
-_mapper_lock = threading.Lock()
-
-
-def process_mapper() -> SegmentMapper:
-    """The process-wide ``SegmentMapper``: each segment is mapped once per process."""
-    global _mapper
-    if _mapper is None:
-        from kvbroker_client.mapping import SegmentMapper
-
-        with _mapper_lock:
-            if _mapper is None:
-                _mapper = SegmentMapper()
-    return _mapper
-
-
-def to_torch_dtype(dtype: DTypeLike) -> torch.dtype:
-    """A torch dtype from a ``torch.dtype`` or its name (``"float16"``, ``"torch.bfloat16"``).
-
-    Raises:
-        InvalidRequest: the name is not a torch dtype the broker knows (names ``dtype``).
-    """
-    import torch
-
-    from kvbroker_client.mapping import DTYPE_TO_TORCH
-
-    if isinstance(dtype, torch.dtype):
-        resolved: Any = dtype
-    elif isinstance(dtype, str):
-        resolved = getattr(torch, dtype.strip().removeprefix("torch."), None)
-    else:
-        raise InvalidRequest(f"dtype: expected a torch.dtype or a name, got {type(dtype).__name__}")
-    if not isinstance(resolved, torch.dtype) or resolved not in DTYPE_TO_TORCH.values():
-        names = ", ".join(str(d).removeprefix("torch.") for d in DTYPE_TO_TORCH.values())
-        raise InvalidRequest(f"dtype: {dtype!r} is not supported (supported: {names})")
-    return resolved
-
-
-def to_proto_dtype(dtype: DTypeLike) -> int:
-    """The wire ``DType`` value of a torch dtype or dtype name."""
-    from kvbroker_client.mapping import dtype_to_proto
-
-    return dtype_to_proto(to_torch_dtype(dtype))
-
+__all__ = ["AsyncCache", "Cache"]
 
 class _CacheBase:
     """What sync and async caches share: the record, the handle, and the views."""
@@ -100,9 +52,7 @@ class _CacheBase:
         self._info = info
         self._handle = handle
         if dtype is None and info.dtype != pb.DTYPE_UNSPECIFIED:
-            from kvbroker_client.mapping import DTYPE_TO_TORCH
-
-            dtype = DTYPE_TO_TORCH.get(info.dtype)
+            dtype = torch_dtype_of(info.dtype)
             shape = tuple(info.shape) if shape is None and info.shape else shape
         self._dtype = dtype
         self._shape = tuple(int(d) for d in shape) if shape is not None else None
@@ -201,6 +151,8 @@ class _CacheBase:
             resolved = self._dtype
             if shape is None:
                 shape = self._shape
+        from kvbroker_client.mapping import process_mapper
+
         return process_mapper().view(self._handle, resolved, shape)
 
     def _resolve_moved(self) -> None:

@@ -28,9 +28,11 @@ from typing import Any, TypeVar
 
 import grpc
 
+from kvbroker import wire
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
-from kvbroker_client.cache import AsyncCache, Cache, DTypeLike, to_proto_dtype, to_torch_dtype
+from kvbroker_client.cache import AsyncCache, Cache
+from kvbroker_client.dtypes import DTypeLike, to_proto_dtype, to_torch_dtype
 from kvbroker_client.errors import InvalidRequest, KvBrokerError, from_rpc_error
 from kvbroker_client.session import AsyncSession, SyncSession
 
@@ -47,7 +49,7 @@ __all__ = [
 DEFAULT_TARGET = "127.0.0.1:50051"
 #: Deadline of one call; an allocation that may wait gets its ``wait_timeout_ms`` on top.
 DEFAULT_TIMEOUT_S = 10.0
-SESSION_METADATA_KEY = "kvbroker-session-id"
+SESSION_METADATA_KEY = wire.SESSION_ID_KEY
 
 _STATE_BY_NAME = {"resident": pb.CACHE_STATE_RESIDENT, "evicted": pb.CACHE_STATE_EVICTED}
 

@@ -73,7 +73,7 @@ class SessionState:
             if cache is not None:
                 cache._note_event(kind, event.epoch)
         elif kind == pb.EVENT_KIND_SEGMENT_RETIRED:
-            from kvbroker_client.cache import process_mapper
+            from kvbroker_client.mapping import process_mapper
             from kvbroker_client.mapping import SegmentKey
 
             key = SegmentKey(self.instance_id, event.segment_id, event.segment_generation)
@@ -100,7 +100,7 @@ class SessionState:
         """Retired segments that no tensor of this process uses any more (to report)."""
         if not self.pending_unmaps:
             return []
-        from kvbroker_client.cache import process_mapper
+        from kvbroker_client.mapping import process_mapper
 
         mapper = process_mapper()
         done = [key for key in list(self.pending_unmaps) if not mapper.still_mapped(key)]

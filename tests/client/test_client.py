@@ -14,7 +14,8 @@ import torch
 
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker_client import AsyncBrokerClient, BrokerClient, CacheEvicted, InvalidRequest, PreconditionFailed
-from kvbroker_client.cache import process_mapper, to_torch_dtype
+from kvbroker_client.dtypes import to_torch_dtype
+from kvbroker_client.mapping import process_mapper
 from kvbroker_client.client import SESSION_METADATA_KEY, allocate_request, list_caches_request
 
 
