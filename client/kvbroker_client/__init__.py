@@ -6,17 +6,29 @@
         with client.allocate("default", dtype="float16", shape=(2, 32, 128)) as cache:
             kv = cache.tensor()  # a view of the broker's memory: no copy
 
-Imports only the generated wire code (``kvbroker.v1``), grpc and torch, never a server
-module. ``kvbroker_client.mapping`` turns broker handles into tensors; it and torch are
-imported on first use, so tools that only query the broker (the ``kvbroker`` CLI) start
-fast.
+Layout (each module imports only those above it; ``tests/client/test_layout.py`` checks
+that there is no import circle):
+
+    errors.py   typed exceptions, one per gRPC status, and ``SessionLost``
+    dtypes.py   dtype names <-> wire values <-> torch dtypes (``kvbroker.wire.DTYPES``)
+    calls.py    target, channel options, ``Call``, request builders (validation)
+    core.py     the sans-IO core: held caches, the session, plans; no I/O
+    mapping.py  ``SegmentMapper``: handles -> mapped segments -> views (imports torch)
+    cache.py    ``Cache`` and ``AsyncCache``: a ``Held`` record and its client's ``drive``
+    sync.py     ``BrokerClient``: grpc channel, Watch and heartbeat threads
+    aio.py      ``AsyncBrokerClient``: grpc.aio channel, Watch and heartbeat tasks
+
+Of the broker, only ``kvbroker.wire`` and the generated ``kvbroker.v1`` are imported,
+never a server module. ``kvbroker_client.mapping`` and torch are imported on first view,
+so tools that only query the broker (the ``kvbroker`` CLI) start fast.
 """
 
 from typing import TYPE_CHECKING, Any
 
 from kvbroker import __version__  # one version for the whole distribution
+from kvbroker_client.aio import AsyncBrokerClient
 from kvbroker_client.cache import AsyncCache, Cache
-from kvbroker_client.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, AsyncBrokerClient, BrokerClient
+from kvbroker_client.calls import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, TARGET_ENV
 from kvbroker_client.errors import (
     AllocationTimeout,
     BrokerUnavailable,
@@ -27,8 +39,10 @@ from kvbroker_client.errors import (
     InvalidRequest,
     KvBrokerError,
     PreconditionFailed,
+    SessionLost,
     UnexpectedBrokerError,
 )
+from kvbroker_client.sync import BrokerClient
 
 if TYPE_CHECKING:
     from kvbroker_client.mapping import HandleError, SegmentMapper, StaleHandleError
@@ -38,6 +52,7 @@ _LAZY_FROM_MAPPING = ("HandleError", "SegmentMapper", "StaleHandleError")
 __all__ = [
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT_S",
+    "TARGET_ENV",
     "AllocationTimeout",
     "AsyncBrokerClient",
     "AsyncCache",
@@ -53,6 +68,7 @@ __all__ = [
     "KvBrokerError",
     "PreconditionFailed",
     "SegmentMapper",
+    "SessionLost",
     "StaleHandleError",
     "UnexpectedBrokerError",
     "__version__",

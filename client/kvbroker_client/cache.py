@@ -1,11 +1,16 @@
 """A cache as a model worker sees it: an id, a hold, and zero-copy tensor views.
 
 ``Cache`` (sync) and ``AsyncCache`` (asyncio) are returned by ``allocate`` and ``attach``;
-they are never built by hand. Both wrap the broker's ``Cache`` record and ``Handle`` and
-build tensors through one process-wide ``SegmentMapper``, so every cache of a segment
-shares one mapping, however many clients the process opens.
+they are never built by hand. Each wraps one ``Held`` record of its client's core
+(``kvbroker_client.core``), which says what the cache may be used for, and reaches its
+client only through the small interface below (``Transport``): ``core`` to read and
+plan, ``drive`` to run a plan's calls. Views come from the process-wide
+``SegmentMapper`` (``kvbroker_client.mapping.process_mapper``), so every cache of a
+segment shares one mapping, however many clients the process opens.
 
 Invariants:
+    * A view is built only from a handle the client's session still holds: never of a
+      released cache, an evicted one, or one whose session is over (``SessionLost``).
     * A view is valid for the handle's epoch. The broker bumps the epoch when it moves
       or evicts an unpinned cache; ``pin()`` (and ``pinned()``) fetch a fresh handle, so
       ``with cache.pinned() as t:`` is the safe way to touch an unpinned cache.
@@ -19,225 +24,191 @@ Not thread-safe per object: share the client across threads, not one ``Cache``.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from kvbroker.v1 import broker_pb2 as pb
-from kvbroker_client.errors import CacheEvicted, InvalidRequest, PreconditionFailed
+from kvbroker_client.core import ClientCore, Held, HeldState
+from kvbroker_client.dtypes import DTypeLike, to_proto_dtype, to_torch_dtype, torch_dtype_of
 
 if TYPE_CHECKING:
     import torch
 
-    from kvbroker_client.client import AsyncBrokerClient, BrokerClient
-    from kvbroker_client.mapping import SegmentMapper
+    from kvbroker_client.calls import Plan
 
-# torch and the mapping module are imported on first use, not here: the operator CLI
+# torch and the mapping module are imported on first view, not here: the operator CLI
 # imports this package and should not pay torch's import (seconds) to print a table.
 
-__all__ = ["AsyncCache", "Cache", "process_mapper", "to_proto_dtype", "to_torch_dtype"]
+__all__ = ["AsyncCache", "AsyncTransport", "Cache", "Transport"]
 
-DTypeLike: TypeAlias = "torch.dtype | str"
-
-_mapper: SegmentMapper | None = None
-_mapper_lock = threading.Lock()
+T = TypeVar("T")
 
 
-def process_mapper() -> SegmentMapper:
-    """The process-wide ``SegmentMapper``: each segment is mapped once per process."""
-    global _mapper
-    if _mapper is None:
-        from kvbroker_client.mapping import SegmentMapper
+class Transport(Protocol):
+    """What a ``Cache`` needs of its client (``BrokerClient`` provides it)."""
 
-        with _mapper_lock:
-            if _mapper is None:
-                _mapper = SegmentMapper()
-    return _mapper
+    @property
+    def core(self) -> ClientCore: ...
+
+    def drive(self, plan: Plan[T]) -> T: ...
 
 
-def to_torch_dtype(dtype: DTypeLike) -> torch.dtype:
-    """A torch dtype from a ``torch.dtype`` or its name (``"float16"``, ``"torch.bfloat16"``).
+class AsyncTransport(Protocol):
+    """What an ``AsyncCache`` needs of its client (``AsyncBrokerClient`` provides it)."""
 
-    Raises:
-        InvalidRequest: the name is not a torch dtype the broker knows (names ``dtype``).
-    """
-    import torch
+    @property
+    def core(self) -> ClientCore: ...
 
-    from kvbroker_client.mapping import DTYPE_TO_TORCH
-
-    if isinstance(dtype, torch.dtype):
-        resolved: Any = dtype
-    elif isinstance(dtype, str):
-        resolved = getattr(torch, dtype.strip().removeprefix("torch."), None)
-    else:
-        raise InvalidRequest(f"dtype: expected a torch.dtype or a name, got {type(dtype).__name__}")
-    if not isinstance(resolved, torch.dtype) or resolved not in DTYPE_TO_TORCH.values():
-        names = ", ".join(str(d).removeprefix("torch.") for d in DTYPE_TO_TORCH.values())
-        raise InvalidRequest(f"dtype: {dtype!r} is not supported (supported: {names})")
-    return resolved
-
-
-def to_proto_dtype(dtype: DTypeLike) -> int:
-    """The wire ``DType`` value of a torch dtype or dtype name."""
-    from kvbroker_client.mapping import dtype_to_proto
-
-    return dtype_to_proto(to_torch_dtype(dtype))
+    async def drive(self, plan: Plan[T]) -> T: ...
 
 
 class _CacheBase:
-    """What sync and async caches share: the record, the handle, and the views."""
+    """What sync and async caches share: the record, the default view, and the views."""
 
     def __init__(
-        self,
-        client: Any,
-        info: pb.Cache,
-        handle: pb.Handle,
-        *,
-        dtype: torch.dtype | None = None,
-        shape: Sequence[int] | None = None,
+        self, client: Any, held: Held, *, dtype: DTypeLike | None = None, shape: Sequence[int] | None = None
     ) -> None:
         self._client = client
-        self._info = info
-        self._handle = handle
-        if dtype is None and info.dtype != pb.DTYPE_UNSPECIFIED:
-            from kvbroker_client.mapping import DTYPE_TO_TORCH
-
-            dtype = DTYPE_TO_TORCH.get(info.dtype)
-            shape = tuple(info.shape) if shape is None and info.shape else shape
-        self._dtype = dtype
+        self._core: ClientCore = client.core
+        self._held = held
+        info = held.info
+        self._dtype = to_proto_dtype(dtype) if dtype is not None else info.dtype
+        if shape is None and dtype is None and info.dtype and info.shape:
+            shape = tuple(info.shape)
         self._shape = tuple(int(d) for d in shape) if shape is not None else None
-        self._released = False
-        # Set from the session's event thread: the epoch the broker moved or evicted at.
-        self._moved_epoch = 0
-        self._evicted = False
-
-    def _note_event(self, kind: int, epoch: int) -> None:
-        """Apply an EVICTED or MOVED event (called by the session's watcher)."""
-        if kind == pb.EVENT_KIND_EVICTED:
-            self._evicted = True
-        elif epoch > self._moved_epoch:
-            self._moved_epoch = epoch
 
     @property
     def stale(self) -> bool:
         """True when the broker moved the cache since this object's handle was issued:
         the next ``tensor()`` (sync) or ``refresh()`` fetches the new place."""
-        return self._moved_epoch > self._handle.epoch
+        return self._core.state(self._held) is HeldState.STALE
 
     @property
     def evicted(self) -> bool:
         """True once the broker said it evicted the cache (or a record says so)."""
-        return self._evicted or self._info.state == pb.CACHE_STATE_EVICTED
+        return self._core.state(self._held) is HeldState.EVICTED
+
+    @property
+    def lost(self) -> bool:
+        """True when the session this cache was held under is over and it was not
+        re-attached since: views refuse with ``SessionLost`` (a retained cache is
+        re-attached by its next ``tensor()``, ``pin()`` or ``refresh()``)."""
+        return self._core.state(self._held) is HeldState.LOST
 
     @property
     def cache_id(self) -> str:
-        return self._info.cache_id
+        return self._held.info.cache_id
 
     @property
     def pool(self) -> str:
-        return self._info.pool
+        return self._held.info.pool
 
     @property
     def nbytes(self) -> int:
         """Bytes asked for (the broker may reserve more: ``info.reserved_bytes``)."""
-        return self._info.nbytes
+        return self._held.info.nbytes
 
     @property
     def device(self) -> str:
         """``"host"`` or a GPU UUID, never an index."""
-        return self._info.device
+        return self._held.info.device
 
     @property
     def epoch(self) -> int:
         """The epoch of the last record seen; it changes when the cache moves or is evicted."""
-        return self._info.epoch
+        return self._held.info.epoch
 
     @property
     def is_pinned(self) -> bool:
         """Whether any holder pinned the cache, as of the last record seen."""
-        return self._info.pinned
+        return self._held.info.pinned
 
     @property
     def released(self) -> bool:
-        return self._released
+        return self._held.released
 
     @property
     def info(self) -> pb.Cache:
         """The broker's record as of the last call that returned it (a copy-free view)."""
-        return self._info
+        return self._held.info
 
     @property
     def handle(self) -> pb.Handle:
         """Where the bytes are: segment and byte range, valid for ``handle.epoch``."""
-        return self._handle
+        return self._held.handle
+
+    def _view(self, dtype: DTypeLike | None, shape: Sequence[int] | None) -> torch.Tensor:
+        from kvbroker_client.mapping import process_mapper
+
+        if dtype is not None:
+            resolved = to_torch_dtype(dtype)
+        else:
+            resolved = torch_dtype_of(self._dtype)
+            if shape is None:
+                shape = self._shape
+        return process_mapper().view(self._held.handle, resolved, shape)
+
+    def __repr__(self) -> str:
+        state = self._core.state(self._held)
+        if state is HeldState.LIVE:
+            label = pb.CacheState.Name(self._held.info.state).removeprefix("CACHE_STATE_").lower()
+        else:
+            label = state.value
+        return (
+            f"{type(self).__name__}(cache_id={self.cache_id!r}, pool={self.pool!r}, nbytes={self.nbytes}, "
+            f"device={self.device!r}, epoch={self.epoch}, state={label})"
+        )
+
+
+class Cache(_CacheBase):
+    """A cache held by a ``BrokerClient``. ``with client.allocate(...) as cache:`` releases
+    it on exit."""
+
+    _client: Transport
 
     def tensor(self, dtype: DTypeLike | None = None, shape: Sequence[int] | None = None) -> torch.Tensor:
         """A zero-copy view of the cache's bytes.
 
+        Every call checks that the client's session still holds the cache, and follows a
+        move (one Attach) before building the view. A view already built cannot be
+        revoked: if the cache is later moved, evicted, or its session ends (the lease
+        lapsed, the broker restarted), that tensor still points at the old bytes, which
+        the broker may have given to another tenant, and writes through it land in that
+        tenant's cache. So do not keep views across uses: build one per use, inside
+        ``with cache.pinned() as t:`` (pinned bytes are never moved or evicted, and the
+        block fails with ``SessionLost`` if the session ended during it).
+
         Args:
-            dtype: element type; default: the dtype given at allocation, else ``uint8``.
+            dtype: element type; default: the dtype given at allocation (or recorded by
+                the broker), else ``uint8``.
             shape: default: the shape given at allocation (when ``dtype`` is not
                 overridden), else 1-D over all the bytes. It may cover fewer bytes than
                 the cache, never more.
 
         Raises:
-            PreconditionFailed: this object already released the cache.
-            CacheEvicted: the last record seen says the cache was evicted.
+            PreconditionFailed: this client already released the cache.
+            CacheEvicted: the broker evicted it (its bytes are gone).
+            SessionLost: the session it was held under is over and it was not retained
+                (a retained cache is re-attached instead: one Attach; ``CacheEvicted``
+                if the broker no longer has it).
             kvbroker_client.mapping.HandleError: the handle cannot be mapped here, or the
                 view does not fit.
 
-        Cost: the first view of a segment in this process maps it (an ``mmap``, or a CUDA
-        IPC open); every later view is a slice, microseconds whatever the size.
+        Cost: a state check; the first view of a segment in this process maps it (an
+        ``mmap``, or a CUDA IPC open); every later view is a slice, microseconds
+        whatever the size.
         """
-        if self._released:
-            raise PreconditionFailed(f"cache {self.cache_id!r} was released by this client")
-        if self.evicted:
-            raise CacheEvicted(f"cache {self.cache_id!r} was evicted by the broker; its bytes are gone")
-        if self.stale:
-            self._resolve_moved()
-        if dtype is not None:
-            resolved = to_torch_dtype(dtype)
-        else:
-            resolved = self._dtype
-            if shape is None:
-                shape = self._shape
-        return process_mapper().view(self._handle, resolved, shape)
-
-    def _resolve_moved(self) -> None:
-        raise NotImplementedError
-
-    def _update(self, info: pb.Cache, handle: pb.Handle | None = None) -> None:
-        self._info = info
-        if handle is not None:
-            self._handle = handle
-
-    def __repr__(self) -> str:
-        state = (
-            "released" if self._released else pb.CacheState.Name(self._info.state).removeprefix("CACHE_STATE_").lower()
-        )
-        return (
-            f"{type(self).__name__}(cache_id={self.cache_id!r}, pool={self.pool!r}, nbytes={self.nbytes}, "
-            f"device={self.device!r}, epoch={self.epoch}, state={state})"
-        )
-
-
-class Cache(_CacheBase):
-    """A cache held by this client (sync). ``with client.allocate(...) as cache:`` releases
-    it on exit."""
-
-    _client: BrokerClient
-
-    def _resolve_moved(self) -> None:
-        """Fetch the cache's new place after a MOVED event (one Attach)."""
-        response = self._client._attach(self.cache_id)
-        self._update(response.cache, response.handle)
+        self._client.drive(self._core.view(self._held))
+        return self._view(dtype, shape)
 
     def refresh(self) -> None:
-        """Fetch the cache's current record and handle from the broker."""
-        self._resolve_moved()
+        """Fetch the cache's current record and handle from the broker (one Attach); for a
+        retained cache whose session was lost, this re-attaches it."""
+        self._client.drive(self._core.refresh(self._held))
 
     def release(self, force: bool = False) -> bool:
-        """Drop this client's hold (and its pins). Harmless when already released.
+        """Drop this client's hold (and its pins). Harmless when already released, or
+        when the session it was held under is over (its hold went with it).
 
         Args:
             force: free the cache even if it is retained or held by others (refused while
@@ -246,12 +217,7 @@ class Cache(_CacheBase):
         Returns:
             True when this call freed the cache's memory.
         """
-        if self._released and not force:
-            return False
-        freed = self._client.release(self.cache_id, force=force)
-        self._released = True
-        self._client._forget(self)
-        return freed
+        return self._client.drive(self._core.release(self._held, force))
 
     def pin(self) -> None:
         """Pin the cache (counted): it is neither evicted nor moved until unpinned. Also
@@ -259,17 +225,20 @@ class Cache(_CacheBase):
 
         Raises:
             CacheEvicted: the cache was evicted before it could be pinned.
+            SessionLost: as for ``tensor()``.
         """
-        response = self._client._pin(self.cache_id)
-        self._update(response.cache, response.handle)
+        self._client.drive(self._core.pin(self._held))
 
     def unpin(self) -> None:
-        """Drop one of this client's pins. ``PreconditionFailed`` if it holds none."""
-        self._update(self._client._unpin(self.cache_id).cache)
+        """Drop one of this client's pins. ``PreconditionFailed`` if it holds none;
+        ``SessionLost`` if its session ended (the pins went with it)."""
+        self._client.drive(self._core.unpin(self._held))
 
     @contextlib.contextmanager
     def pinned(self, dtype: DTypeLike | None = None, shape: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
-        """Pin, yield a fresh view, unpin: the safe way to touch an unpinned cache.
+        """Pin, yield a fresh view, unpin: the safe way to touch an unpinned cache. If the
+        session ended inside the block, leaving it raises ``SessionLost``: the pin was
+        gone, and the block's reads and writes may have met another tenant's bytes.
 
         Cost: two RPCs (Pin and Unpin) around the body.
         """
@@ -277,7 +246,7 @@ class Cache(_CacheBase):
         try:
             yield self.tensor(dtype, shape)
         finally:
-            if not self._released:
+            if not self.released:
                 self.unpin()
 
     def __enter__(self) -> Cache:
@@ -290,38 +259,34 @@ class Cache(_CacheBase):
 class AsyncCache(_CacheBase):
     """A cache held by an ``AsyncBrokerClient``; the RPC methods are coroutines and
     ``async with client.allocate(...) as cache:`` releases it on exit. ``tensor()`` stays
-    synchronous: it never talks to the broker."""
+    synchronous: it never talks to the broker, so a moved cache, or a retained one whose
+    session was lost, needs ``await cache.refresh()`` (or ``async with cache.pinned()``)
+    first."""
 
-    _client: AsyncBrokerClient
+    _client: AsyncTransport
 
-    def _resolve_moved(self) -> None:
-        raise PreconditionFailed(
-            f"cache {self.cache_id!r} was moved by the broker: `await cache.refresh()` (or use "
-            "`async with cache.pinned()`) before building a view"
-        )
+    def tensor(self, dtype: DTypeLike | None = None, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Like ``Cache.tensor`` (read its warning about views kept across uses), without
+        any call: raises ``PreconditionFailed`` (moved) or ``SessionLost`` where the sync
+        one would call Attach first."""
+        self._core.ready(self._held)
+        return self._view(dtype, shape)
 
     async def refresh(self) -> None:
-        """Fetch the cache's current record and handle (after a move)."""
-        response = await self._client._attach(self.cache_id)
-        self._update(response.cache, response.handle)
+        """Like ``Cache.refresh``."""
+        await self._client.drive(self._core.refresh(self._held))
 
     async def release(self, force: bool = False) -> bool:
         """Like ``Cache.release``."""
-        if self._released and not force:
-            return False
-        freed = await self._client.release(self.cache_id, force=force)
-        self._released = True
-        self._client._forget(self)
-        return freed
+        return await self._client.drive(self._core.release(self._held, force))
 
     async def pin(self) -> None:
         """Like ``Cache.pin``."""
-        response = await self._client._pin(self.cache_id)
-        self._update(response.cache, response.handle)
+        await self._client.drive(self._core.pin(self._held))
 
     async def unpin(self) -> None:
         """Like ``Cache.unpin``."""
-        self._update((await self._client._unpin(self.cache_id)).cache)
+        await self._client.drive(self._core.unpin(self._held))
 
     @contextlib.asynccontextmanager
     async def pinned(
@@ -332,7 +297,7 @@ class AsyncCache(_CacheBase):
         try:
             yield self.tensor(dtype, shape)
         finally:
-            if not self._released:
+            if not self.released:
                 await self.unpin()
 
     async def __aenter__(self) -> AsyncCache:

@@ -28,6 +28,7 @@ __all__ = [
     "InvalidRequest",
     "KvBrokerError",
     "PreconditionFailed",
+    "SessionLost",
     "UnexpectedBrokerError",
     "from_rpc_error",
 ]
@@ -91,6 +92,16 @@ class CacheEvicted(PreconditionFailed):
     """The cache was evicted: its bytes are gone and it must be allocated again
     (FAILED_PRECONDITION whose message says so). A ``PreconditionFailed``, so handlers of
     the wider class also see it."""
+
+
+class SessionLost(PreconditionFailed):
+    """The broker session this cache was held under is over (FAILED_PRECONDITION, raised
+    by the stub itself): its lease lapsed, the broker stopped or restarted, or the Watch
+    stream broke. The broker dropped the session's holds and pins and freed its
+    non-retained caches, so the bytes may already belong to another tenant; the stub
+    therefore never builds another view of them. The client itself carries on under a
+    new session: allocate or attach again. A retained cache is re-attached by its next
+    ``tensor()``/``pin()`` instead (``kvbroker_client.cache``)."""
 
 
 class AllocationTimeout(KvBrokerError, TimeoutError):

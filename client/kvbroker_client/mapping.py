@@ -7,8 +7,14 @@ is a slice of the same base tensor: zero-copy, and mapping a 1 GiB cache costs w
 1 MiB one does once its segment is mapped.
 
 Every field of a handle is validated before it reaches the kernel or the CUDA driver,
-following ``research/ipc-mechanics.md`` sections 1.7 and 5.5. This module imports only
-the generated ``kvbroker.v1`` code of the broker, never a server module.
+following ``research/ipc-mechanics.md`` sections 1.7 and 5.5. A host handle names its
+directory (``HostSegmentHandle.shm_dir``, the daemon's ``--shm-dir``); the name must match
+``kvbroker.wire.SHM_NAME_PATTERN`` and the directory be absolute without ``..``, and the
+object opened must be the very inode the broker created (``st_dev``/``st_ino``).
+
+This module imports torch at once; the rest of the package imports it on first use (see
+``process_mapper``). Of the broker it imports only ``kvbroker.wire`` and the generated
+``kvbroker.v1``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import re
 import stat
 import threading
 from collections.abc import Sequence
@@ -26,10 +31,10 @@ from typing import Any, NamedTuple
 import torch
 
 from kvbroker.v1 import broker_pb2
+from kvbroker.wire import REF_COUNTER_NAME_PATTERN, SHM_NAME_PATTERN
 
-SHM_NAME_PATTERN = re.compile(r"kvb-[A-Za-z0-9_.-]{1,200}")
-#: torch's ref-counter shm name: ``/torch_<pid>_<random>`` (older) or with ``_<n>`` (2.11+).
-_REF_COUNTER_NAME = re.compile(rb"/torch_\d+(?:_\d+){1,3}")
+#: Where host segments live when the handle does not say (daemons before ``shm_dir``).
+DEFAULT_SHM_DIR = "/dev/shm"
 #: Handle framing versions of torch's caching allocator this client understands.
 _KNOWN_HANDLE_VERSIONS = (1, 2)
 
@@ -59,41 +64,6 @@ class UnsupportedHandleError(HandleError):
     non-native CUDA allocator, or the broker's own process."""
 
 
-#: Proto ``DType`` values and the torch dtypes they stand for: the one table.
-DTYPE_TO_TORCH: dict[int, torch.dtype] = {
-    broker_pb2.DTYPE_UINT8: torch.uint8,
-    broker_pb2.DTYPE_INT8: torch.int8,
-    broker_pb2.DTYPE_INT16: torch.int16,
-    broker_pb2.DTYPE_INT32: torch.int32,
-    broker_pb2.DTYPE_INT64: torch.int64,
-    broker_pb2.DTYPE_FLOAT16: torch.float16,
-    broker_pb2.DTYPE_BFLOAT16: torch.bfloat16,
-    broker_pb2.DTYPE_FLOAT32: torch.float32,
-    broker_pb2.DTYPE_FLOAT64: torch.float64,
-    broker_pb2.DTYPE_BOOL: torch.bool,
-    broker_pb2.DTYPE_FLOAT8_E4M3FN: torch.float8_e4m3fn,
-    broker_pb2.DTYPE_FLOAT8_E5M2: torch.float8_e5m2,
-}
-_TORCH_TO_DTYPE = {dtype: value for value, dtype in DTYPE_TO_TORCH.items()}
-
-
-def dtype_to_proto(dtype: torch.dtype) -> int:
-    """The proto ``DType`` value of a torch dtype. Raises ``ValueError`` if unsupported."""
-    try:
-        return _TORCH_TO_DTYPE[dtype]
-    except KeyError:
-        supported = ", ".join(str(d) for d in DTYPE_TO_TORCH.values())
-        raise ValueError(f"dtype {dtype} has no kvbroker DType; supported: {supported}") from None
-
-
-def dtype_from_proto(value: int) -> torch.dtype:
-    """The torch dtype of a proto ``DType`` value. Raises ``ValueError`` if unknown."""
-    try:
-        return DTYPE_TO_TORCH[value]
-    except KeyError:
-        raise ValueError(f"DType value {value} has no torch dtype") from None
-
-
 class SegmentKey(NamedTuple):
     """What identifies one mapped segment: a reused segment id gets a new generation."""
 
@@ -114,20 +84,21 @@ class SegmentMapper:
     Lifetime: a host segment's ``mmap`` object is referenced by its base tensor (through
     ``torch.frombuffer``) and is never closed explicitly, because closing a mapping that
     tensors use turns their next access into a SIGSEGV; it is unmapped when the last view
-    is garbage-collected. ``drop`` only forgets the cache entry. A CUDA segment's storage
-    likewise closes its IPC mapping when its last view dies.
+    is garbage-collected; ``retire`` and ``drop_instance`` only forget the entry. A CUDA
+    segment's storage likewise closes its IPC mapping when its last view dies.
 
     Thread-safe: mapping happens under a lock, so concurrent first uses map once.
 
     Args:
-        shm_dir: where host segment objects live (``/dev/shm``).
+        shm_dir: where host segment objects live when a handle does not say (daemons
+            older than ``HostSegmentHandle.shm_dir``).
         populate: map host segments with ``MAP_POPULATE``: about 60 ms per GiB at map
             time instead of a page fault on each first access. Off by default: mapping
             then costs the same for 1 MiB and 1 GiB (about 0.3 ms), and a worker pays
             for the pages it touches.
     """
 
-    def __init__(self, *, shm_dir: str = "/dev/shm", populate: bool = False) -> None:
+    def __init__(self, *, shm_dir: str = DEFAULT_SHM_DIR, populate: bool = False) -> None:
         self._shm_dir = shm_dir
         self._populate = populate
         self._lock = threading.Lock()
@@ -205,11 +176,6 @@ class SegmentMapper:
                 )
             return mapped.base
 
-    def drop(self, key: SegmentKey) -> bool:
-        """Forget a segment; True if it was mapped. Views keep their memory valid."""
-        with self._lock:
-            return self._mapped.pop(key, None) is not None
-
     def retire(self, key: SegmentKey) -> None:
         """The broker retired this segment: forget it, and watch for its last view to die
         (the mapping is unmapped then). See ``still_mapped``."""
@@ -235,7 +201,8 @@ class SegmentMapper:
             return True
 
     def drop_instance(self, instance_id: str) -> int:
-        """Forget every segment of one broker instance; returns how many."""
+        """Forget every segment of one broker instance (it stopped: its segments are
+        unlinked, and a view keeps its memory only while it lives); returns how many."""
         with self._lock:
             keys = [k for k in self._mapped if k.instance_id == instance_id]
             for key in keys:
@@ -259,7 +226,7 @@ class SegmentMapper:
             raise HandleError(f"shm_name {host.shm_name!r} does not match {SHM_NAME_PATTERN.pattern}")
         if host.size_bytes == 0:
             raise HandleError("host segment has size_bytes 0")
-        path = os.path.join(self._shm_dir, host.shm_name)
+        path = os.path.join(self._host_dir(host.shm_dir), host.shm_name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)  # never O_CREAT
         except FileNotFoundError:
@@ -283,6 +250,16 @@ class SegmentMapper:
             os.close(fd)
         return torch.frombuffer(mapping, dtype=torch.uint8)  # keeps `mapping` referenced
 
+    def _host_dir(self, shm_dir: str) -> str:
+        """The handle's directory, or this mapper's default when it names none. Absolute
+        and without ``..``: a handle may name where the broker keeps its objects, never a
+        path relative to this process or one that climbs out of a directory."""
+        if not shm_dir:
+            return self._shm_dir
+        if not os.path.isabs(shm_dir) or ".." in shm_dir.split("/") or "\0" in shm_dir:
+            raise HandleError(f"shm_dir {shm_dir!r} is not an absolute path without '..'")
+        return shm_dir
+
     def _map_cuda(self, handle: broker_pb2.Handle) -> torch.Tensor:
         cuda = handle.cuda
         if handle.server_pid == os.getpid():
@@ -304,7 +281,7 @@ class SegmentMapper:
                 f"{mem_handle[1:2]!r}) from torch {cuda.torch_version or '?'}; this is torch "
                 f"{torch.__version__}"
             )
-        if not _REF_COUNTER_NAME.fullmatch(bytes(cuda.ref_counter_handle)):
+        if not REF_COUNTER_NAME_PATTERN.fullmatch(bytes(cuda.ref_counter_handle)):
             raise HandleError(f"bad ref counter name {bytes(cuda.ref_counter_handle)!r}")
         if len(cuda.event_handle) != 64:
             raise HandleError(f"event handle has {len(cuda.event_handle)} bytes, expected 64")
@@ -349,6 +326,22 @@ def _gpu_uuid(index: int) -> str:
 def _identity(handle: broker_pb2.Handle, kind: str) -> tuple[object, ...]:
     if kind == "host":
         h = handle.host
-        return ("host", h.shm_name, h.size_bytes, h.st_dev, h.st_ino)
+        return ("host", h.shm_dir, h.shm_name, h.size_bytes, h.st_dev, h.st_ino)
     c = handle.cuda
     return ("cuda", c.device_uuid, bytes(c.mem_handle), c.storage_size_bytes, c.storage_offset_bytes)
+
+
+_process_mapper: SegmentMapper | None = None
+_process_mapper_lock = threading.Lock()
+
+
+def process_mapper() -> SegmentMapper:
+    """The process-wide ``SegmentMapper``: each segment is mapped once per process,
+    however many clients the process opens (each mapping costs an ``mmap`` or a CUDA IPC
+    open, and two mappings of one segment would double its page-table cost)."""
+    global _process_mapper
+    if _process_mapper is None:
+        with _process_mapper_lock:
+            if _process_mapper is None:
+                _process_mapper = SegmentMapper()
+    return _process_mapper

@@ -2,12 +2,17 @@
 
 The fake answers from what a test puts in it (a stats response, a list of caches served
 in pages, a host segment to hand out) and aborts with the status a test names, so the
-client stub and the CLI are tested over the wire without the server package.
+client stub and the CLI are tested over the wire without the server package. Its Watch
+opens a session like the daemon's (SESSION_OPENED with a lease and a secret) and streams
+what a test pushes (``push``, ``end_session``); session traffic (Watch, Heartbeat,
+ReportUnmapped) is kept apart from ``calls``, in ``session_calls``.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
@@ -31,15 +36,21 @@ class FakeBroker(broker_pb2_grpc.CacheBrokerServicer):
     calls: list[tuple[str, object, dict[str, str]]] = field(default_factory=list)
     pins: dict[str, int] = field(default_factory=dict)
     released: list[tuple[str, bool]] = field(default_factory=list)
+    session_calls: list[tuple[str, object, dict[str, str]]] = field(default_factory=list)
+    streams: dict[str, queue.Queue] = field(default_factory=dict)
+    lease_seconds: float = 10.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _record(self, name: str, request: object, context: grpc.ServicerContext) -> None:
         self.calls.append((name, request, dict(context.invocation_metadata())))
 
-    def _handle(self, nbytes: int) -> pb.Handle:
+    def _instance(self) -> str:
         # One broker instance per segment: the process-wide mapper caches segments by
         # (instance, segment id, generation) across tests.
-        instance = self.segment.shm_name if self.segment is not None else "fake"
-        handle = pb.Handle(instance_id=instance, segment_id=1, segment_generation=1, byte_offset=0, nbytes=nbytes)
+        return self.segment.shm_name if self.segment is not None else "fake"
+
+    def _handle(self, nbytes: int) -> pb.Handle:
+        handle = pb.Handle(instance_id=self._instance(), segment_id=1, segment_generation=1, nbytes=nbytes)
         if self.segment is not None:
             handle.host.CopyFrom(self.segment)
         return handle
@@ -67,7 +78,9 @@ class FakeBroker(broker_pb2_grpc.CacheBrokerServicer):
             code = grpc.StatusCode[request.cache_id.removeprefix(ABORT_PREFIX)]
             context.abort(code, f"scripted {code.name} for {request.cache_id}")
         cache = self._cache(request.cache_id)
-        return pb.AttachResponse(cache=cache, handle=self._handle(cache.nbytes))
+        handle = self._handle(cache.nbytes)
+        handle.epoch = cache.epoch
+        return pb.AttachResponse(cache=cache, handle=handle)
 
     def Release(self, request, context):
         self._record("Release", request, context)
@@ -120,6 +133,44 @@ class FakeBroker(broker_pb2_grpc.CacheBrokerServicer):
         self._record("Defragment", request, context)
         return pb.DefragmentResponse(dry_run=request.dry_run, caches_moved=2, bytes_moved=3 << 20)
 
+    def Watch(self, request, context):
+        metadata = dict(context.invocation_metadata())
+        self.session_calls.append(("Watch", request, metadata))
+        session_id = metadata.get("kvbroker-session-id") or request.session_id
+        events: queue.Queue = queue.Queue()
+        with self.lock:
+            self.streams[session_id] = events
+        yield pb.WatchEvent(
+            kind=pb.EVENT_KIND_SESSION_OPENED, session_id=session_id, lease_seconds=self.lease_seconds,
+            instance_id=self._instance(), session_secret=f"secret-of-{session_id}",
+        )  # fmt: skip
+        while context.is_active():
+            try:
+                event = events.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if event is None:
+                return
+            yield event
+
+    def Heartbeat(self, request, context):
+        self.session_calls.append(("Heartbeat", request, dict(context.invocation_metadata())))
+        return pb.HeartbeatResponse(lease_seconds=self.lease_seconds)
+
+    def ReportUnmapped(self, request, context):
+        self.session_calls.append(("ReportUnmapped", request, dict(context.invocation_metadata())))
+        return pb.ReportUnmappedResponse()
+
+    def push(self, session_id: str, event: pb.WatchEvent | None) -> None:
+        """Send ``event`` on the session's stream (None ends the stream)."""
+        with self.lock:
+            self.streams[session_id].put(event)
+
+    def end_session(self, session_id: str, reason: str = "lease_expired") -> None:
+        """What the daemon does when a lease lapses: SESSION_ENDED, then the stream ends."""
+        self.push(session_id, pb.WatchEvent(kind=pb.EVENT_KIND_SESSION_ENDED, reason=reason))
+        self.push(session_id, None)
+
     def requests(self, name: str) -> list[object]:
         return [request for method, request, _ in self.calls if method == name]
 
@@ -133,7 +184,7 @@ class Served:
 @pytest.fixture
 def fake_broker() -> Iterator[Served]:
     broker = FakeBroker()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     broker_pb2_grpc.add_CacheBrokerServicer_to_server(broker, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

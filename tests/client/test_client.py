@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from kvbroker.v1 import broker_pb2 as pb
+from kvbroker.wire import SESSION_ID_KEY
 from kvbroker_client import AsyncBrokerClient, BrokerClient, CacheEvicted, InvalidRequest, PreconditionFailed
-from kvbroker_client.cache import process_mapper, to_torch_dtype
-from kvbroker_client.client import SESSION_METADATA_KEY, allocate_request, list_caches_request
+from kvbroker_client.calls import allocate_request, list_caches_request
+from kvbroker_client.dtypes import to_torch_dtype
+from kvbroker_client.mapping import process_mapper
 
 
 def test_allocate_request_carries_every_argument() -> None:
@@ -63,7 +65,7 @@ def test_each_client_is_its_own_holder(fake_broker) -> None:
         b.stats()
         with BrokerClient(fake_broker.target, session_id="") as operator:
             operator.stats()
-    sessions = [metadata.get(SESSION_METADATA_KEY) for _, _, metadata in fake_broker.broker.calls]
+    sessions = [metadata.get(SESSION_ID_KEY) for _, _, metadata in fake_broker.broker.calls]
     assert sessions[0] and sessions[1] and sessions[0] != sessions[1]
     assert sessions[2] is None
     assert a.session_id == sessions[0]

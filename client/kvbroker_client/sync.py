@@ -1,0 +1,263 @@
+"""``BrokerClient``: the synchronous transport of the client core.
+
+Everything the client decides is in ``kvbroker_client.core``; this module only performs
+the I/O the core asks for: unary calls over one ``grpc`` channel (``drive``), and the
+session in two daemon threads: one reads the Watch stream (re-opening a session, with
+backoff, whenever one is lost), one sends what ``core.due()`` says is due (heartbeats at
+a third of the lease, ``ReportUnmapped`` for retired segments no view uses any more).
+
+Cost: one RPC per call, except ``list_caches`` (one per page); two threads per client
+with a session, nothing on the call path. Channels connect lazily and calls fail fast (no
+wait-for-ready) while the broker is down; the channel retries its connection at most
+every 2 s (``kvbroker_client.calls.CHANNEL_OPTIONS``), so a restarted broker is found again within seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from kvbroker.v1 import broker_pb2 as pb
+from kvbroker.v1 import broker_pb2_grpc
+from kvbroker_client.cache import Cache
+from kvbroker_client.calls import DEFAULT_TIMEOUT_S, Plan, channel_options, list_caches_request, resolve_target
+from kvbroker_client.core import UNMAP_POLL_SECONDS, ClientCore, Phase
+from kvbroker_client.dtypes import DTypeLike
+from kvbroker_client.errors import from_rpc_error
+
+__all__ = ["BrokerClient"]
+
+log = logging.getLogger("kvbroker_client")
+T = TypeVar("T")
+
+class BrokerClient:
+    """Synchronous client of one broker. Thread-safe: one client per process is enough.
+
+    A client with a session (the default) opens it when created and keeps one open for
+    its whole life: when a session is lost (its lease lapsed, the broker stopped or
+    restarted, the stream broke), the caches held under it raise ``SessionLost`` on next
+    use (a retained one is re-attached instead), and the client opens a new session with
+    a new id, so new calls keep working once the broker is back.
+
+    Args:
+        target: ``host:port`` or ``unix:///path/to/socket``; default ``$KVBROKER_TARGET``,
+            else ``127.0.0.1:50051``.
+        timeout_s: deadline of each call (None: no deadline).
+        session_id: the first session's id; default a fresh one; ``""`` calls as the
+            broker's anonymous holder (for operators' tools: no session, no Watch).
+        options: extra gRPC channel options.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        session_id: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._core = ClientCore(resolve_target(target), timeout_s, session_id)
+        self._channel = grpc.insecure_channel(self._core.target, options=channel_options(options))
+        self._stub = broker_pb2_grpc.CacheBrokerStub(self._channel)
+        self._session: _Session | None = None
+        if self._core.phase is not Phase.ANONYMOUS:
+            self._session = _Session(self._core, self._stub)
+            # Calls made before the session is open would hold caches under a lease-only
+            # session; wait for the first attempt's outcome (fails fast if the broker is down).
+            self._session.first_attempt.wait(timeout_s)
+
+    @property
+    def target(self) -> str:
+        return self._core.target
+
+    @property
+    def session_id(self) -> str:
+        """The current session's id (a new one after each lost session); empty for an
+        anonymous client."""
+        return self._core.session_id
+
+    @property
+    def core(self) -> ClientCore:
+        """The sans-IO state: held caches, the session's phase and counters (read by
+        ``Cache`` and by tests; ``suspend_heartbeats`` is a test hook)."""
+        return self._core
+
+    def drive(self, plan: Plan[T]) -> T:
+        """Run a core plan: perform each call it yields, send back the response or throw in
+        the typed error (``kvbroker_client.errors``, chained to the ``grpc.RpcError``).
+        The interface ``Cache`` uses; workers call the methods below."""
+        try:
+            call = next(plan)
+            while True:
+                try:
+                    response = getattr(self._stub, call.method)(
+                        call.request, timeout=call.timeout, metadata=call.metadata
+                    )
+                except grpc.RpcError as err:
+                    error = from_rpc_error(err, target=self._core.target)
+                    error.__cause__ = err
+                    call = plan.throw(error)
+                else:
+                    call = plan.send(response)
+        except StopIteration as stop:
+            return stop.value
+
+    def allocate(
+        self,
+        pool: str = "default",
+        *,
+        size_bytes: int | None = None,
+        dtype: DTypeLike | None = None,
+        shape: Sequence[int] | None = None,
+        cache_id: str = "",
+        model_name: str = "",
+        priority: int | None = None,
+        pinned: bool = False,
+        retain: bool = False,
+        device: str = "",
+        wait_timeout_ms: int = 0,
+    ) -> Cache:
+        """Place a new cache in ``pool`` and hold it.
+
+        Give ``size_bytes``, or ``dtype`` and ``shape`` (then ``tensor()`` defaults to
+        that view); with neither, the pool's default size. The call's deadline is the
+        client timeout plus ``wait_timeout_ms``.
+
+        Raises:
+            CacheExhausted: no room, even after waiting ``wait_timeout_ms``.
+            CacheAlreadyExists, CacheNotFound (the pool), InvalidRequest.
+        """
+        held = self.drive(self._core.allocate(
+            pool, size_bytes=size_bytes, dtype=dtype, shape=shape, cache_id=cache_id,
+            model_name=model_name, priority=priority, pinned=pinned, retain=retain,
+            device=device, wait_timeout_ms=wait_timeout_ms,
+        ))  # fmt: skip
+        return Cache(self, held, dtype=dtype, shape=shape)
+
+    def attach(self, cache_id: str) -> Cache:
+        """Hold an existing cache (another process's) by id.
+
+        Raises:
+            CacheNotFound, CacheEvicted.
+        """
+        return Cache(self, self.drive(self._core.attach(cache_id)))
+
+    def release(self, cache_id: str, *, force: bool = False) -> bool:
+        """Drop this client's hold on ``cache_id``; True when that freed the memory.
+        Prefer ``Cache.release``; this form serves ids known only by name."""
+        return self.drive(self._core.release_id(cache_id, force))
+
+    def report_unmapped(self) -> None:
+        """Report now the retired segments no tensor of this process uses any more (the
+        session also does it in the background, every 0.2 s)."""
+        for call in self._core.due(time.monotonic(), heartbeat=False):
+            self.drive(self._core.unary(call.method, call.request))
+
+    def stats(self) -> pb.StatsResponse:
+        """Capacity, usage and fragmentation: in total, per device and per pool."""
+        return self.drive(self._core.unary("Stats", pb.StatsRequest()))
+
+    def list_caches(
+        self, pool: str = "", model_name: str = "", state: str | int | None = None, page_size: int = 0
+    ) -> list[pb.Cache]:
+        """Every cache matching the filters (empty: all), following the pages to the end.
+
+        Cost: one RPC per ``page_size`` caches (the broker's default page when 0).
+        """
+        return self.drive(self._core.list_caches(list_caches_request(pool, model_name, state, page_size)))
+
+    def defragment(self, device: str = "", pool: str = "", dry_run: bool = False) -> pb.DefragmentResponse:
+        """Compact ``device``/``pool`` now (empty: all), or only plan it with ``dry_run``."""
+        request = pb.DefragmentRequest(device=device, pool=pool, dry_run=dry_run)
+        return self.drive(self._core.unary("Defragment", request))
+
+    def close(self) -> None:
+        """Release every cache this client still holds (best effort), end the session,
+        close the channel. Idempotent. Views already built stay mapped."""
+        if self._core.closed:
+            return
+        self.drive(self._core.close())
+        if self._session is not None:
+            self._session.stop()
+        self._channel.close()
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(target={self.target!r}, session_id={self.session_id!r})"
+
+
+class _Session:
+    """The session's two daemon threads: the Watch loop and the schedule."""
+
+    def __init__(self, core: ClientCore, stub: Any) -> None:
+        self._core = core
+        self._stub = stub
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._stream: Any = None
+        self.first_attempt = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._watch_loop, name="kvbroker-watch", daemon=True),
+            threading.Thread(target=self._schedule_loop, name="kvbroker-heartbeat", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _watch_loop(self) -> None:
+        core = self._core
+        while True:
+            delay = core.reconnect_delay()
+            if self._stop.wait(delay) if delay else self._stop.is_set():
+                return
+            call = core.watch_call()
+            if call is None:
+                return
+            stream = self._stub.Watch(call.request, metadata=call.metadata)
+            with self._lock:
+                if self._stop.is_set():
+                    stream.cancel()
+                    return
+                self._stream = stream
+            lost_before, detail = core.sessions_lost, "the broker ended it"
+            try:
+                for event in stream:
+                    alive = core.on_event(event, call.generation, time.monotonic())
+                    if core.phase is Phase.OPEN:
+                        self.first_attempt.set()
+                    if not alive:
+                        break
+            except grpc.RpcError as err:
+                detail = f"{err.code().name}: {err.details()}"
+            finally:
+                stream.cancel()
+            core.on_stream_end(call.generation, detail, time.monotonic())
+            self.first_attempt.set()
+            if core.sessions_lost != lost_before:
+                log.warning("kvbroker session lost (%s); opening session %s", core.last_loss, core.session_id)
+
+    def _schedule_loop(self) -> None:
+        while not self._stop.wait(UNMAP_POLL_SECONDS):
+            for call in self._core.due(time.monotonic()):
+                try:
+                    getattr(self._stub, call.method)(call.request, timeout=call.timeout, metadata=call.metadata)
+                except grpc.RpcError as err:
+                    log.debug("kvbroker %s failed: %s", call.method, err.details())
+
+    def stop(self) -> None:
+        """End the stream (the broker then ends the session) and stop both threads."""
+        with self._lock:
+            self._stop.set()
+            if self._stream is not None:
+                self._stream.cancel()
+        for thread in self._threads:
+            thread.join(timeout=5)
