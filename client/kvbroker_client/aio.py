@@ -73,10 +73,12 @@ class AsyncBrokerClient:
         try:
             call = next(plan)
             while True:
+                metadata = call.metadata
+                if metadata and self._core.phase is Phase.CONNECTING:
+                    # The core's wait blocks: in a thread, so the session task can run.
+                    metadata = await asyncio.to_thread(self._core.metadata_when_open, call, call.timeout or DEFAULT_TIMEOUT_S)
                 try:
-                    response = await getattr(self._stub, call.method)(
-                        call.request, timeout=call.timeout, metadata=call.metadata
-                    )
+                    response = await getattr(self._stub, call.method)(call.request, timeout=call.timeout, metadata=metadata)
                 except grpc.RpcError as err:
                     error = from_rpc_error(err, target=self._core.target)
                     error.__cause__ = err

@@ -27,17 +27,16 @@ yield, so a plan never blocks the watcher.
 
 from __future__ import annotations
 
-import enum
 import os
 import socket
 import sys
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from kvbroker import wire
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker_client.calls import Call, Plan, allocate_request, new_session_id
+from kvbroker_client.held import Held, HeldState, Phase
 from kvbroker_client.errors import (
     CacheEvicted,
     CacheNotFound,
@@ -57,42 +56,6 @@ RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.05, 2.0
 STABLE_SESSION_S = 1.0
 
 
-class HeldState(enum.Enum):
-    """What a held cache may be used for now."""
-
-    LIVE = "live"  # views may be built from the handle
-    STALE = "stale"  # moved: one Attach fetches the new place first
-    EVICTED = "evicted"  # the bytes are gone: CacheEvicted
-    RELEASED = "released"  # this client dropped its hold
-    LOST = "lost"  # the session it was held under ended: SessionLost, or re-attach if retained
-
-
-@dataclass(eq=False)
-class Held:
-    """One cache this client holds: the broker's record and handle as last seen, and
-    what the Watch stream said since. Shared by every ``Cache`` object of the same id
-    (one client is one holder: releasing through one object drops the hold of all)."""
-
-    info: pb.Cache
-    handle: pb.Handle
-    generation: int  # the session the hold was taken under
-    moved_epoch: int = 0
-    evicted: bool = False
-    released: bool = False
-    lost: str = ""  # why its session ended; "" while the session holds it
-
-    @property
-    def cache_id(self) -> str:
-        return self.info.cache_id
-
-
-class Phase(enum.Enum):
-    ANONYMOUS = "anonymous"  # no session: the broker's anonymous holder (operators)
-    CONNECTING = "connecting"  # the current session id's Watch is not open (yet)
-    OPEN = "open"
-    CLOSED = "closed"
-
-
 class ClientCore:
     """The state and rules of one client; see the module docstring.
 
@@ -109,6 +72,7 @@ class ClientCore:
         self.target = target
         self.timeout_s = timeout_s
         self._lock = threading.RLock()
+        self._phase_changed = threading.Condition(self._lock)
         self._base_id = session_id
         self._session_id = session_id if session_id is not None else new_session_id()
         self._phase = Phase.ANONYMOUS if session_id == "" else Phase.CONNECTING
@@ -161,6 +125,21 @@ class ClientCore:
                 raise RuntimeError(f"this client for {self.target} is closed")
             timeout = None if self.timeout_s is None else self.timeout_s + extra_ms / 1000
             return self._call(method, request, timeout)
+
+    def metadata_when_open(self, call: Call, timeout: float | None) -> tuple[tuple[str, str], ...]:
+        """The metadata to send ``call`` with, once its session is open: a session's
+        secret exists only then, and the broker refuses its id without it. Blocks (up to
+        ``timeout``) while the session is being opened; a call of an older session keeps
+        its metadata (the broker refuses it: that session is gone)."""
+        with self._lock:
+            self._phase_changed.wait_for(lambda: self._phase is not Phase.CONNECTING, timeout)
+            if call.generation != self._generation or not self._session_id:
+                return call.metadata
+            return self._call(call.method, call.request, call.timeout).metadata
+
+    def _notify_phase(self) -> None:
+        with self._phase_changed:  # the lock is re-entrant: callers may hold it already
+            self._phase_changed.notify_all()
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Call:
         metadata: tuple[tuple[str, str], ...] = ()
@@ -225,6 +204,7 @@ class ClientCore:
                 held.released = True
         finally:
             self._phase = Phase.CLOSED
+            self._notify_phase()
 
     # -- plans: one held cache --------------------------------------------------------
 
@@ -425,6 +405,7 @@ class ClientCore:
         self.lease_seconds = event.lease_seconds or self.lease_seconds
         self._secret = event.session_secret
         self._phase, self._opened_at, self._last_beat = Phase.OPEN, now, now
+        self._notify_phase()
         if self.instance_id and event.instance_id != self.instance_id:
             # Another broker process: holds of this generation taken from the old one
             # (between its end and this stream) are gone, and so are its segments.

@@ -94,10 +94,11 @@ class BrokerClient:
         try:
             call = next(plan)
             while True:
+                metadata = call.metadata
+                if metadata and self._core.phase is Phase.CONNECTING:
+                    metadata = self._core.metadata_when_open(call, call.timeout or DEFAULT_TIMEOUT_S)
                 try:
-                    response = getattr(self._stub, call.method)(
-                        call.request, timeout=call.timeout, metadata=call.metadata
-                    )
+                    response = getattr(self._stub, call.method)(call.request, timeout=call.timeout, metadata=metadata)
                 except grpc.RpcError as err:
                     error = from_rpc_error(err, target=self._core.target)
                     error.__cause__ = err

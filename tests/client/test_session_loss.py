@@ -7,7 +7,7 @@ stub reaches the new tenant's bytes, and the same ``BrokerClient`` carries on un
 session. A retained cache survives a lapsed lease and is re-attached on next use.
 
 What these tests rely on from the daemon in this tree: a lapsed lease ends the session
-and closes its Watch stream ("ended (lease expired)" in its log); SIGTERM sends
+and closes its Watch stream ("ended (lease_expired)" in its log); SIGTERM sends
 SHUTTING_DOWN and closes every stream. (The daemon does not send SESSION_ENDED yet; the
 client treats the stream's end the same way, and ``test_session_events.py`` covers the
 event itself against the scripted broker.)
@@ -75,7 +75,7 @@ def test_a_lapsed_lease_refuses_views_and_the_next_tenant_is_untouched(daemon):
         place = (cache.handle.segment_id, cache.handle.segment_generation, cache.handle.byte_offset)
 
         lost_id = lapse(first)
-        assert f"session {lost_id} ended (lease expired)" in daemon.log()
+        assert f"session {lost_id} ended (lease_expired)" in daemon.log()
         assert cache.lost and first.session_id != lost_id
 
         # The broker freed the cache: the second tenant gets that very place.

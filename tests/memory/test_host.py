@@ -22,14 +22,7 @@ from kvbroker.core.types import Extent, Move, SegmentInfo
 from kvbroker.memory.backend import HostHandle, SegmentMemory
 from kvbroker.memory.host import HostMemory
 from kvbroker.v1 import broker_pb2
-from kvbroker_client.mapping import (
-    DTYPE_TO_TORCH,
-    HandleError,
-    SegmentMapper,
-    StaleHandleError,
-    dtype_from_proto,
-    dtype_to_proto,
-)
+from kvbroker_client.mapping import HandleError, SegmentMapper, StaleHandleError
 from tests.support.segments import read_segment, write_segment
 
 PAGE = 4096
@@ -260,18 +253,10 @@ def test_mapper_maps_each_segment_once_and_builds_typed_views(mem):
         mapper.view(wire_handle(mem, 1, 4 * PAGE - 8, 16))
     with pytest.raises(HandleError, match="no segment"):
         mapper.view(broker_pb2.Handle(instance_id="x"))
-    assert mapper.drop(SegmentMapper.key_of(handle)) and len(mapper) == 0
-    assert floats[0, 1].item() == 1.0  # dropping the cache entry leaves views valid
-
-
-def test_dtype_table_round_trips():
-    for value, dtype in DTYPE_TO_TORCH.items():
-        assert dtype_to_proto(dtype) == value and dtype_from_proto(value) == dtype
-    assert set(DTYPE_TO_TORCH) == set(broker_pb2.Dtype.values()) - {broker_pb2.DTYPE_UNSPECIFIED}
-    with pytest.raises(ValueError, match="no kvbroker DType"):
-        dtype_to_proto(torch.complex64)
-    with pytest.raises(ValueError):
-        dtype_from_proto(broker_pb2.DTYPE_UNSPECIFIED)
+    key = SegmentMapper.key_of(handle)
+    mapper.retire(key)
+    assert len(mapper) == 0 and mapper.still_mapped(key), "retired, but a view still uses it"
+    assert floats[0, 1].item() == 1.0  # retiring the cache entry leaves views valid
 
 
 # ---- zero ---------------------------------------------------------------------------

@@ -3,9 +3,7 @@
 Every test here talks to a real ``kvbroker serve`` subprocess over 127.0.0.1 or a private
 Unix socket, with real client processes and real POSIX shm objects: nothing is mocked.
 
-How a daemon is started is isolated in ``_start``: today it is
-``tests.e2e.conftest.start_daemon``; when ``tests/support/daemon.py`` lands, only the
-import below changes.
+Daemons are started by the one launcher, ``tests/support/daemon.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import start_daemon as _start  # the one line to change later
+from tests.support.daemon import start_daemon as _start
 
 #: Where the daemon's host segments live. The client stub of this tree maps
 #: ``/dev/shm/<name>`` only (the handle's ``shm_dir`` field is not read yet), so the

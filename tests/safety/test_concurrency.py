@@ -145,7 +145,6 @@ def test_concurrent_tenants_keep_their_bytes_and_leak_nothing(workload):
     assert not workload["accounting_after"], workload["accounting_after"]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9.1: reused bytes are not zeroed on this tree (fixed by the core/engine branches)")
 def test_concurrent_tenants_never_see_a_previous_tenants_bytes(workload):
     """In the same run: every new cache read all zeros before its owner wrote it, and
     every other process's cache a worker read held only its own pattern or zeros."""

@@ -125,7 +125,6 @@ def test_killed_clients_leave_no_cache_behind(soak):
     assert "Traceback" not in soak["log"], soak["log"][-4000:]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9.3: a client killed while its Allocate creates a segment leaves that segment's shm object uncounted on this tree (fixed by the engine branch)")
 def test_killed_clients_leave_no_segment_behind(soak):
     """After the same kills, once idle segments retire (0.2 s), the shm dir is back to
     its baseline object count and every shm object is one Stats counts."""

@@ -69,7 +69,6 @@ def release_quietly(agent: Agent, placed: dict) -> None:
         pass
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9.1: reused bytes are not zeroed on this tree (fixed by the core/engine branches)")
 def test_a_released_cache_reads_as_zeros_for_the_next_tenant(tenants):
     """A fills 1 MiB with 0xAB and releases it; B is placed on the very same bytes and
     must read only zeros, never A's data."""
@@ -88,7 +87,6 @@ def test_a_released_cache_reads_as_zeros_for_the_next_tenant(tenants):
     assert_accounting_exact(daemon.target)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9.1: the bytes a compaction moved a cache away from are not zeroed on this tree")
 def test_the_place_a_compaction_left_reads_as_zeros(tenants):
     """A holds two caches; the first is released and a Defragment moves the second
     (filled with 0xCD) into the hole. B's new cache, placed where the moved cache was,
@@ -115,7 +113,6 @@ def test_the_place_a_compaction_left_reads_as_zeros(tenants):
     assert_accounting_exact(daemon.target)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9.2: the stub of this tree keeps building views after the broker ended its session (fixed by the client branch: SessionLost)")
 def test_a_tenant_whose_session_ended_cannot_write_into_the_next_tenants_cache(tenants):
     """A (lease 1 s) allocates and fills a cache, then is stopped (SIGSTOP): the broker
     ends its session and frees the cache; B is placed on the same bytes and fills them.

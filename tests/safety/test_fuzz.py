@@ -455,7 +455,6 @@ def test_random_bytes_leave_the_daemon_serving(daemon, channel):
     settle_and_check(daemon, log_from, allow_decode_tracebacks=True)
 
 
-@pytest.mark.xfail(strict=False, reason="fixed by the engine branch (issue 9.6)")
 def test_garbled_bytes_get_invalid_argument(daemon, channel):
     """Bytes that are not the method's request message get INVALID_ARGUMENT (not UNKNOWN
     with a traceback per request in the daemon's log)."""
@@ -486,13 +485,6 @@ BASE_REQUESTS = {
 }
 
 
-#: Fields whose unknown value this tree's core echoes whole in NOT_FOUND ("pool '<10,000
-#: characters>' does not exist"): marked xfail until the fix lands.
-ECHOED_WHOLE_TODAY = {("Allocate", "pool"), ("Allocate", "device"), ("ListCaches", "pool"), ("Defragment", "pool"), ("Defragment", "device")}
-ECHO_XFAIL = pytest.mark.xfail(
-    strict=False, reason="issue 9.6: NotFound for an unknown pool or device echoes the name whole (core/engine branches)"
-)
-
 
 def _overlong_cases():
     for method in METHODS.values():
@@ -500,8 +492,7 @@ def _overlong_cases():
             if field.type != FieldDescriptor.TYPE_STRING:
                 continue
             for kind, value in (("valid-alphabet", "a" * 10_000), ("non-printable", "\x01" * 10_000)):
-                marks = [ECHO_XFAIL] if (method.name, field.name) in ECHOED_WHOLE_TODAY else []
-                yield pytest.param(method.name, field.name, value, id=f"{method.name}.{field.name}-{kind}", marks=marks)
+                yield pytest.param(method.name, field.name, value, id=f"{method.name}.{field.name}-{kind}")
         # The session id in the metadata is a string the client chooses, too.
         yield pytest.param(method.name, SESSION_KEY, "s" * 4000, id=f"{method.name}-{SESSION_KEY}")
 
