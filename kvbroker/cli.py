@@ -277,6 +277,11 @@ def _common_flags(defaults: bool) -> argparse.ArgumentParser:
                        help="print the response as JSON (proto field names)")  # fmt: skip
     flags.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S if defaults else argparse.SUPPRESS,
                        metavar="SECONDS", help=f"deadline of each call (default {DEFAULT_TIMEOUT_S:g})")  # fmt: skip
+    unset = None if defaults else argparse.SUPPRESS
+    flags.add_argument("--token", default=unset, help="bearer token (default: $KVBROKER_TOKEN or $KVBROKER_TOKEN_FILE)")
+    flags.add_argument("--tls-ca", default=unset, metavar="PEM", help="CA of the broker's certificate: use TLS (default: $KVBROKER_TLS_CA)")
+    flags.add_argument("--tls-cert", default=unset, metavar="PEM", help="client certificate for mutual TLS (default: $KVBROKER_TLS_CERT)")
+    flags.add_argument("--tls-key", default=unset, metavar="PEM", help="key of --tls-cert (default: $KVBROKER_TLS_KEY)")
     return flags
 
 
@@ -326,7 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kvbroker: error: a command is required (serve, stats, ls, defrag)", file=sys.stderr)
         return 2
     try:
-        with BrokerClient(args.target, timeout_s=args.timeout, session_id="") as client:
+        with BrokerClient(
+            args.target, timeout_s=args.timeout, session_id="", token=args.token,
+            tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        ) as client:  # fmt: skip
             print(args.run(client, args))
     except AllocationTimeout:
         print(f"kvbroker: the broker at {args.target} did not answer within {args.timeout:g} s", file=sys.stderr)

@@ -20,6 +20,7 @@ from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
 from kvbroker_client.cache import AsyncCache
 from kvbroker_client.calls import DEFAULT_TIMEOUT_S, Plan, channel_options, list_caches_request, resolve_target
+from kvbroker_client.credentials import Credentials
 from kvbroker_client.core import UNMAP_POLL_SECONDS, ClientCore, Phase
 from kvbroker_client.dtypes import DTypeLike
 from kvbroker_client.errors import from_rpc_error
@@ -42,9 +43,15 @@ class AsyncBrokerClient:
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
         session_id: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
-        self._core = ClientCore(resolve_target(target), timeout_s, session_id)
-        self._channel = grpc.aio.insecure_channel(self._core.target, options=channel_options(options))
+        target = resolve_target(target)
+        self._credentials = Credentials.resolve(token, tls_ca, tls_cert, tls_key)
+        self._core = ClientCore(target, timeout_s, session_id, lambda: self._credentials.metadata(target))
+        self._channel = self._credentials.channel(target, channel_options(options), aio=True)
         self._stub = broker_pb2_grpc.CacheBrokerStub(self._channel)
         self._session: _AsyncSession | None = None
 

@@ -31,6 +31,7 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from kvbroker import wire
@@ -64,13 +65,18 @@ class ClientCore:
         timeout_s: deadline of each call; None for none.
         session_id: the first session's id; None generates one; ``""`` makes the client
             anonymous (no session, no Watch: the CLI). Later sessions get new ids.
+        credentials: returns the metadata every call carries (``Credentials.metadata``).
     """
 
-    def __init__(self, target: str, timeout_s: float | None, session_id: str | None) -> None:
+    def __init__(
+        self, target: str, timeout_s: float | None, session_id: str | None,
+        credentials: Callable[[], tuple[tuple[str, str], ...]] = tuple,
+    ) -> None:
         if session_id and not wire.ID_PATTERN.fullmatch(session_id):
             raise InvalidRequest(f"session_id: {session_id!r} does not match {wire.ID_PATTERN.pattern}")
         self.target = target
         self.timeout_s = timeout_s
+        self._credentials = credentials  # the metadata every call carries (tokens)
         self._lock = threading.RLock()
         self._phase_changed = threading.Condition(self._lock)
         self._base_id = session_id
@@ -142,9 +148,9 @@ class ClientCore:
             self._phase_changed.notify_all()
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Call:
-        metadata: tuple[tuple[str, str], ...] = ()
+        metadata: tuple[tuple[str, str], ...] = self._credentials()
         if self._session_id:
-            metadata = ((wire.SESSION_ID_KEY, self._session_id),)
+            metadata += ((wire.SESSION_ID_KEY, self._session_id),)
             if self._secret:
                 metadata += ((wire.SESSION_SECRET_KEY, self._secret),)
         return Call(method, request, metadata, timeout, self._generation)

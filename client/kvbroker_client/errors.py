@@ -119,6 +119,21 @@ class BrokerUnavailable(KvBrokerError, ConnectionError):
     default_code = grpc.StatusCode.UNAVAILABLE
 
 
+class NotAuthenticated(KvBrokerError, PermissionError):
+    """The broker requires credentials this client did not present or that it does not
+    know (UNAUTHENTICATED): a token, a client certificate, or a Unix uid it authorizes;
+    or a session's id without that session's secret."""
+
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(KvBrokerError, PermissionError):
+    """The broker knows this client's principal, which may not do this (on this pool)
+    (PERMISSION_DENIED)."""
+
+    default_code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class UnexpectedBrokerError(KvBrokerError):
     """Any other status (INTERNAL, UNKNOWN, CANCELLED, UNIMPLEMENTED...): a bug in the
     broker or a version mismatch rather than misuse. ``code`` says which."""
@@ -134,6 +149,8 @@ STATUS_TO_ERROR: dict[grpc.StatusCode, type[KvBrokerError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: PreconditionFailed,
     grpc.StatusCode.DEADLINE_EXCEEDED: AllocationTimeout,
     grpc.StatusCode.UNAVAILABLE: BrokerUnavailable,
+    grpc.StatusCode.UNAUTHENTICATED: NotAuthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 

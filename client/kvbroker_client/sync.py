@@ -26,6 +26,7 @@ from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
 from kvbroker_client.cache import Cache
 from kvbroker_client.calls import DEFAULT_TIMEOUT_S, Plan, channel_options, list_caches_request, resolve_target
+from kvbroker_client.credentials import Credentials
 from kvbroker_client.core import UNMAP_POLL_SECONDS, ClientCore, Phase
 from kvbroker_client.dtypes import DTypeLike
 from kvbroker_client.errors import from_rpc_error
@@ -51,6 +52,9 @@ class BrokerClient:
         session_id: the first session's id; default a fresh one; ``""`` calls as the
             broker's anonymous holder (for operators' tools: no session, no Watch).
         options: extra gRPC channel options.
+        token, tls_ca, tls_cert, tls_key: credentials for a broker with principals
+            (``kvbroker_client/credentials.py``: each defaults to its ``KVBROKER_*``
+            variable); none are needed by a broker without them.
     """
 
     def __init__(
@@ -60,9 +64,15 @@ class BrokerClient:
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
         session_id: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
-        self._core = ClientCore(resolve_target(target), timeout_s, session_id)
-        self._channel = grpc.insecure_channel(self._core.target, options=channel_options(options))
+        target = resolve_target(target)
+        self._credentials = Credentials.resolve(token, tls_ca, tls_cert, tls_key)
+        self._core = ClientCore(target, timeout_s, session_id, lambda: self._credentials.metadata(target))
+        self._channel = self._credentials.channel(target, channel_options(options))
         self._stub = broker_pb2_grpc.CacheBrokerStub(self._channel)
         self._session: _Session | None = None
         if self._core.phase is not Phase.ANONYMOUS:

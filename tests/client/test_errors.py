@@ -20,6 +20,8 @@ from kvbroker_client import (
     CacheNotFound,
     InvalidRequest,
     KvBrokerError,
+    NotAuthenticated,
+    PermissionDenied,
     PreconditionFailed,
     UnexpectedBrokerError,
 )
@@ -53,7 +55,8 @@ EXPECTED = [
     (grpc.StatusCode.UNKNOWN, "boom", UnexpectedBrokerError),
     (grpc.StatusCode.UNIMPLEMENTED, "Method not found!", UnexpectedBrokerError),
     (grpc.StatusCode.CANCELLED, "Cancelled", UnexpectedBrokerError),
-    (grpc.StatusCode.PERMISSION_DENIED, "no", UnexpectedBrokerError),
+    (grpc.StatusCode.PERMISSION_DENIED, "principal 'a' may not allocate on pool 'b'", PermissionDenied),
+    (grpc.StatusCode.UNAUTHENTICATED, "the bearer token matches no principal", NotAuthenticated),
 ]
 
 
