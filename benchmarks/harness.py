@@ -36,12 +36,16 @@ for _path in (str(REPO / "client"), str(REPO)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from kvbroker import wire  # noqa: E402  (after the path set-up above)
+
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
-#: The metadata a ``kvbroker_client`` call carries, and its default deadline: benchmarks
-#: that use the generated stubs send the same, so a stub call costs what a client's does.
-SESSION_METADATA_KEY = "kvbroker-session-id"
+#: The metadata a ``kvbroker_client`` call carries (a session's id and its secret), and its
+#: default deadline: benchmarks that use the generated stubs send the same, so a stub call
+#: costs what a client's does.
+SESSION_METADATA_KEY = wire.SESSION_ID_KEY
 CALL_TIMEOUT_S = 10.0
+_SECRETS: dict[tuple[str, str], str] = {}
 
 T = TypeVar("T")
 
@@ -74,8 +78,24 @@ def daemon(**options: Any) -> Iterator[Any]:
         yield running
 
 
-def metadata(session: str) -> tuple[tuple[str, str], ...]:
-    return ((SESSION_METADATA_KEY, session),)
+def metadata(session: str, target: str) -> tuple[tuple[str, str], ...]:
+    """The metadata of ``session``'s calls to the broker at ``target``: its id and the
+    secret the broker issued it. The first use opens the session (a Heartbeat, whose
+    initial metadata carries the secret); later uses in this process reuse it."""
+    secret = _SECRETS.get((target, session))
+    if secret is None:
+        import grpc
+
+        from kvbroker.v1 import broker_pb2, broker_pb2_grpc
+
+        with grpc.insecure_channel(target) as channel:
+            stub = broker_pb2_grpc.CacheBrokerStub(channel)
+            _, call = stub.Heartbeat.with_call(
+                broker_pb2.HeartbeatRequest(), metadata=((SESSION_METADATA_KEY, session),), timeout=CALL_TIMEOUT_S
+            )
+        secret = dict(call.initial_metadata())[wire.SESSION_SECRET_KEY]
+        _SECRETS[(target, session)] = secret
+    return ((SESSION_METADATA_KEY, session), (wire.SESSION_SECRET_KEY, secret))
 
 
 def new_session(role: str) -> str:

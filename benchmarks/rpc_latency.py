@@ -223,7 +223,7 @@ def run_main_cases(
                 broker = broker_pb2_grpc.CacheBrokerStub(channel)
                 attach_target = broker.Allocate(
                     pb.AllocateRequest(pool=POOL, size_bytes=ALLOC_BYTES, model_name="rpc-latency-bench", retain=True),
-                    timeout=120.0, metadata=metadata(session),
+                    timeout=120.0, metadata=metadata(session, daemon.target),
                 )
             attach_id = attach_target.cache.cache_id
 
@@ -263,9 +263,9 @@ def run_main_cases(
 
             with grpc.insecure_channel(daemon.target) as channel:
                 broker = broker_pb2_grpc.CacheBrokerStub(channel)
-                broker.Release(
-                    pb.ReleaseRequest(cache_id=attach_id, force=True), timeout=CALL_TIMEOUT_S, metadata=metadata(session)
-                )
+                # Sessionless: the session's lease ran out during the hand-off case; the
+                # cache was retained for that, and a forced release frees it.
+                broker.Release(pb.ReleaseRequest(cache_id=attach_id, force=True), timeout=CALL_TIMEOUT_S)
                 stats = broker.Stats(pb.StatsRequest(), timeout=CALL_TIMEOUT_S)
                 result["daemon_final"] = {"active_caches": stats.active_caches, "allocation_count": stats.allocation_count}
                 if stats.active_caches:

@@ -120,7 +120,7 @@ def run(iterations: int, warmup: int) -> dict:
     sink = Sink()
     with contextlib.ExitStack() as stack:
         daemons = [Daemon(mode, sink, stack) for mode in MODES]
-        metadata = harness.metadata("bench-telemetry")
+        metadata = {d.mode: harness.metadata("bench-telemetry", d.daemon.target) for d in daemons}
         request = pb.AllocateRequest(pool="default", size_bytes=1 << 20)
         samples: dict[str, list[int]] = {d.mode: [] for d in daemons}
         stop, scrapes = threading.Event(), [0]
@@ -136,9 +136,9 @@ def run(iterations: int, warmup: int) -> dict:
                 rng.shuffle(daemons)
                 for d in daemons:
                     started = time.perf_counter_ns()
-                    reply = d.stub.Allocate(request, metadata=metadata, timeout=10)
+                    reply = d.stub.Allocate(request, metadata=metadata[d.mode], timeout=10)
                     elapsed = time.perf_counter_ns() - started
-                    d.stub.Release(pb.ReleaseRequest(cache_id=reply.cache.cache_id), metadata=metadata, timeout=10)
+                    d.stub.Release(pb.ReleaseRequest(cache_id=reply.cache.cache_id), metadata=metadata[d.mode], timeout=10)
                     if i >= warmup:
                         samples[d.mode].append(elapsed)
         finally:

@@ -33,7 +33,7 @@ def caller_loop(spec: dict[str, Any], wait_go: Callable[[], int]) -> dict[str, A
     end_s] relative to the start). Returns per method the latencies (ns) of the calls
     that ended inside a window.
     """
-    md = metadata(spec["session"])
+    md = metadata(spec["session"], spec["target"])
     timeout = CALL_TIMEOUT_S
     with grpc.insecure_channel(spec["target"], options=CHANNEL_OPTIONS) as channel:
         check = health_pb2_grpc.HealthStub(channel).Check

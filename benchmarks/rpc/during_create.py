@@ -146,7 +146,7 @@ def creator_main(spec_json: str) -> int:
 def measure(target: str, *, creations: int, warmup: int) -> dict[str, Any]:
     """Run the creator and the measured rounds; returns the raw samples and intervals."""
     pb, pb_grpc = _pb()
-    md = metadata(new_session("during-create"))
+    md = metadata(new_session("during-create"), target)
     timeout = CALL_TIMEOUT_S
     creator = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.rpc.during_create", "--creator",

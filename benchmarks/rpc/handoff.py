@@ -140,7 +140,7 @@ def handoff_process_main(spec_json: str) -> int:
     import torch
 
     SegmentMapper, _ = import_segment_mapper()
-    md = metadata(new_session("consumer"))
+    md = metadata(new_session("consumer"), spec["target"])
     clock = time.perf_counter_ns
     result: dict[str, Any] = {"pid": os.getpid(), "attach": {}, "stream": {}}
     with grpc.insecure_channel(spec["target"], options=CHANNEL_OPTIONS) as channel, grpc.insecure_channel(
@@ -254,8 +254,9 @@ def handoff_process_main(spec_json: str) -> int:
 def run_handoff(daemon: Daemon, workdir: str, *, runs: int, remaps: int, warm_attach_id: str) -> dict[str, Any]:
     """Producer side: allocate and fill the caches, serve the stream, run the consumers."""
     SegmentMapper, mapper_source = import_segment_mapper()
-    session = new_session("producer")
-    md = metadata(session)
+    # Sessionless: the producer makes no call for long stretches (the consumers run), so
+    # a lease-only session would end under it; its caches are retained and force-released.
+    md: tuple[tuple[str, str], ...] = ()
     mapper = SegmentMapper(populate=False)
     caches, views = [], []
     chunks: dict[str, list[bytes]] = {"warmup": [b"\x01" * (64 * KiB)]}

@@ -20,7 +20,7 @@ from kvbroker.v1 import broker_pb2_grpc
 
 def measure_single(target: str, *, rounds: int, warmup: int, attach_id: str, session: str) -> dict[str, list[int]]:
     """Interleaved rounds of floor, allocate (+ release), attach, stats; nanoseconds."""
-    md = metadata(session)
+    md = metadata(session, target)
     timeout = CALL_TIMEOUT_S
     with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         check = health_pb2_grpc.HealthStub(channel).Check
@@ -82,7 +82,7 @@ def measure_cpu(target: str, daemon_pid: int, *, calls: int, attach_id: str, ses
     """CPU per call of the daemon and of this client, method by method (not interleaved:
     CPU time, unlike latency, hardly depends on what other jobs do). ``allocate_release``
     is per pair. Two passes of ``calls / 2`` calls per method, summed."""
-    md = metadata(session)
+    md = metadata(session, target)
     timeout = CALL_TIMEOUT_S
     totals = {m: [0.0, 0.0, 0.0, 0] for m in ("floor", "allocate_release", "attach", "stats")}
     with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:

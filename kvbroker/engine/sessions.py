@@ -121,6 +121,14 @@ class SessionRegistry:
         """
         session = self._sessions.get(session_id)
         if session is None:
+            if secret:
+                # A secret names a session that existed: it ended (lease, stream, restart)
+                # and took its holds with it. Quietly opening a new one under the same id
+                # would hide that from the caller.
+                raise Unauthenticated(
+                    f"session {session_id[:64]!r} has ended (its lease ran out, its stream "
+                    "closed, or the broker restarted): open a new session"
+                )
             session = self._sessions[session_id] = Session(
                 session_id, 0.0, secrets.token_urlsafe(32), principal, peer
             )

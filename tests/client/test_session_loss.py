@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvbroker_client import BrokerClient, CacheEvicted, SessionLost
+from kvbroker_client import BrokerClient, BrokerUnavailable, CacheEvicted, SessionLost
 from kvbroker_client.core import Phase
 from kvbroker_client.mapping import process_mapper
 
@@ -157,7 +157,15 @@ def test_a_restarted_daemon_loses_the_session_and_the_same_client_carries_on(tmp
 
         restarted = start_daemon(tmp_path / "second", socket_path=sock)
         with BrokerClient(restarted.target, session_id="") as operator:
-            new_instance = operator.stats().instance_id
+            # gRPC shares one subchannel per target between channels: until the first
+            # client's reconnect backoff (at most 2 s) ends, calls may still fail fast.
+            def instance() -> str | None:
+                try:
+                    return operator.stats().instance_id
+                except BrokerUnavailable:
+                    return None
+
+            new_instance = wait_until(instance, 15.0, "the restarted daemon answers")
         assert new_instance != old_instance
         wait_until(
             lambda: client.core.phase is Phase.OPEN and client.core.instance_id == new_instance,

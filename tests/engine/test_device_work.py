@@ -22,9 +22,9 @@ POOLS = [
 ]
 
 
-def run(body):
+def run(body, pools=POOLS):
     with private_shm_dir() as shm_dir:
-        engine = host_engine(shm_dir, capacity=32 * MiB, pools=POOLS, wrap=DoorMemory)
+        engine = host_engine(shm_dir, capacity=32 * MiB, pools=pools, wrap=DoorMemory)
         try:
             asyncio.run(body(engine, engine.memory("host")))
         finally:
@@ -197,10 +197,4 @@ def test_allocations_that_arrive_while_a_segment_is_created_share_it_instead_of_
         assert len(engine.broker.segments()) == 1
         check(engine)
 
-    with private_shm_dir() as shm_dir:
-        engine = host_engine(shm_dir, capacity=32 * MiB, pools=pools, wrap=DoorMemory)
-        try:
-            asyncio.run(body(engine, engine.memory("host")))
-        finally:
-            asyncio.run(engine.close())
-        assert shm_objects(shm_dir) == []
+    run(body, pools)

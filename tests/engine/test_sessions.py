@@ -120,3 +120,13 @@ def test_finding_expired_leases_does_not_walk_every_session():
     registry.touch("s7")
     clock.now += 1.5
     assert len(registry.expired()) == 19_999
+
+
+def test_the_secret_of_an_ended_session_does_not_quietly_open_a_new_one():
+    registry = SessionRegistry(5.0)
+    session, _ = registry.identify("s", None)
+    registry.close("s", SessionEndReason.LEASE_EXPIRED)
+    with pytest.raises(Unauthenticated, match="has ended"):
+        registry.identify("s", session.secret)
+    fresh, opened = registry.identify("s", None)  # a caller that starts over may reuse the id
+    assert opened and fresh.secret != session.secret

@@ -97,7 +97,7 @@ def test_mutual_tls_client_and_cli(daemon, pki):
     ]  # fmt: skip
     done = subprocess.run(cli, cwd=ROOT, env=child_env(None), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["total_capacity_bytes"] > 0
+    assert int(json.loads(done.stdout)["total_capacity_bytes"]) > 0
     bare = subprocess.run(
         [sys.executable, "-m", "kvbroker", "--target", daemon.target, "ls"],
         cwd=ROOT, env=child_env(None), capture_output=True, text=True, timeout=60,

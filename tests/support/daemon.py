@@ -312,6 +312,8 @@ def start_daemon(
     env: Mapping[str, str] | None = None,
     inherit_settings: bool = False,
     ready_timeout: float = READY_TIMEOUT_S,
+    unix_socket: str | Path | None = None,
+    tcp: bool = True,
 ) -> Daemon:
     """Start ``python -m kvbroker serve`` and return once it serves.
 
@@ -330,6 +332,9 @@ def start_daemon(
         env: extra environment variables (``OTEL_*``, ``KVBROKER_*``).
         inherit_settings: keep the caller's ``KVBROKER_*``/``OTEL_*`` variables.
         ready_timeout: seconds to wait for SERVING.
+        unix_socket: the socket's path (a daemon restarted on the same socket); default a
+            fresh one in a private directory, removed at stop.
+        tcp: serve TCP on 127.0.0.1 (a free port); False: the Unix socket only.
 
     Raises:
         DaemonError: it exited or did not serve in time (the log's tail is in the message).
@@ -349,6 +354,7 @@ def start_daemon(
                 workdir, log_path, [*config_args, *args], devices=devices, host_capacity=host_capacity,
                 metrics=metrics, shm_dir=shm_dir, grace_seconds=grace_seconds,
                 env=child_env(env, inherit_settings=inherit_settings), ready_timeout=ready_timeout,
+                unix_socket=unix_socket, tcp=tcp,
             )  # fmt: skip
         except DaemonError as err:
             last_error = err
@@ -361,14 +367,17 @@ def start_daemon(
 def _start_once(
     workdir: Path, log_path: Path, args: Sequence[str], *, devices: str, host_capacity: str | None,
     metrics: bool, shm_dir: str | Path | None, grace_seconds: float, env: dict[str, str], ready_timeout: float,
+    unix_socket: str | Path | None = None, tcp: bool = True,
 ) -> Daemon:  # fmt: skip
     cleanup: list[Callable[[], None]] = []
-    sock_dir = tempfile.mkdtemp(prefix="kvb-sock-", dir="/tmp")
-    cleanup.append(lambda: shutil.rmtree(sock_dir, ignore_errors=True))
-    unix_socket = os.path.join(sock_dir, "kvbroker.sock")
+    if unix_socket is None:
+        sock_dir = tempfile.mkdtemp(prefix="kvb-sock-", dir="/tmp")
+        cleanup.append(lambda: shutil.rmtree(sock_dir, ignore_errors=True))
+        unix_socket = os.path.join(sock_dir, "kvbroker.sock")
+    unix_socket = str(unix_socket)
     metrics_port = free_port() if metrics else None
     flags = [
-        "--devices", devices, "--listen", "127.0.0.1:0", "--unix-socket", unix_socket,
+        "--devices", devices, "--listen", "127.0.0.1:0" if tcp else "", "--unix-socket", unix_socket,
         "--grace-seconds", f"{grace_seconds:g}",
         "--metrics-listen", f"127.0.0.1:{metrics_port}" if metrics_port else "",
     ]  # fmt: skip
@@ -395,10 +404,11 @@ def _start_once(
     STARTED.append(daemon)
     try:
         wait_serving(daemon.target, process, log_path, ready_timeout)
-        daemon.address = _tcp_address(daemon, metrics_port, timeout=max(1.0, ready_timeout - (time.monotonic() - started)))
-        # A TLS listener answers only TLS clients; the Unix socket already said SERVING.
-        if "--tls-cert" not in args and _health(daemon.address, timeout=5) != health_pb2.HealthCheckResponse.SERVING:
-            raise DaemonError(f"{daemon.address} does not serve health checks; log tail:\n{daemon.log_tail()}")
+        if tcp:
+            daemon.address = _tcp_address(daemon, metrics_port, timeout=max(1.0, ready_timeout - (time.monotonic() - started)))
+            # A TLS listener answers only TLS clients; the Unix socket already said SERVING.
+            if "--tls-cert" not in args and _health(daemon.address, timeout=5) != health_pb2.HealthCheckResponse.SERVING:
+                raise DaemonError(f"{daemon.address} does not serve health checks; log tail:\n{daemon.log_tail()}")
     except BaseException:
         daemon.stop()
         raise
