@@ -50,11 +50,12 @@ def test_zeroing_for_a_cancelled_caller_aborts_the_allocation():
     async def body(shm_dir: str):
         engine = host_engine(shm_dir, wrap=DoorMemory)
         memory = engine.memory("host")
-        first, _ = await engine.allocate(AllocationRequest("p", MiB, holder="a"))
+        # 4 MiB: above INLINE_ZERO_BYTES, so the zeroing runs in a thread the caller awaits.
+        first, _ = await engine.allocate(AllocationRequest("p", 4 * MiB, holder="a"))
         await engine.release(first.cache_id, "a")
         door = memory.doors["zero"]
         door.close()
-        task = asyncio.create_task(engine.allocate(AllocationRequest("p", MiB, holder="gone")))
+        task = asyncio.create_task(engine.allocate(AllocationRequest("p", 4 * MiB, holder="gone")))
         await door.arrival()
         task.cancel()
         door.open()
@@ -84,7 +85,9 @@ def test_cancelled_waiters_never_leave_a_cache_behind(retire_segment):
             # Anonymous: it maps nothing, so its segment can be retired at once.
             blocker, _ = await engine.allocate(AllocationRequest("p", 16 * MiB, pinned=True))
             tasks = [
-                asyncio.create_task(engine.allocate(AllocationRequest("p", MiB, holder=f"w{i}"), wait_timeout_s=60))
+                # 4 MiB: above INLINE_ZERO_BYTES, so a reused place is zeroed in a thread
+                # (an await where the caller can be cancelled).
+                asyncio.create_task(engine.allocate(AllocationRequest("p", 4 * MiB, holder=f"w{i}"), wait_timeout_s=60))
                 for i in range(100)
             ]
             await until(lambda: engine.waiting == 100, what=f"100 waiters in round {round_} (have {engine.waiting}, {[t for t in tasks if t.done()][:2]})")
