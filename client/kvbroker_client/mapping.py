@@ -6,8 +6,9 @@ byte range in it. ``SegmentMapper`` maps the segment the first time it sees it, 
 is a slice of the same base tensor: zero-copy, and mapping a 1 GiB cache costs what a
 1 MiB one does once its segment is mapped.
 
-Every field of a handle is validated before it reaches the kernel or the CUDA driver,
-following ``research/ipc-mechanics.md`` sections 1.7 and 5.5. A host handle names its
+Every field of a handle is validated before it reaches the kernel or the CUDA driver: a
+handle is data from another process, and an unchecked name or size would let it point
+this process at any file or overrun its mapping. A host handle names its
 directory (``HostSegmentHandle.shm_dir``, the daemon's ``--shm-dir``); the name must match
 ``kvbroker.wire.SHM_NAME_PATTERN`` and the directory be absolute without ``..``, and the
 object opened must be the very inode the broker created (``st_dev``/``st_ino``).
