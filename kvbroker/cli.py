@@ -237,6 +237,23 @@ def render_defrag(result: pb.DefragmentResponse) -> str:
     )
 
 
+def render_sessions(sessions: Sequence[pb.SessionInfo]) -> str:
+    """The ``kvbroker sessions`` text: one row per session, oldest first."""
+    if not sessions:
+        return "no sessions"
+    rows = [
+        [s.session_id, s.principal, f"{s.client_name or '?'} pid {s.pid}" + (f" on {s.host}" if s.host else ""),
+         f"uid {s.peer_uid} pid {s.peer_pid}" if s.peer_known else "-", format_duration(s.age_seconds),
+         format_duration(s.lease_remaining_seconds), "watch" if s.watching else "lease", str(s.holds), str(s.pins),
+         str(s.mapped_segments)]
+        for s in sorted(sessions, key=lambda s: -s.age_seconds)
+    ]  # fmt: skip
+    headers = ("SESSION", "PRINCIPAL", "CLIENT (SAYS)", "PEER (KERNEL)", "AGE", "LEASE LEFT", "KIND", "HOLDS",
+               "PINS", "SEGMENTS")  # fmt: skip
+    noun = "session" if len(sessions) == 1 else "sessions"
+    return render_table(headers, rows, "llllrrlrrr") + f"\n\n{len(sessions)} {noun}"
+
+
 # -- commands ---------------------------------------------------------------------------
 
 
@@ -253,6 +270,11 @@ def _cmd_ls(client: BrokerClient, args: argparse.Namespace) -> str:
 def _cmd_defrag(client: BrokerClient, args: argparse.Namespace) -> str:
     result = client.defragment(device=args.device, pool=args.pool, dry_run=args.dry_run)
     return to_json(result) if args.json else render_defrag(result)
+
+
+def _cmd_sessions(client: BrokerClient, args: argparse.Namespace) -> str:
+    reply = client.sessions()
+    return to_json(reply) if args.json else render_sessions(reply.sessions)
 
 
 def _serve(argv: list[str]) -> int:
@@ -311,6 +333,9 @@ def _parser() -> argparse.ArgumentParser:
     defrag.add_argument("--pool", default="", help="only this pool")
     defrag.add_argument("--dry-run", action="store_true", help="plan only: report what would move")
     defrag.set_defaults(run=_cmd_defrag)
+
+    sessions = commands.add_parser("sessions", parents=[common], help="who is connected and what each holds")
+    sessions.set_defaults(run=_cmd_sessions)
     return parser
 
 
@@ -328,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args.serve_argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("kvbroker: error: a command is required (serve, stats, ls, defrag)", file=sys.stderr)
+        print("kvbroker: error: a command is required (serve, stats, ls, defrag, sessions)", file=sys.stderr)
         return 2
     try:
         with BrokerClient(

@@ -141,6 +141,10 @@ class AsyncBrokerClient:
         """Like ``BrokerClient.list_caches``."""
         return await self.drive(self._core.list_caches(list_caches_request(pool, model_name, state, page_size)))
 
+    async def sessions(self) -> pb.SessionsResponse:
+        """Like ``BrokerClient.sessions``."""
+        return await self.drive(self._core.unary("Sessions", pb.SessionsRequest()))
+
     async def defragment(self, device: str = "", pool: str = "", dry_run: bool = False) -> pb.DefragmentResponse:
         """Like ``BrokerClient.defragment``."""
         request = pb.DefragmentRequest(device=device, pool=pool, dry_run=dry_run)

@@ -182,6 +182,11 @@ class BrokerClient:
         """
         return self.drive(self._core.list_caches(list_caches_request(pool, model_name, state, page_size)))
 
+    def sessions(self) -> pb.SessionsResponse:
+        """Live sessions and what each holds (every session with the operator's list
+        right, else this principal's own)."""
+        return self.drive(self._core.unary("Sessions", pb.SessionsRequest()))
+
     def defragment(self, device: str = "", pool: str = "", dry_run: bool = False) -> pb.DefragmentResponse:
         """Compact ``device``/``pool`` now (empty: all), or only plan it with ``dry_run``."""
         request = pb.DefragmentRequest(device=device, pool=pool, dry_run=dry_run)

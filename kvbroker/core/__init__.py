@@ -30,6 +30,7 @@ from kvbroker.core.types import (
     CompactionPlan,
     DeviceSpec,
     DeviceStats,
+    HolderSummary,
     Event,
     EventKind,
     Extent,
@@ -45,7 +46,7 @@ from kvbroker.core.types import (
 __all__ = [
     "ANONYMOUS_HOLDER", "SESSIONLESS_PREFIX", "is_sessionless", "EVICTION_CAUSES", "POLICIES", "AllocateResult", "AllocationRequest",
     "AlreadyExists", "ArenaCounters", "Broker", "BrokerError", "BrokerStats", "CacheInfo",
-    "CacheState", "CompactionPlan", "DeadlineExceeded", "DeviceSpec", "DeviceStats", "Event",
+    "CacheState", "CompactionPlan", "DeadlineExceeded", "DeviceSpec", "DeviceStats", "HolderSummary", "Event",
     "EventKind", "Extent", "FailedPrecondition", "InvalidArgument", "Move", "NotFound",
     "Placement", "PoolSpec", "PoolStats", "ResourceExhausted", "SegmentInfo", "Usage",
     "validate_id",

@@ -46,6 +46,7 @@ from kvbroker.core.types import (
     DeviceSpec,
     Event,
     EventKind,
+    HolderSummary,
     PoolSpec,
     SegmentInfo,
     validate_id,
@@ -318,6 +319,13 @@ class Broker:
         nothing). Returns the freed ids and the segments retired as a result (drained
         ones it was the last mapper of). Cost: O(its caches + its segments)."""
         return self.drop_holder(holder), self._ledger.segments.end_mappings(holder)
+
+    def holder_summary(self, holder: str) -> HolderSummary:
+        """What ``holder`` holds, pins and maps. Cost: O(the caches it holds)."""
+        caches = self._ledger.caches
+        records = [rec for cache_id in caches.held_by(holder) if (rec := caches.get(cache_id)) is not None]
+        mapped = self._ledger.segments.mapped_by().get(holder, ())
+        return HolderSummary(len(records), sum(rec.pins.get(holder, 0) for rec in records), len(mapped))
 
     def note_mapped(self, segment_id: int, holder: str) -> None:
         """``holder`` was handed ``segment_id``'s handle (and may map it)."""

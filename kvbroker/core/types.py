@@ -239,6 +239,14 @@ class SegmentInfo:
     nbytes: int
 
 
+class HolderSummary(NamedTuple):
+    """What one holder (a session) has: caches held, pins counted, segments mapped."""
+
+    holds: int
+    pins: int
+    mapped_segments: int
+
+
 class CacheInfo(NamedTuple):
     """An immutable view of one cache.
 

@@ -71,6 +71,23 @@ class DefragmentResult:
     dry_run: bool
 
 
+class SessionView(NamedTuple):
+    """One live session as operators see it (``Engine.sessions``)."""
+
+    session_id: str
+    principal: str
+    client_name: str
+    pid: int
+    host: str
+    peer: PeerIdentity | None
+    age_seconds: float
+    lease_remaining_seconds: float
+    watching: bool
+    holds: int
+    pins: int
+    mapped_segments: int
+
+
 class EngineStatus(NamedTuple):
     """This daemon run, for the Stats RPC. ``rpc`` is None when telemetry is off."""
 
@@ -276,6 +293,21 @@ class Engine:
             self._settle((retired,), True)
 
     # -- queries ----------------------------------------------------------------------
+
+    def sessions(self, principal: str | None = None) -> list[SessionView]:
+        """Live sessions (of ``principal`` only, when given) with what each holds.
+        Cost: O(sessions + the caches they hold): an operator's query."""
+        now = self._sessions.now()
+        out = []
+        for s in self._sessions.sessions():
+            if principal is not None and s.principal != principal:
+                continue
+            held = self.broker.holder_summary(s.session_id)
+            out.append(SessionView(
+                s.session_id, s.principal, s.client_name, s.pid, s.host, s.peer, now - s.opened_at,
+                max(0.0, s.expires_at - now), s.watching, held.holds, held.pins, held.mapped_segments,
+            ))  # fmt: skip
+        return out
 
     def cache(self, cache_id: str) -> CacheInfo:
         """The cache's current view (its pool and holders, for authorization). Raises

@@ -77,6 +77,7 @@ class Session:
     host: str = ""
     watching: bool = False
     stream_end: SessionEndReason | None = None
+    opened_at: float = 0.0  # the registry's clock
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
 
 
@@ -108,6 +109,13 @@ class SessionRegistry:
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
+    def now(self) -> float:
+        return self._clock()
+
+    def sessions(self) -> list[Session]:
+        """Every live session, by id. Cost: O(sessions log sessions): operators only."""
+        return [self._sessions[sid] for sid in sorted(self._sessions)]
+
     def identify(
         self, session_id: str, secret: str | None, *, principal: str = "", peer: PeerIdentity | None = None
     ) -> tuple[Session, bool]:
@@ -130,7 +138,7 @@ class SessionRegistry:
                     "closed, or the broker restarted): open a new session"
                 )
             session = self._sessions[session_id] = Session(
-                session_id, 0.0, secrets.token_urlsafe(32), principal, peer
+                session_id, 0.0, secrets.token_urlsafe(32), principal, peer, opened_at=self._clock()
             )
             self._renew(session)
             return session, True
@@ -168,7 +176,9 @@ class SessionRegistry:
         first). Returns True when the session is new."""
         session = self._sessions.get(session_id)
         if session is None:
-            session = self._sessions[session_id] = Session(session_id, 0.0, secrets.token_urlsafe(32))
+            session = self._sessions[session_id] = Session(
+                session_id, 0.0, secrets.token_urlsafe(32), opened_at=self._clock()
+            )
             self._renew(session)
             return True
         self._renew(session)

@@ -37,6 +37,7 @@ from kvbroker.engine import (
     SessionEnded,
     SessionEvent,
     SessionOpened,
+    SessionView,
 )
 from kvbroker.memory.backend import CudaHandle, HostHandle
 from kvbroker.security import PermissionDenied, Unauthenticated
@@ -351,3 +352,14 @@ def event_message(event: Event) -> pb.WatchEvent:
         segment_generation=event.segment_generation,
         reason=event.reason,
     )
+
+
+def session_message(view: SessionView) -> pb.SessionInfo:
+    peer = view.peer
+    return pb.SessionInfo(
+        session_id=view.session_id, principal=view.principal, client_name=view.client_name,
+        pid=view.pid, host=view.host, peer_known=peer is not None,
+        peer_uid=peer.uid if peer else 0, peer_pid=peer.pid if peer else 0,
+        age_seconds=view.age_seconds, lease_remaining_seconds=view.lease_remaining_seconds,
+        watching=view.watching, holds=view.holds, pins=view.pins, mapped_segments=view.mapped_segments,
+    )  # fmt: skip

@@ -186,3 +186,9 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
             device=request.device or None, pool=request.pool or None, dry_run=request.dry_run
         )
         return convert.defragment_message(result)
+
+    @_translate_errors
+    async def Sessions(self, request: pb.SessionsRequest, context) -> pb.SessionsResponse:
+        caller = await self._gate.caller(context)
+        only = None if caller.principal.may(Action.LIST) else caller.principal.name
+        return pb.SessionsResponse(sessions=[convert.session_message(v) for v in self._engine.sessions(only)])

@@ -476,3 +476,45 @@ class ReportUnmappedRequest(_message.Message):
 class ReportUnmappedResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("session_id", "principal", "client_name", "pid", "host", "peer_known", "peer_uid", "peer_pid", "age_seconds", "lease_remaining_seconds", "watching", "holds", "pins", "mapped_segments")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PEER_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    PEER_UID_FIELD_NUMBER: _ClassVar[int]
+    PEER_PID_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REMAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WATCHING_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    PINS_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    principal: str
+    client_name: str
+    pid: int
+    host: str
+    peer_known: bool
+    peer_uid: int
+    peer_pid: int
+    age_seconds: float
+    lease_remaining_seconds: float
+    watching: bool
+    holds: int
+    pins: int
+    mapped_segments: int
+    def __init__(self, session_id: _Optional[str] = ..., principal: _Optional[str] = ..., client_name: _Optional[str] = ..., pid: _Optional[int] = ..., host: _Optional[str] = ..., peer_known: _Optional[bool] = ..., peer_uid: _Optional[int] = ..., peer_pid: _Optional[int] = ..., age_seconds: _Optional[float] = ..., lease_remaining_seconds: _Optional[float] = ..., watching: _Optional[bool] = ..., holds: _Optional[int] = ..., pins: _Optional[int] = ..., mapped_segments: _Optional[int] = ...) -> None: ...
+
+class SessionsResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...

@@ -90,6 +90,11 @@ class CacheBrokerStub:
                 request_serializer=kvbroker_dot_v1_dot_broker__pb2.ReportUnmappedRequest.SerializeToString,
                 response_deserializer=kvbroker_dot_v1_dot_broker__pb2.ReportUnmappedResponse.FromString,
                 _registered_method=True)
+        self.Sessions = channel.unary_unary(
+                '/kvbroker.v1.CacheBroker/Sessions',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.SessionsRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.SessionsResponse.FromString,
+                _registered_method=True)
 
 
 class CacheBrokerServicer:
@@ -175,6 +180,14 @@ class CacheBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sessions(self, request, context):
+        """Who is connected and what each session holds (operators; a principal without the
+        list right sees its own sessions only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +245,11 @@ def add_CacheBrokerServicer_to_server(servicer, server):
                     servicer.ReportUnmapped,
                     request_deserializer=kvbroker_dot_v1_dot_broker__pb2.ReportUnmappedRequest.FromString,
                     response_serializer=kvbroker_dot_v1_dot_broker__pb2.ReportUnmappedResponse.SerializeToString,
+            ),
+            'Sessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sessions,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.SessionsRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.SessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -532,6 +550,33 @@ class CacheBroker:
             '/kvbroker.v1.CacheBroker/ReportUnmapped',
             kvbroker_dot_v1_dot_broker__pb2.ReportUnmappedRequest.SerializeToString,
             kvbroker_dot_v1_dot_broker__pb2.ReportUnmappedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/Sessions',
+            kvbroker_dot_v1_dot_broker__pb2.SessionsRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.SessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
