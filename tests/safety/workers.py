@@ -21,6 +21,7 @@ import json
 import random
 import sys
 import threading
+import time
 import traceback
 from collections import Counter
 
@@ -142,11 +143,40 @@ def mixed(target: str, index: int, threads: int, ops: int, seed: int) -> None:
                     errors.append(f"thread {thread} op {n} {op}: {traceback.format_exc()[-1500:]}")
         reader.close()
 
+    # An anchor cache each process holds until the test says exit: whatever the random
+    # mix released, every process has a cache the others can attach at the end.
+    anchor = client.allocate("c", size_bytes=SIZES[0], model_name=f"w{index}", cache_id=f"w{index}-anchor")
+    with anchor.pinned() as t:
+        t.copy_(pattern_of(anchor.cache_id, t.numel()))
+    live[anchor.cache_id] = anchor.nbytes
     workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
+    # Whatever the timing (on a loaded machine a process may run all its operations
+    # before the others start), each process reads another's cache at least once: the
+    # other processes' anchors appear within the deadline.
+    deadline = time.monotonic() + 60
+    reader = BrokerClient(target)
+    try:
+        while True:
+            others = [c for c in client.list_caches(pool="c") if c.cache_id.endswith("-anchor") and c.model_name != f"w{index}"]
+            if others or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)  # a poll interval, bounded by the deadline above
+        if others:
+            other = reader.attach(others[0].cache_id)
+            try:
+                if not check_foreign(other):
+                    foreign_bytes.append(other.cache_id)
+            finally:
+                other.release()
+            counts["attach_other"] += 1
+        else:
+            errors.append("no other process's anchor cache appeared within 60 s")
+    finally:
+        reader.close()
     report = {"live": live, "counts": dict(counts), "errors": errors, "dirty_fresh": dirty_fresh, "foreign_bytes": foreign_bytes}
     print(json.dumps(report), flush=True)
     sys.stdin.readline()  # hold everything until the test has looked
