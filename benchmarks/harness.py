@@ -80,21 +80,30 @@ def daemon(**options: Any) -> Iterator[Any]:
 
 def metadata(session: str, target: str) -> tuple[tuple[str, str], ...]:
     """The metadata of ``session``'s calls to the broker at ``target``: its id and the
-    secret the broker issued it. The first use opens the session (a Heartbeat, whose
-    initial metadata carries the secret); later uses in this process reuse it."""
-    secret = _SECRETS.get((target, session))
-    if secret is None:
-        import grpc
+    secret the broker issued it. Each use renews the session with a Heartbeat (one RPC);
+    a session that is new, or that ended since (its lease ran out while the benchmark
+    waited), is opened, and the Heartbeat's initial metadata carries its secret."""
+    import grpc
 
-        from kvbroker.v1 import broker_pb2, broker_pb2_grpc
+    from kvbroker.v1 import broker_pb2, broker_pb2_grpc
 
-        with grpc.insecure_channel(target) as channel:
-            stub = broker_pb2_grpc.CacheBrokerStub(channel)
-            _, call = stub.Heartbeat.with_call(
+    with grpc.insecure_channel(target) as channel:
+        heartbeat = broker_pb2_grpc.CacheBrokerStub(channel).Heartbeat
+        secret = _SECRETS.get((target, session))
+        if secret is not None:
+            try:
+                heartbeat(broker_pb2.HeartbeatRequest(), timeout=CALL_TIMEOUT_S,
+                          metadata=((SESSION_METADATA_KEY, session), (wire.SESSION_SECRET_KEY, secret)))  # fmt: skip
+            except grpc.RpcError as err:
+                if err.code() is not grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                secret = None  # it ended: open it again below
+        if secret is None:
+            _, call = heartbeat.with_call(
                 broker_pb2.HeartbeatRequest(), metadata=((SESSION_METADATA_KEY, session),), timeout=CALL_TIMEOUT_S
             )
-        secret = dict(call.initial_metadata())[wire.SESSION_SECRET_KEY]
-        _SECRETS[(target, session)] = secret
+            secret = dict(call.initial_metadata())[wire.SESSION_SECRET_KEY]
+            _SECRETS[(target, session)] = secret
     return ((SESSION_METADATA_KEY, session), (wire.SESSION_SECRET_KEY, secret))
 
 

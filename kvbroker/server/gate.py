@@ -23,7 +23,6 @@ cache calls one core look-up of the cache's pool.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 from typing import NamedTuple
 
 import grpc
@@ -41,7 +40,7 @@ from kvbroker.security import (
     PeerRegistry,
     Principal,
 )
-from kvbroker.server.identity import call_credentials
+from kvbroker.server.identity import read_call
 from kvbroker.wire import SESSION_ID_KEY, SESSION_SECRET_KEY
 
 
@@ -58,6 +57,15 @@ class Caller(NamedTuple):
         return "" if not self.holder or self.holder[0] == SESSIONLESS_PREFIX else self.holder
 
 
+class Watcher(NamedTuple):
+    """A Watch call, identified: the session it opens or joins, with what it presented."""
+
+    session_id: str
+    secret: str | None
+    principal: Principal
+    peer: PeerIdentity | None
+
+
 @functools.lru_cache(maxsize=4096)
 def _valid_session_id(value: str) -> str:
     """Validate a session id once per distinct value (every RPC of a session sends it)."""
@@ -71,14 +79,15 @@ class Gate:
         self._engine = engine
         self.policy = policy or AuthPolicy()
         self.peers = peers
+        self._tls_names = any(p.tls_names for p in self.policy.principals)
 
     async def caller(self, context: grpc.aio.ServicerContext, *, session_required: str = "") -> Caller:
         """Identify the call (steps 1 and 2). ``session_required`` names the action when
         the call is meaningless without a session (Heartbeat, ReportUnmapped)."""
-        credentials = call_credentials(context, self.peers)
-        principal = self.policy.authenticate(credentials)
-        peer = self.peer_of(credentials)
-        session_id, secret = _session_metadata(context.invocation_metadata() or ())
+        call = read_call(context, self.peers, tls_names=self._tls_names)
+        principal = self.policy.authenticate(call.credentials)
+        peer = self.peer_of(call.credentials)
+        session_id, secret = call.session_id, call.session_secret
         if not session_id:
             if session_required:
                 raise InvalidArgument(SESSION_ID_KEY, f"is required to {session_required}")
@@ -88,6 +97,17 @@ class Gate:
         if new_secret is not None:
             await context.send_initial_metadata(((SESSION_SECRET_KEY, new_secret),))
         return Caller(session_id, principal, peer)
+
+    def watcher(self, context: grpc.aio.ServicerContext, requested_session_id: str) -> Watcher:
+        """Who opens a Watch, and for which session: named by the metadata, else by the
+        request. The engine checks the secret when the session exists already."""
+        call = read_call(context, self.peers, tls_names=self._tls_names)
+        principal = self.policy.authenticate(call.credentials)
+        session_id = call.session_id or requested_session_id
+        if not session_id:
+            raise InvalidArgument(SESSION_ID_KEY, "is required to open a session")
+        _valid_session_id(session_id)
+        return Watcher(session_id, call.session_secret, principal, self.peer_of(call.credentials))
 
     @staticmethod
     def peer_of(credentials: Credentials) -> PeerIdentity | None:
@@ -128,13 +148,3 @@ class Gate:
         if caller.principal.may(Action.LIST):
             return None
         return caller.principal.pools_with(Action.ATTACH)
-
-
-def _session_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[str, str | None]:
-    session_id, secret = "", None
-    for key, value in metadata:
-        if key == SESSION_ID_KEY and isinstance(value, str):
-            session_id = value
-        elif key == SESSION_SECRET_KEY and isinstance(value, str):
-            secret = value
-    return session_id, secret

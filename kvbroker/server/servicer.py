@@ -22,14 +22,13 @@ from typing import TypeVar
 import grpc
 
 from kvbroker.core.errors import BrokerError
-from kvbroker.core.types import validate_id
 from kvbroker.engine import Engine
 from kvbroker.security import Action
 from kvbroker.server import convert
 from kvbroker.server.gate import Gate
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
-from kvbroker.wire import SESSION_ID_KEY, SESSION_SECRET_KEY
+from kvbroker.wire import SESSION_SECRET_KEY
 
 log = logging.getLogger(__name__)
 
@@ -148,21 +147,11 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
                 yield convert.session_event_message(event)
 
     async def _open_session(self, request: pb.WatchRequest, context):
-        """The session the Watch opens: named by the metadata, else by the request; an
-        existing one only with its secret (``Gate``'s rules, checked by the engine)."""
-        from kvbroker.server.identity import call_credentials  # noqa: PLC0415
-
-        gate = self._gate
-        metadata = dict((k, v) for k, v in (context.invocation_metadata() or ()) if isinstance(v, str))
-        session_id = metadata.get(SESSION_ID_KEY) or request.session_id
-        if not session_id:
-            raise convert.InvalidArgument(SESSION_ID_KEY, "is required to open a session")
-        validate_id(SESSION_ID_KEY, session_id)
-        credentials = call_credentials(context, gate.peers)
-        principal = gate.policy.authenticate(credentials)
+        """The session the Watch opens (``Gate.watcher`` says which, and who asks)."""
+        who = self._gate.watcher(context, request.session_id)
         return self._engine.session_events(
-            session_id, metadata.get(SESSION_SECRET_KEY), client_name=request.client_name[:128],
-            pid=request.pid, host=request.host[:256], principal=principal.name, peer=gate.peer_of(credentials),
+            who.session_id, who.secret, client_name=request.client_name[:128], pid=request.pid,
+            host=request.host[:256], principal=who.principal.name, peer=who.peer,
         )
 
     @_translate_errors
