@@ -19,6 +19,9 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 
+#: Priorities travel as the wire's int32 (``AllocateRequest.priority``).
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+
 #: The holder that stands for calls made without a session (an operator's grpcurl).
 ANONYMOUS_HOLDER = ""
 #: With authorization on, calls without a session act as their principal's own
