@@ -37,7 +37,10 @@ _BINARY_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 def amount(nbytes: int) -> str:
     """``nbytes`` as an error message states it: in binary units for a person, then
     exactly, for a script or a comparison with Stats: ``"1.46 GiB (1572864000 bytes)"``,
-    ``"512 bytes"``. Two decimals at most, trailing zeros dropped (``"1 GiB"``)."""
+    ``"512 bytes"``. Two decimals at most, trailing zeros dropped (``"1 GiB"``). Byte
+    counts past 64 bits (no wire field carries one) are quoted as ``echo`` does."""
+    if nbytes.bit_length() > 64:
+        return f"{echo(nbytes)} bytes"
     if nbytes < 1024:
         return f"{nbytes} bytes"
     value, unit = float(nbytes), "bytes"

@@ -15,6 +15,9 @@ from kvbroker.core.refusal import never_fits
 from kvbroker.core.types import PRIORITY_RANGE, AllocationRequest, Placement
 
 MODEL_NAME_MAX_CHARS = 256
+#: The largest size a request can carry (``AllocateRequest.size_bytes`` is a uint64):
+#: anything larger is malformed, not merely more than the memory there is.
+MAX_SIZE_BYTES = 2**64 - 1
 
 
 def find_pool(pools: dict[str, PoolRecord], name: str) -> PoolRecord:
@@ -37,6 +40,8 @@ def request_size(pool: PoolRecord, nbytes: object) -> tuple[int, int]:
             f"must be a positive integer, got {echo(nbytes)} (give size_bytes, or dtype and "
             f"shape; pool {spec.name!r} has no default cache size)",
         )
+    if nbytes > MAX_SIZE_BYTES:
+        raise InvalidArgument("size_bytes", f"must be at most {MAX_SIZE_BYTES} (the wire's uint64), got {echo(nbytes)}")
     return nbytes, round_up(nbytes, spec.block_bytes)
 
 

@@ -237,8 +237,8 @@ class HostMemory:
             live = len(self._segments)
         return ResourceExhausted(
             f"cannot create host segment {segment.segment_id} of {amount(segment.nbytes)} in "
-            f"{self._shm_dir}: {os.strerror(err.errno or 0)} ({amount(free)} free there, {live} "
-            f"segments live); {advice}",
+            f"{self._shm_dir}: {os.strerror(err.errno or 0)} ({live} segments live), "
+            f"{amount(free)} free there; {advice}",
             requested_bytes=segment.nbytes,
             free_bytes=free,
             largest_free_extent_bytes=free,
