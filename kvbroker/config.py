@@ -16,7 +16,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -370,8 +370,13 @@ def load_config(
         if environ and env_key in environ:
             put(field_name, env_key, kind, environ[env_key])
     for field_name, value in (overrides or {}).items():
-        if value is not None:
-            put(field_name, _FLAG.get(field_name, "--" + field_name.replace("_", "-")), _FIELD_KIND.get(field_name, str), value)
+        if value is None:
+            continue
+        flag = _FLAG.get(field_name, "--" + field_name.replace("_", "-"))
+        if field_name in _FIELD_KIND:
+            put(field_name, flag, _FIELD_KIND[field_name], value)
+        else:  # a value no flag or variable gives (a test's): taken as built
+            values[field_name], key_of[field_name] = value, flag
     config = replace(BrokerConfig(), **{k: v for k, v in values.items() if k not in skip})
     _validate(config, key_of, skip, problems)
     if problems.items:
@@ -379,7 +384,14 @@ def load_config(
     return config
 
 
-def _read_file(path: str, environ, problems: _Problems, values: dict[str, Any], put, skip: set[str]) -> None:
+def _read_file(
+    path: str,
+    environ: Mapping[str, str] | None,
+    problems: _Problems,
+    values: dict[str, Any],
+    put: Callable[[str, str, Any, Any], None],
+    skip: set[str],
+) -> None:
     """The TOML file's values into ``values`` (through ``put``), its problems recorded."""
     try:
         with open(path, "rb") as f:
