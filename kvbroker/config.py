@@ -1,10 +1,13 @@
 """Daemon configuration: defaults, then a TOML file, then ``KVBROKER_*`` variables, then
 command-line flags, each overriding the one before.
 
-Parsing only: no side effects, nothing opened or bound. Every error is a
-``ConfigError`` whose message starts with the key at fault (``pools[1].max_bytes``,
-``KVBROKER_HOST_CAPACITY``, ``--listen``), so a bad start says exactly what to fix.
-Unknown keys are errors too: a typo must not silently fall back to a default.
+Parsing only: no side effects, nothing opened or bound. Every problem found is reported
+at once, in one ``ConfigError`` that lists each with the key at fault first
+(``pools[1].max_bytes``, ``KVBROKER_HOST_CAPACITY``, ``--listen``), so one failed start
+says everything to fix. Unknown keys are errors too: a typo must not silently fall back
+to a default. Every number is checked, not only parsed: ports are 0 to 65535 (a socket
+API takes a port modulo 65536, so 99999 would quietly serve on 34463), times are finite
+and not negative, sizes are whole numbers of bytes.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from kvbroker.core.eviction import POLICIES
-from kvbroker.core.types import GiB, MiB, Placement
+from kvbroker.core.types import GiB, MiB, Placement, pool_problems
 from kvbroker.security import AuthPolicy, parse_auth
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -27,35 +31,67 @@ DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
 DEVICE_KINDS = ("auto", "host", "cuda")
 ALL_DEVICES = "*"
 
+#: Size units, case-insensitive: ``K``/``KB``... are decimal (powers of 1000, as disk
+#: and network vendors use them); ``Ki``/``KiB``... binary (powers of 1024, as memory is
+#: sized). ``"2G"`` is 2,000,000,000 bytes; ``"2Gi"`` and ``"2GiB"`` are 2,147,483,648.
 _UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4,
     "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
 }
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+#: The largest size accepted: what the wire's int64 byte counts can carry.
+MAX_SIZE = 2**63 - 1
+_ADDRESS = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d+)")
+MAX_PORT = 65535
 
 
 class ConfigError(ValueError):
-    """A configuration value is invalid; the message starts with its key."""
+    """The configuration is invalid.
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
+    Attributes:
+        problems: every ``(key, message)`` found, in the order found.
+        key: the first problem's key.
+
+    ``str()`` is ``"key: message"`` for one problem, one such line per problem for more.
+    """
+
+    def __init__(self, key: str, message: str, *, problems: list[tuple[str, str]] | None = None) -> None:
+        self.problems = tuple(problems) if problems else ((key, message),)
+        self.key = self.problems[0][0]
+        super().__init__("\n".join(f"{k}: {m}" for k, m in self.problems))
+
+    @classmethod
+    def of(cls, problems: list[tuple[str, str]]) -> ConfigError:
+        """One error listing ``problems`` (at least one)."""
+        return cls(*problems[0], problems=problems)
 
 
 def parse_size(key: str, value: Any) -> int:
-    """Bytes from an int or a string such as ``"512MiB"``, ``"2GiB"``, ``"1.5GB"``."""
+    """Bytes from an int or a string such as ``"512MiB"``, ``"2Gi"``, ``"1.5GB"`` (see
+    ``_UNITS``); a whole number of bytes from 0 to ``MAX_SIZE``."""
     if isinstance(value, bool):
         raise ConfigError(key, f"expected a size, got {value!r}")
     if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(key, f"must be >= 0, got {value}")
+        if not 0 <= value <= MAX_SIZE:
+            raise ConfigError(key, f"must be between 0 and {MAX_SIZE} bytes, got {value}")
         return value
     if isinstance(value, str):
         match = _SIZE.fullmatch(value)
         if match and match.group(2).lower() in _UNITS:
-            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    raise ConfigError(key, f"expected a size such as 1073741824, \"512MiB\" or \"2GiB\", got {value!r}")
+            try:
+                exact = Decimal(match.group(1)) * _UNITS[match.group(2).lower()]
+            except InvalidOperation:  # pragma: no cover - the pattern admits only decimals
+                exact = Decimal(-1)
+            if exact != exact.to_integral_value():
+                raise ConfigError(key, f"{value!r} is {exact} bytes, not a whole number of bytes")
+            if exact > MAX_SIZE:
+                raise ConfigError(key, f"{value!r} is more than {MAX_SIZE} bytes")
+            return int(exact)
+    raise ConfigError(
+        key, f"expected a size such as 1073741824, \"512MiB\", \"2Gi\" or \"1.5GB\", got {value!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -147,6 +183,14 @@ _SECTION_FIELD = {
 }
 
 
+#: Flags whose name is not ``--`` + the field's name with dashes.
+_FLAG = {"device_kind": "--devices", "host_capacity_bytes": "--host-capacity"}
+#: How a flag's value is typed (argparse gives strings, or floats for ``type=float``).
+_FIELD_KIND: dict[str, Any] = {field_name: kind for field_name, kind in _ENV.values()} | {
+    "allow_unauthenticated_listen": bool,
+}
+
+
 def _typed(key: str, kind: Any, value: Any) -> Any:
     if kind == "size":
         return parse_size(key, value)
@@ -156,8 +200,10 @@ def _typed(key: str, kind: Any, value: Any) -> Any:
                 value = float(value)
             except ValueError:
                 raise ConfigError(key, f"expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
         return float(value)
     if kind is int and isinstance(value, str):
         try:
@@ -169,75 +215,122 @@ def _typed(key: str, kind: Any, value: Any) -> Any:
     return value
 
 
-def _pool(index: int, table: Any) -> PoolConfig:
+class _Problems:
+    """Collects every problem of one load; ``typed`` records a bad value instead of
+    raising, so parsing goes on and the next problem is found too. ``ordered`` lists them
+    in the order their keys were read (the file's order, then variables, then flags)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+        self._read: dict[str, int] = {}
+
+    def add(self, key: str, message: str) -> None:
+        self.items.append((key, message))
+
+    def ordered(self) -> list[tuple[str, str]]:
+        return sorted(self.items, key=lambda item: self._read.get(item[0], len(self._read)))
+
+    def typed(self, key: str, kind: Any, value: Any) -> tuple[bool, Any]:
+        self._read.setdefault(key, len(self._read))
+        try:
+            return True, _typed(key, kind, value)
+        except ConfigError as err:
+            self.items.extend(err.problems)
+            return False, None
+
+
+def _pool(index: int, table: Any, problems: _Problems) -> PoolConfig | None:
+    """The pool of ``[[pools]]`` table ``index``, or None when it has problems (each
+    recorded under ``pools[index].<key>``)."""
     where = f"pools[{index}]"
     if not isinstance(table, dict):
-        raise ConfigError(where, "expected a table")
-    for key in table:
+        problems.add(where, "expected a table")
+        return None
+    before = len(problems.items)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
         if key not in _POOL_KEYS:
-            raise ConfigError(f"{where}.{key}", f"unknown key (known: {', '.join(sorted(_POOL_KEYS))})")
+            problems.add(f"{where}.{key}", f"unknown key (known: {', '.join(sorted(_POOL_KEYS))})")
+            continue
+        ok, typed = problems.typed(f"{where}.{key}", _POOL_KEYS[key], value)
+        if ok:
+            values[key] = typed
     if "name" not in table:
-        raise ConfigError(f"{where}.name", "is required")
-    values = {key: _typed(f"{where}.{key}", _POOL_KEYS[key], v) for key, v in table.items()}
+        problems.add(f"{where}.name", "is required")
     if "devices" in values:
         devices = values["devices"]
         if not devices or not all(isinstance(d, str) and d for d in devices):
-            raise ConfigError(f"{where}.devices", "expected a non-empty list of device names")
-        values["devices"] = tuple(devices)
+            problems.add(f"{where}.devices", "expected a non-empty list of device names")
+            del values["devices"]
+        else:
+            values["devices"] = tuple(devices)
     if "placement" in values:
         try:
             values["placement"] = Placement(values["placement"])
         except ValueError:
-            raise ConfigError(
-                f"{where}.placement", f"must be one of {', '.join(p.value for p in Placement)}"
-            ) from None
+            problems.add(f"{where}.placement", f"must be one of {', '.join(p.value for p in Placement)}")
     policy = values.get("eviction_policy", "lru")
     if policy not in POLICIES:
-        raise ConfigError(f"{where}.eviction_policy", f"unknown policy {policy!r}; choose one of: {', '.join(sorted(POLICIES))}")
+        problems.add(
+            f"{where}.eviction_policy", f"unknown policy {policy!r}; choose one of: {', '.join(sorted(POLICIES))}"
+        )
+    # The numbers' rules are the core's (kvbroker.core.types.pool_problems): checked only
+    # for keys that parsed, so a bad value is reported once.
+    checked = {f.name: f.default for f in fields(PoolConfig)} | values
+    reported = {key.rsplit(".", 1)[-1] for key, _ in problems.items[before:]}
+    for key, message in pool_problems(checked):
+        if key not in reported:
+            problems.add(f"{where}.{key}", message)
+    if len(problems.items) > before:
+        return None
     return PoolConfig(**values)
 
 
-def _validate(config: BrokerConfig, key_of: Mapping[str, str]) -> BrokerConfig:
+def _check_address(problems: _Problems, key: str, value: str) -> None:
+    match = _ADDRESS.fullmatch(value)
+    if not match:
+        problems.add(key, f"expected host:port (port 0 to {MAX_PORT}), got {value!r}")
+    elif int(match.group(2)) > MAX_PORT:
+        problems.add(key, f"port {int(match.group(2))} is out of range: ports are 0 to {MAX_PORT} (in {value!r})")
+
+
+def _validate(config: BrokerConfig, key_of: Mapping[str, str], skip: set[str], problems: _Problems) -> None:
+    """Check every value and every rule between values, recording each problem. Fields in
+    ``skip`` had a bad value (already recorded): the rules that read them are skipped."""
+
     def key(name: str) -> str:
         return key_of.get(name, name)
 
-    if config.device_kind not in DEVICE_KINDS:
-        raise ConfigError(key("device_kind"), f"must be one of {', '.join(DEVICE_KINDS)}, got {config.device_kind!r}")
-    if config.host_capacity_bytes < 4096:
-        raise ConfigError(key("host_capacity_bytes"), f"must be at least 4096 bytes, got {config.host_capacity_bytes}")
-    if not 0 < config.cuda_memory_fraction <= 1:
-        raise ConfigError(key("cuda_memory_fraction"), "must be in (0, 1]")
-    if config.grace_seconds < 0:
-        raise ConfigError(key("grace_seconds"), "must be >= 0")
-    if not 0.1 <= config.lease_seconds <= 3600:
-        raise ConfigError(key("lease_seconds"), f"must be in [0.1, 3600] seconds, got {config.lease_seconds}")
-    if config.segment_idle_seconds < 0:
-        raise ConfigError(key("segment_idle_seconds"), "must be >= 0")
-    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(key("log_level"), "must be one of DEBUG, INFO, WARNING, ERROR")
-    if not config.listen and not config.unix_socket:
-        raise ConfigError(key("listen"), "the daemon needs a TCP address or a Unix socket")
+    def check(name: str, ok: bool, message: str) -> None:
+        if name not in skip and not ok:
+            problems.add(key(name), message)
+
+    c = config
+    check("device_kind", c.device_kind in DEVICE_KINDS,
+          f"must be one of {', '.join(DEVICE_KINDS)}, got {c.device_kind!r}")  # fmt: skip
+    check("host_capacity_bytes", c.host_capacity_bytes >= 4096, f"must be at least 4096 bytes, got {c.host_capacity_bytes}")
+    check("cuda_memory_fraction", 0 < c.cuda_memory_fraction <= 1, f"must be in (0, 1], got {c.cuda_memory_fraction}")
+    check("grace_seconds", 0 <= c.grace_seconds < math.inf, f"must be a finite number of seconds >= 0, got {c.grace_seconds}")
+    check("lease_seconds", 0.1 <= c.lease_seconds <= 3600, f"must be in [0.1, 3600] seconds, got {c.lease_seconds}")
+    check("segment_idle_seconds", 0 <= c.segment_idle_seconds < math.inf,
+          f"must be a finite number of seconds >= 0, got {c.segment_idle_seconds}")  # fmt: skip
+    check("log_level", c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+          "must be one of DEBUG, INFO, WARNING, ERROR")  # fmt: skip
+    if not {"listen", "unix_socket"} & skip:
+        check("listen", bool(c.listen or c.unix_socket), "the daemon needs a TCP address or a Unix socket")
     for name in ("listen", "metrics_listen"):
-        value = getattr(config, name)
-        if value and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}", value):
-            raise ConfigError(key(name), f"expected host:port, got {value!r}")
-    if bool(config.tls_cert) != bool(config.tls_key):
-        given, missing = ("tls_cert", "tls_key") if config.tls_cert else ("tls_key", "tls_cert")
-        raise ConfigError(key(given), f"TLS needs both a certificate and a key (set {missing} too)")
-    if config.tls_client_ca and not config.tls_cert:
-        raise ConfigError(key("tls_client_ca"), "mutual TLS needs the server's own certificate and key too")
+        if name not in skip and getattr(c, name):
+            _check_address(problems, key(name), getattr(c, name))
+    if not {"tls_cert", "tls_key"} & skip and bool(c.tls_cert) != bool(c.tls_key):
+        given, missing = ("tls_cert", "tls_key") if c.tls_cert else ("tls_key", "tls_cert")
+        problems.add(key(given), f"TLS needs both a certificate and a key (set {missing} too)")
+    if not {"tls_client_ca", "tls_cert"} & skip:
+        check("tls_client_ca", not c.tls_client_ca or bool(c.tls_cert),
+              "mutual TLS needs the server's own certificate and key too")  # fmt: skip
     for name in ("tls_cert", "tls_key", "tls_client_ca"):
-        path = getattr(config, name)
-        if path and not os.access(path, os.R_OK):
-            raise ConfigError(key(name), f"cannot read {path}")
-    if not config.pools:
-        raise ConfigError("pools", "at least one pool is required")
-    seen: set[str] = set()
-    for index, pool in enumerate(config.pools):
-        if pool.name in seen:
-            raise ConfigError(f"pools[{index}].name", f"pool {pool.name!r} is defined twice")
-        seen.add(pool.name)
-    return config
+        path = getattr(c, name)
+        check(name, not path or os.access(path, os.R_OK), f"cannot read {path}")
+    check("pools", bool(c.pools), "at least one pool is required")
 
 
 def load_config(
@@ -252,51 +345,99 @@ def load_config(
         path: a TOML file (``[server]``, ``[devices]``, ``[telemetry]``, ``[[pools]]``), or None.
         environ: the environment to read ``KVBROKER_*`` from.
         overrides: values from flags, keyed by ``BrokerConfig`` field name
-            (``None`` values are ignored).
+            (``None`` values are ignored); strings are parsed as the environment's are.
 
     Raises:
-        ConfigError: naming the key at fault.
+        ConfigError: listing every problem, each under the key at fault.
     """
-    config = BrokerConfig()
+    problems = _Problems()
+    values: dict[str, Any] = {}
     key_of: dict[str, str] = {}
+    skip: set[str] = set()  # fields whose latest value was bad
+
+    def put(field_name: str, key: str, kind: Any, value: Any) -> None:
+        ok, typed = problems.typed(key, kind, value)
+        key_of[field_name] = key
+        if ok:
+            values[field_name] = typed
+            skip.discard(field_name)
+        else:
+            skip.add(field_name)
+
     if path:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as err:
-            raise ConfigError("--config", f"cannot read {path}: {err.strerror}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(path, f"invalid TOML: {err}") from None
-        values: dict[str, Any] = {}
-        for section, table in data.items():
-            if section == "auth":
-                try:
-                    values["auth"] = parse_auth(table, environ if environ is not None else {})
-                except ValueError as err:
-                    key, _, message = str(err).partition(": ")
-                    raise ConfigError(key, message) from None
-                continue
-            if section == "pools":
-                if not isinstance(table, list):
-                    raise ConfigError("pools", "expected [[pools]] tables")
-                values["pools"] = tuple(_pool(i, t) for i, t in enumerate(table))
-                continue
-            known = _SECTIONS.get(section)
-            if known is None or not isinstance(table, dict):
-                raise ConfigError(section, f"unknown section (known: auth, pools, {', '.join(_SECTIONS)})")
-            for name, value in table.items():
-                if name not in known:
-                    raise ConfigError(f"{section}.{name}", f"unknown key (known: {', '.join(sorted(known))})")
-                field_name = _SECTION_FIELD.get((section, name), name)
-                values[field_name] = _typed(f"{section}.{name}", known[name], value)
-                key_of[field_name] = f"{section}.{name}"
-        config = replace(config, **values)
+        _read_file(path, environ, problems, values, put, skip)
     for env_key, (field_name, kind) in _ENV.items():
         if environ and env_key in environ:
-            config = replace(config, **{field_name: _typed(env_key, kind, environ[env_key])})
-            key_of[field_name] = env_key
+            put(field_name, env_key, kind, environ[env_key])
     for field_name, value in (overrides or {}).items():
-        if value is not None:
-            config = replace(config, **{field_name: value})
-            key_of[field_name] = "--" + field_name.replace("_", "-")
-    return _validate(config, key_of)
+        if value is None:
+            continue
+        flag = _FLAG.get(field_name, "--" + field_name.replace("_", "-"))
+        if field_name in _FIELD_KIND:
+            put(field_name, flag, _FIELD_KIND[field_name], value)
+        else:  # a value no flag or variable gives (a test's): taken as built
+            values[field_name], key_of[field_name] = value, flag
+    config = replace(BrokerConfig(), **{k: v for k, v in values.items() if k not in skip})
+    _validate(config, key_of, skip, problems)
+    if problems.items:
+        raise ConfigError.of(problems.ordered())
+    return config
+
+
+def _read_file(
+    path: str,
+    environ: Mapping[str, str] | None,
+    problems: _Problems,
+    values: dict[str, Any],
+    put: Callable[[str, str, Any, Any], None],
+    skip: set[str],
+) -> None:
+    """The TOML file's values into ``values`` (through ``put``), its problems recorded."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as err:
+        problems.add("--config", f"cannot read {path}: {err.strerror}")
+        return
+    except tomllib.TOMLDecodeError as err:
+        problems.add(path, f"invalid TOML: {err}")
+        return
+    for section, table in data.items():
+        if section == "auth":
+            try:
+                values["auth"] = parse_auth(table, environ if environ is not None else {})
+            except ValueError as err:
+                key, _, message = str(err).partition(": ")
+                problems.add(key, message)
+            continue
+        if section == "pools":
+            if not isinstance(table, list):
+                problems.add("pools", "expected [[pools]] tables")
+                skip.add("pools")
+                continue
+            pools = [_pool(i, t, problems) for i, t in enumerate(table)]
+            _check_pool_names(table, problems)
+            if all(p is not None for p in pools):
+                values["pools"] = tuple(pools)
+            else:
+                skip.add("pools")
+            continue
+        known = _SECTIONS.get(section)
+        if known is None or not isinstance(table, dict):
+            problems.add(section, f"unknown section (known: auth, pools, {', '.join(_SECTIONS)})")
+            continue
+        for name, value in table.items():
+            if name not in known:
+                problems.add(f"{section}.{name}", f"unknown key (known: {', '.join(sorted(known))})")
+                continue
+            put(_SECTION_FIELD.get((section, name), name), f"{section}.{name}", known[name], value)
+
+
+def _check_pool_names(tables: list[Any], problems: _Problems) -> None:
+    seen: set[str] = set()
+    for index, table in enumerate(tables):
+        name = table.get("name") if isinstance(table, dict) else None
+        if isinstance(name, str):
+            if name in seen:
+                problems.add(f"pools[{index}].name", f"pool {name!r} is defined twice")
+            seen.add(name)

@@ -28,9 +28,9 @@ import sys
 from dataclasses import dataclass
 
 from kvbroker import __version__
-from kvbroker.config import ALL_DEVICES, BrokerConfig, ConfigError, load_config, parse_size
+from kvbroker.config import ALL_DEVICES, BrokerConfig, ConfigError, load_config
 from kvbroker.core import Broker, DeviceSpec, PoolSpec
-from kvbroker.core.errors import InvalidArgument
+from kvbroker.core.errors import InvalidArgument, amount
 from kvbroker.core.types import KiB
 from kvbroker.engine import Engine, EngineSettings
 from kvbroker.memory.backend import SegmentMemory
@@ -80,9 +80,14 @@ def plan_devices(config: BrokerConfig) -> DevicePlan:
 
 
 def pool_specs(config: BrokerConfig, devices: DevicePlan) -> list[PoolSpec]:
-    """Resolve each configured pool's device names against the devices served."""
+    """Resolve each configured pool's device names against the devices served.
+
+    Raises ``ConfigError`` listing every pool's problem (an unknown or invisible device,
+    a ``min_bytes`` above what the pool's devices hold), each under ``pools[i].<key>``."""
     known = [d.device_id for d in devices.specs]
+    capacity = {d.device_id: d.capacity_bytes for d in devices.specs}
     specs = []
+    problems: list[tuple[str, str]] = []
     for index, pool in enumerate(config.pools):
         resolved: list[str] = []
         for name in pool.devices:
@@ -92,15 +97,20 @@ def pool_specs(config: BrokerConfig, devices: DevicePlan) -> list[PoolSpec]:
             if name.startswith("cuda:") and name[5:].isdigit():
                 uuid = devices.gpu_index_to_uuid.get(int(name[5:]))
                 if uuid is None:
-                    raise ConfigError(f"pools[{index}].devices", f"{name} is not a visible GPU")
+                    problems.append((f"pools[{index}].devices", f"{name} is not a visible GPU"))
+                    continue
                 name = uuid
             if name not in known:
-                raise ConfigError(
-                    f"pools[{index}].devices",
-                    f"unknown device {name!r} (served: {', '.join(known)})",
-                )
+                problems.append((f"pools[{index}].devices", f"unknown device {name!r} (served: {', '.join(known)})"))
+                continue
             if name not in resolved:
                 resolved.append(name)
+        held = sum(capacity[d] for d in resolved)
+        if resolved and pool.min_bytes > held:
+            problems.append((
+                f"pools[{index}].min_bytes",
+                f"{amount(pool.min_bytes)} is more than the pool's devices hold ({amount(held)})",
+            ))  # fmt: skip
         try:
             specs.append(
                 PoolSpec(
@@ -113,7 +123,13 @@ def pool_specs(config: BrokerConfig, devices: DevicePlan) -> list[PoolSpec]:
                 )
             )
         except InvalidArgument as err:
-            raise ConfigError(f"pools[{index}]", str(err)) from None
+            # The core names the field "pools.<name>.<key>"; the operator's file says pools[i].
+            key = err.field.removeprefix(f"pools.{pool.name}.") if err.field.startswith("pools.") else err.field
+            message = str(err).removeprefix(f"{err.field}: ")
+            if not (resolved == [] and key == "devices"):  # already reported above
+                problems.append((f"pools[{index}].{key}", message))
+    if problems:
+        raise ConfigError.of(problems)
     return specs
 
 
@@ -299,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             "listen": args.listen,
             "unix_socket": args.unix_socket,
             "device_kind": args.devices,
-            "host_capacity_bytes": None if args.host_capacity is None else parse_size("--host-capacity", args.host_capacity),
+            "host_capacity_bytes": args.host_capacity,
             "shm_dir": args.shm_dir,
             "grace_seconds": args.grace_seconds,
             "lease_seconds": args.lease_seconds,
@@ -313,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         config = load_config(path=args.config, environ=os.environ, overrides=overrides)
     except ConfigError as err:
-        print(f"kvbroker: configuration error: {err}", file=sys.stderr)
-        return 2
+        return _config_error(err)
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -323,9 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(serve(config))
     except ConfigError as err:
-        print(f"kvbroker: configuration error: {err}", file=sys.stderr)
-        return 2
+        return _config_error(err)
     except RuntimeError as err:
         print(f"kvbroker: cannot start: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _config_error(err: ConfigError) -> int:
+    """Print every problem of ``err``, one per line, each with its key; return 2."""
+    if len(err.problems) == 1:
+        print(f"kvbroker: configuration error: {err}", file=sys.stderr)
+    else:
+        lines = "".join(f"\n  {key}: {message}" for key, message in err.problems)
+        print(f"kvbroker: {len(err.problems)} configuration errors:{lines}", file=sys.stderr)
+    return 2

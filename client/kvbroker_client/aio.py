@@ -88,7 +88,6 @@ class AsyncBrokerClient:
                     response = await getattr(self._stub, call.method)(call.request, timeout=call.timeout, metadata=metadata)
                 except grpc.RpcError as err:
                     error = from_rpc_error(err, target=self._core.target)
-                    error.__cause__ = err
                     call = plan.throw(error)
                 else:
                     call = plan.send(response)

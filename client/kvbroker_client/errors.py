@@ -6,6 +6,11 @@ one table (``STATUS_TO_ERROR``). The server's message travels verbatim in ``str(
 names the field or the object at fault and, for ``RESOURCE_EXHAUSTED``, the requested,
 free and largest free bytes.
 
+A traceback ends at the typed error: the ``grpc.RpcError`` it came from is kept as
+``err.rpc_error`` (for its trailing metadata or debug string), not chained, so a worker
+that dies of ``CacheExhausted`` prints one exception, not gRPC's ``_InactiveRpcError``
+followed by "During handling of the above exception, another exception occurred".
+
 Some classes also derive from the matching built-in exception (``InvalidRequest`` is a
 ``ValueError``, ``CacheNotFound`` a ``LookupError``, ``AllocationTimeout`` a
 ``TimeoutError``, ``BrokerUnavailable`` a ``ConnectionError``), so generic handlers keep
@@ -41,6 +46,8 @@ class KvBrokerError(Exception):
         message: the broker's message (or the stub's, for misuse caught locally).
         code: the gRPC status code the broker answered with; for an error raised locally,
             the code the broker would have used.
+        rpc_error: the ``grpc.RpcError`` of the failed call (``from_rpc_error``), or
+            None for an error raised locally.
     """
 
     #: The status this class stands for; instances may carry another (see the fallback).
@@ -50,6 +57,7 @@ class KvBrokerError(Exception):
         super().__init__(message)
         self.message = message
         self.code = code if code is not None else self.default_code
+        self.rpc_error: grpc.RpcError | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, code={self.code.name})"
@@ -166,8 +174,9 @@ def from_rpc_error(err: grpc.RpcError, *, target: str | None = None) -> KvBroker
             which broker could not be reached.
 
     Returns:
-        The exception to raise (``raise from_rpc_error(err) from err``), carrying the
-        server's message and status code.
+        The exception to raise (``raise from_rpc_error(err)``, in the ``except`` block or
+        thrown into a generator), carrying the server's message and status code, with
+        ``err`` as its ``rpc_error`` and its context suppressed: the traceback ends at it.
     """
     code_fn = getattr(err, "code", None)
     details_fn = getattr(err, "details", None)
@@ -180,4 +189,9 @@ def from_rpc_error(err: grpc.RpcError, *, target: str | None = None) -> KvBroker
         cls = CacheEvicted
     if cls is BrokerUnavailable and target:
         message = f"cannot reach kvbroker at {target}: {message}"
-    return cls(message, code)
+    error = cls(message, code)
+    error.rpc_error = err
+    # Raised while ``err`` is being handled, the typed error gets it as __context__;
+    # the message already says everything gRPC's error would, so print only ours.
+    error.__suppress_context__ = True
+    return error

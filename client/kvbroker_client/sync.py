@@ -111,7 +111,6 @@ class BrokerClient:
                     response = getattr(self._stub, call.method)(call.request, timeout=call.timeout, metadata=metadata)
                 except grpc.RpcError as err:
                     error = from_rpc_error(err, target=self._core.target)
-                    error.__cause__ = err
                     call = plan.throw(error)
                 else:
                     call = plan.send(response)

@@ -30,10 +30,11 @@ from kvbroker.core.caches import Gone
 from kvbroker.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, echo
 from kvbroker.core.freespace import segment_of
 from kvbroker.core.ledger import Ledger
-from kvbroker.core.placement import candidate_arenas, check_metadata, exhausted, find_pool, request_size
+from kvbroker.core.placement import candidate_arenas, check_metadata, find_pool, request_size
 from kvbroker.core.pressure import make_room
 from kvbroker.core.reclaim import reclaim
 from kvbroker.core.records import CacheRecord
+from kvbroker.core.refusal import exhausted
 from kvbroker.core.stats import snapshot
 from kvbroker.core.types import (
     ANONYMOUS_HOLDER,

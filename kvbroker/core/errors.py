@@ -31,6 +31,27 @@ def echo(value: object) -> str:
     return text if len(text) <= ECHO_MAX_CHARS else f"{text[:ECHO_MAX_CHARS]}..."
 
 
+_BINARY_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+
+def amount(nbytes: int) -> str:
+    """``nbytes`` as an error message states it: in binary units for a person, then
+    exactly, for a script or a comparison with Stats: ``"1.46 GiB (1572864000 bytes)"``,
+    ``"512 bytes"``. Two decimals at most, trailing zeros dropped (``"1 GiB"``). Byte
+    counts past 64 bits (no wire field carries one) are quoted as ``echo`` does."""
+    if nbytes.bit_length() > 64:
+        return f"{echo(nbytes)} bytes"
+    if nbytes < 1024:
+        return f"{nbytes} bytes"
+    value, unit = float(nbytes), "bytes"
+    for unit in _BINARY_UNITS:
+        value /= 1024
+        if value < 1024:
+            break
+    text = f"{value:.2f}".rstrip("0").rstrip(".")
+    return f"{text} {unit} ({nbytes} bytes)"
+
+
 class BrokerError(Exception):
     """Base of every error a client can provoke. ``str(err)`` is the client-facing text."""
 
@@ -61,7 +82,12 @@ class FailedPrecondition(BrokerError):
 
 
 class ResourceExhausted(BrokerError):
-    """A request that cannot be placed now (maps to RESOURCE_EXHAUSTED).
+    """A request that cannot be placed now, or ever (maps to RESOURCE_EXHAUSTED).
+
+    The message is complete as given: it says which limit was hit (the pool's quota, a
+    device's capacity, free space too fragmented, pinned caches, the host's shm or a GPU
+    driver), with each figure in human units and in bytes (``amount``), named as Stats
+    names it, so an operator can compare it with ``kvbroker stats``.
 
     Attributes:
         requested_bytes: the block-rounded size that was asked for.
@@ -82,10 +108,7 @@ class ResourceExhausted(BrokerError):
         largest_free_extent_bytes: int,
         satisfiable: bool,
     ) -> None:
-        super().__init__(
-            f"{message} (requested {requested_bytes} bytes, {free_bytes} bytes free, "
-            f"largest free extent {largest_free_extent_bytes} bytes)"
-        )
+        super().__init__(message)
         self.requested_bytes = requested_bytes
         self.free_bytes = free_bytes
         self.largest_free_extent_bytes = largest_free_extent_bytes

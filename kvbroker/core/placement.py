@@ -1,19 +1,23 @@
-"""Checking an allocation request, choosing its candidate arenas, explaining a refusal.
+"""Checking an allocation request, choosing its candidate arenas.
 
 Everything that decides *whether* and *where* a request may go before any byte is
 placed. Every error names the wire field at fault and quotes at most ``ECHO_MAX_CHARS``
-of what the client sent.
+of what the client sent; a refusal for lack of memory is explained by
+``kvbroker.core.refusal``.
 """
 
 from __future__ import annotations
 
-from kvbroker.core.arena import headroom, round_up, segment_need
-from kvbroker.core.errors import InvalidArgument, NotFound, ResourceExhausted, echo
+from kvbroker.core.arena import round_up
+from kvbroker.core.errors import InvalidArgument, NotFound, echo
 from kvbroker.core.records import ArenaRecord, DeviceRecord, PoolRecord
-from kvbroker.core.types import AllocationRequest, Placement
+from kvbroker.core.refusal import never_fits
+from kvbroker.core.types import PRIORITY_RANGE, AllocationRequest, Placement
 
 MODEL_NAME_MAX_CHARS = 256
-PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+#: The largest size a request can carry (``AllocateRequest.size_bytes`` is a uint64):
+#: anything larger is malformed, not merely more than the memory there is.
+MAX_SIZE_BYTES = 2**64 - 1
 
 
 def find_pool(pools: dict[str, PoolRecord], name: str) -> PoolRecord:
@@ -36,6 +40,8 @@ def request_size(pool: PoolRecord, nbytes: object) -> tuple[int, int]:
             f"must be a positive integer, got {echo(nbytes)} (give size_bytes, or dtype and "
             f"shape; pool {spec.name!r} has no default cache size)",
         )
+    if nbytes > MAX_SIZE_BYTES:
+        raise InvalidArgument("size_bytes", f"must be at most {MAX_SIZE_BYTES} (the wire's uint64), got {echo(nbytes)}")
     return nbytes, round_up(nbytes, spec.block_bytes)
 
 
@@ -56,12 +62,14 @@ def candidate_arenas(
     pool: PoolRecord, devices: dict[str, DeviceRecord], hint: str | None, reserved: int
 ) -> list[ArenaRecord]:
     """The arenas to try, in order: the hinted device's, or the pool's by its placement
-    rule. Raises ``InvalidArgument`` (size above every device, or a device the pool does
-    not use), ``NotFound`` (unknown device) or ``ResourceExhausted`` (above the quota,
-    never satisfiable). Cost: O(1) for a one-device pool, else O(devices of the pool)."""
+    rule. Raises ``InvalidArgument`` (a device the pool does not use), ``NotFound``
+    (unknown device) or ``ResourceExhausted`` with ``satisfiable=False`` (above the pool's
+    quota or the capacity of every device it may use: it can never fit, so a caller
+    that waits for memory must not wait). Cost: O(1) for a one-device pool, else
+    O(devices of the pool)."""
     if not hint and pool.single_arena is not None and reserved <= pool.largest_device_bytes:
         if reserved > pool.max_bytes:
-            raise _over_quota(pool, reserved)
+            raise never_fits(pool, pool.single_arena, reserved)
         return pool.single_arena
     if hint:
         arena = pool.arenas.get(hint)
@@ -80,40 +88,6 @@ def candidate_arenas(
     else:
         candidates = sorted(pool.arenas.values(), key=lambda a: a.allocated_bytes / a.device.spec.capacity_bytes)
     largest = max(a.device.spec.capacity_bytes for a in candidates)
-    if reserved > largest:
-        raise InvalidArgument(
-            "size_bytes",
-            f"{echo(reserved)} bytes exceed the capacity of every device the request may use "
-            f"(largest: {largest} bytes)",
-        )
-    if reserved > pool.max_bytes:
-        raise _over_quota(pool, reserved)
+    if reserved > largest or reserved > pool.max_bytes:
+        raise never_fits(pool, candidates, reserved)
     return candidates
-
-
-def _over_quota(pool: PoolRecord, reserved: int) -> ResourceExhausted:
-    return ResourceExhausted(
-        f"pool {pool.spec.name!r} has a quota of {pool.max_bytes} bytes",
-        requested_bytes=reserved, free_bytes=0, largest_free_extent_bytes=0, satisfiable=False,
-    )
-
-
-def exhausted(pool: PoolRecord, arenas: list[ArenaRecord], reserved: int) -> ResourceExhausted:
-    """The refusal of a request that found no room: the free bytes and largest extent the
-    pool could use now (a frozen arena's free extents cannot be used until its compaction
-    ends), and whether it could ever fit (``satisfiable``: the pool's quota and the
-    largest candidate device allow it, so waiting may help)."""
-    # The pool's quota is shared by its devices: count the unreserved budget once, and
-    # only where a segment can be made of it (not below a device's minimum).
-    grow = {id(a): h if (h := headroom(a)) >= segment_need(a, 1) else 0 for a in arenas}
-    usable = [a for a in arenas if a.compaction is None]
-    quota_room = max(pool.max_bytes - pool.reserved_bytes, 0)
-    free = sum(a.free.free_bytes for a in usable) + min(sum(grow.values()), quota_room)
-    largest = max(grow.values(), default=0)
-    largest = max([largest] + [a.free.largest_extent() for a in usable])
-    ceiling = min(pool.max_bytes, max(a.device.spec.capacity_bytes for a in arenas))
-    return ResourceExhausted(
-        f"pool {pool.spec.name!r} cannot place the cache now",
-        requested_bytes=reserved, free_bytes=free, largest_free_extent_bytes=largest,
-        satisfiable=reserved <= ceiling,
-    )

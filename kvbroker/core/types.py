@@ -9,8 +9,10 @@ caller can never change broker state behind its back (vLLM's ``KVCacheBlocks``).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import NamedTuple
+import math
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, NamedTuple
 
 from kvbroker.core.errors import InvalidArgument, echo
 from kvbroker.wire import ID_MAX_CHARS, ID_PATTERN
@@ -18,6 +20,9 @@ from kvbroker.wire import ID_MAX_CHARS, ID_PATTERN
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+
+#: Priorities travel as the wire's int32 (``AllocateRequest.priority``).
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 
 #: The holder that stands for calls made without a session (an operator's grpcurl).
 ANONYMOUS_HOLDER = ""
@@ -150,31 +155,57 @@ class PoolSpec:
     scrub: bool = True
 
     def __post_init__(self) -> None:
-        validate_id("pool", self.name)
-        if not self.devices:
-            raise InvalidArgument(f"pools.{self.name}.devices", "a pool needs at least one device")
-        if len(set(self.devices)) != len(self.devices):
-            raise InvalidArgument(f"pools.{self.name}.devices", "lists a device twice")
-        checks = [
-            ("min_bytes", self.min_bytes >= 0, "must be >= 0"),
-            ("max_bytes", self.max_bytes is None or self.max_bytes > 0, "must be > 0"),
-            (
-                "max_bytes",
-                self.max_bytes is None or self.max_bytes >= self.min_bytes,
-                "must be >= min_bytes",
-            ),
-            ("gc_threshold", 0.0 < self.gc_threshold <= 1.0, "must be in (0, 1]"),
-            (
-                "block_bytes",
-                self.block_bytes > 0 and self.block_bytes & (self.block_bytes - 1) == 0,
-                "must be a positive power of two",
-            ),
-            ("segment_bytes", self.segment_bytes >= self.block_bytes, "must be >= block_bytes"),
-            ("default_cache_bytes", self.default_cache_bytes >= 0, "must be >= 0"),
-        ]
-        for name, ok, why in checks:
-            if not ok:
-                raise InvalidArgument(f"pools.{self.name}.{name}", f"{why}, got {getattr(self, name)}")
+        problems = pool_problems({f.name: getattr(self, f.name) for f in fields(self)})
+        if problems:
+            name, why = problems[0]
+            raise InvalidArgument("pool" if name == "name" else f"pools.{self.name}.{name}", why)
+
+
+def pool_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Every problem of a pool's values, as ``(field, why)`` pairs, in field order;
+    fields absent from ``values`` take ``PoolSpec``'s defaults.
+
+    The one statement of what a pool may be: ``PoolSpec`` raises the first problem, and
+    the daemon's configuration reports them all at once, each under its own key."""
+    v = {f.name: f.default for f in fields(PoolSpec) if f.default is not MISSING} | dict(values)
+    problems: list[tuple[str, str]] = []
+
+    def check(name: str, ok: bool, why: str) -> None:
+        if not ok:
+            problems.append((name, f"{why}, got {echo(v[name])}"))
+
+    try:
+        validate_id("pool", v.get("name"))
+    except InvalidArgument as err:
+        problems.append(("name", str(err).partition(": ")[2]))
+    devices = v.get("devices", ())
+    if not devices:
+        problems.append(("devices", "a pool needs at least one device"))
+    elif len(set(devices)) != len(devices):
+        problems.append(("devices", "lists a device twice"))
+    sizes = ("min_bytes", "max_bytes", "block_bytes", "segment_bytes", "default_cache_bytes")
+    bad = {n for n in sizes if v[n] is not None and (type(v[n]) is not int or v[n] < 0)}
+    for name in sorted(bad, key=sizes.index):
+        problems.append((name, f"must be a whole number of bytes >= 0, got {echo(v[name])}"))
+    if "max_bytes" not in bad and v["max_bytes"] is not None:
+        check("max_bytes", v["max_bytes"] > 0, "must be > 0")
+        if "min_bytes" not in bad:
+            check("max_bytes", v["max_bytes"] >= v["min_bytes"], f"must be >= min_bytes ({v['min_bytes']})")
+    priority = v["priority"]
+    check("priority", type(priority) is int and PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1],
+          f"must be a 32-bit integer ({PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]})")  # fmt: skip
+    threshold = v["gc_threshold"]
+    check("gc_threshold", isinstance(threshold, int | float) and not isinstance(threshold, bool)
+          and math.isfinite(threshold) and 0.0 < threshold <= 1.0, "must be in (0, 1]")  # fmt: skip
+    block = v["block_bytes"]
+    if "block_bytes" not in bad:
+        check("block_bytes", block > 0 and block & (block - 1) == 0, "must be a positive power of two")
+        if "segment_bytes" not in bad:
+            check("segment_bytes", v["segment_bytes"] >= block, f"must be >= block_bytes ({block})")
+    if not bad & {"default_cache_bytes", "max_bytes"} and v["max_bytes"] is not None:
+        check("default_cache_bytes", v["default_cache_bytes"] <= v["max_bytes"],
+              f"must be <= max_bytes ({v['max_bytes']}), or a cache of that size could never fit")  # fmt: skip
+    return problems
 
 
 class AllocationRequest(NamedTuple):

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from kvbroker.core.errors import ResourceExhausted
+from kvbroker.core.errors import ResourceExhausted, amount
 from kvbroker.core.types import MiB, Move, SegmentInfo
 from kvbroker.memory import shm
 from kvbroker.memory.backend import CopyError, HostHandle, check_move, check_range
@@ -236,8 +236,9 @@ class HostMemory:
         with self._lock:
             live = len(self._segments)
         return ResourceExhausted(
-            f"cannot create host segment {segment.segment_id} in {self._shm_dir}: "
-            f"{os.strerror(err.errno or 0)} ({live} segments live); {advice}",
+            f"cannot create host segment {segment.segment_id} of {amount(segment.nbytes)} in "
+            f"{self._shm_dir}: {os.strerror(err.errno or 0)} ({live} segments live), "
+            f"{amount(free)} free there; {advice}",
             requested_bytes=segment.nbytes,
             free_bytes=free,
             largest_free_extent_bytes=free,

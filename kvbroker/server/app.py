@@ -2,13 +2,18 @@
 
 ``create_server`` binds every address before returning, so a port clash fails the
 start instead of leaving a half-listening daemon, and returns the bound ports (tests
-bind port 0). Health reports SERVING for "" and ``kvbroker.v1.CacheBroker`` until
+bind port 0). Each address is first bound and released with a plain socket
+(``check_bindable``): an address in use, not local or not permitted fails the start
+with the system's reason in the daemon's own message, before gRPC's C core tries it and
+prints its own ``E1201 ... add_port.cc`` line to the daemon's stderr. Health reports SERVING for "" and ``kvbroker.v1.CacheBroker`` until
 ``enter_shutdown`` flips both to NOT_SERVING, which Kubernetes probes and load
 balancers read before the server stops taking calls.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,6 +74,52 @@ class TlsFiles:
         return grpc.ssl_server_credentials([(key, chain)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+def check_bindable(listen: str | None = None, *, unix_socket: str | None = None) -> None:
+    """Bind ``listen`` (host:port) or ``unix_socket`` the way gRPC will, with a plain
+    socket, and let it go at once. Raises ``RuntimeError`` naming the address and the
+    system's reason ("address already in use", "cannot assign requested address", "no
+    such file or directory") when it cannot be bound.
+
+    gRPC's C core reports a failed bind only as a log line on file descriptor 2 and a
+    generic exception; checking first keeps a failed start to one line that says why.
+    Like gRPC, a TCP address passes when any of the addresses it resolves to binds, with
+    ``SO_REUSEADDR`` (gRPC sets it, so a port in TIME_WAIT is not "in use"). An address
+    taken by another process between this check and gRPC's bind still gets gRPC's line."""
+    if unix_socket is not None:
+        if os.path.exists(unix_socket):
+            return  # a live socket was refused and a stale one removed (kvbroker/daemon.py)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(unix_socket)
+            except OSError as err:
+                raise RuntimeError(f"cannot listen on unix socket {unix_socket}: {_reason(err)}") from None
+        os.unlink(unix_socket)
+        return
+    assert listen is not None
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        addresses = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, ValueError) as err:
+        raise RuntimeError(f"cannot listen on {listen}: cannot resolve {host!r}: {_reason(err)}") from None
+    reasons = []
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as err:
+                reasons.append(_reason(err))
+            else:
+                return
+    raise RuntimeError(f"cannot listen on {listen}: {'; '.join(dict.fromkeys(reasons))}")
+
+
+def _reason(err: Exception) -> str:
+    text = getattr(err, "strerror", None) or str(err)
+    return text[:1].lower() + text[1:]
+
+
 async def create_server(
     engine: Engine,
     *,
@@ -107,6 +158,7 @@ async def create_server(
     )
     tcp_port = None
     if listen:
+        check_bindable(listen)
         try:
             if tls is not None:
                 tcp_port = server.add_secure_port(listen, tls.credentials())
@@ -117,6 +169,7 @@ async def create_server(
         if not tcp_port:
             raise RuntimeError(f"cannot listen on {listen}: the address is in use or invalid")
     if unix_socket:
+        check_bindable(unix_socket=unix_socket)
         try:
             bound = server.add_insecure_port(f"unix:{unix_socket}")
         except RuntimeError as err:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import traceback
 
 import grpc
 import pytest
@@ -124,7 +125,46 @@ def test_sync_client_raises_the_typed_error_for_a_real_status(fake_broker, code)
     assert type(info.value) is dict((c, k) for c, _, k in EXPECTED)[code]
     assert info.value.code is code
     assert f"scripted {code.name} for abort:{code.name}" in info.value.message
-    assert isinstance(info.value.__cause__, grpc.RpcError)
+    assert isinstance(info.value.rpc_error, grpc.RpcError)
+    assert info.value.rpc_error.code() is code
+
+
+def printed(err: BaseException) -> str:
+    """The traceback Python prints for ``err`` when nothing catches it."""
+    return "".join(traceback.format_exception(err))
+
+
+def assert_ends_at_the_typed_error(err: KvBrokerError) -> None:
+    """One exception in the printed traceback, the typed one; gRPC's error only as an
+    attribute (issue 10, defect 4: a chained ``_InactiveRpcError`` came first)."""
+    text = printed(err)
+    assert "_InactiveRpcError" not in text and "AioRpcError" not in text, text
+    assert "During handling of the above exception" not in text, text
+    assert "direct cause" not in text, text
+    assert text.rstrip().splitlines()[-1].startswith(f"kvbroker_client.errors.{type(err).__name__}: "), text
+    assert err.__cause__ is None and err.__suppress_context__
+    assert isinstance(err.rpc_error, grpc.RpcError)
+
+
+def test_a_failed_call_prints_only_the_typed_error(fake_broker) -> None:
+    with BrokerClient(fake_broker.target) as client:
+        with pytest.raises(CacheExhausted) as info:
+            client.attach("abort:RESOURCE_EXHAUSTED")
+    assert_ends_at_the_typed_error(info.value)
+
+
+def test_a_failed_async_call_prints_only_the_typed_error(fake_broker) -> None:
+    async def attach() -> None:
+        async with AsyncBrokerClient(fake_broker.target) as client:
+            await client.attach("abort:NOT_FOUND")
+
+    with pytest.raises(CacheNotFound) as info:
+        asyncio.run(attach())
+    assert_ends_at_the_typed_error(info.value)
+
+
+def test_errors_raised_locally_have_no_rpc_error() -> None:
+    assert InvalidRequest("dtype: nope").rpc_error is None
 
 
 def test_async_client_raises_the_typed_error_for_a_real_status(fake_broker) -> None:

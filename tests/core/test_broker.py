@@ -278,17 +278,19 @@ def test_bad_size_names_size_bytes(nbytes) -> None:
     assert err.value.field == "size_bytes"
 
 
-def test_size_above_every_device_names_size_bytes() -> None:
+def test_size_above_every_device_is_exhausted_for_good() -> None:
+    """Larger than any device the pool may use: RESOURCE_EXHAUSTED (what a worker's
+    out-of-memory handling catches), never satisfiable so nobody waits for it."""
     b = make(
         pools=[PoolSpec("p", ("d0", "d1"))],
         devices=[DeviceSpec("d0", 256 * K), DeviceSpec("d1", 128 * K)],
     )
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(ResourceExhausted) as err:
         b.allocate(req(256 * K + 1))
-    assert err.value.field == "size_bytes"
-    with pytest.raises(InvalidArgument) as err:  # the hinted device is the only one
+    assert err.value.satisfiable is False and "capacity of every device" in str(err.value)
+    with pytest.raises(ResourceExhausted) as err:  # the hinted device is the only one
         b.allocate(req(200 * K, device_hint="d1"))
-    assert err.value.field == "size_bytes"
+    assert err.value.satisfiable is False and "capacity of device 'd1'" in str(err.value)
 
 
 def test_unknown_pool_is_not_found_and_empty_pool_is_invalid() -> None:
@@ -373,7 +375,7 @@ def test_failed_validation_leaves_no_trace() -> None:
     b = make()
     for bad in (req(0), req(cache_id="a b"), req(priority=2**40), req(model_name="\x01"),
                 req(pool="nope"), req(device_hint="zz"), req(10**9)):
-        with pytest.raises((InvalidArgument, NotFound)):
+        with pytest.raises((InvalidArgument, NotFound, ResourceExhausted)):
             b.allocate(bad)
     assert b.caches() == [] and b.segments() == []
     assert b.stats().allocation_count == 0

@@ -53,7 +53,6 @@ from kvbroker.core import (
     EventKind,
     Extent,
     FailedPrecondition,
-    InvalidArgument,
     NotFound,
     Placement,
     PoolSpec,
@@ -495,7 +494,8 @@ class BrokerMachine(RuleBasedStateMachine):
         its holder release it before it is ready, 3 leaves it pending (``record`` only)
         for ``finish_pending``, others make it ready. Returns ("ok", cache id) for a
         cache handed to its holder, ("aborted" | "released" | "pending", cache id),
-        ("exhausted", the error) or ("invalid", None)."""
+        or ("exhausted", the error); a request larger than every candidate device is
+        exhausted for good (``satisfiable=False``), never invalid."""
         spec = SPEC[pool]
         args = (pool, size, holder, pinned, retain, priority, hint, named)
         if hint is not None and hint not in spec.devices:
@@ -512,13 +512,10 @@ class BrokerMachine(RuleBasedStateMachine):
         for _ in range(4):
             try:
                 result = self.b.allocate(request)
-            except InvalidArgument as err:
-                assert err.field == "size_bytes" and reserved > max(CAPACITY[d] for d in candidates)
-                self._settle()
-                return "invalid", None
             except ResourceExhausted as err:
                 event("allocate: resource exhausted")
-                assert reserved <= max(CAPACITY[d] for d in candidates)
+                if reserved > max(CAPACITY[d] for d in candidates):
+                    event("allocate: larger than every candidate device")
                 assert err.requested_bytes == reserved
                 assert err.largest_free_extent_bytes < reserved
                 assert 0 <= err.largest_free_extent_bytes <= err.free_bytes

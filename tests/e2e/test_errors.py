@@ -1,13 +1,18 @@
 """Bad requests get the right status code and a message naming the field; the daemon
-stays up and its accounting stays exact."""
+stays up and its accounting stays exact. Out-of-memory refusals say which limit was hit,
+with the figures Stats shows, and reach a worker as ``CacheExhausted``."""
 
 from __future__ import annotations
+
+import traceback
 
 import grpc
 import pytest
 
+from kvbroker.core.errors import amount
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
+from kvbroker_client import BrokerClient, CacheExhausted
 
 MiB = 1 << 20
 CODE = grpc.StatusCode
@@ -27,7 +32,7 @@ def status_of(call, request) -> tuple[grpc.StatusCode, str]:
 
 CASES = [
     ("zero size", pb.AllocateRequest(pool="default"), CODE.INVALID_ARGUMENT, "size_bytes"),
-    ("size above the device", pb.AllocateRequest(pool="default", size_bytes=1 << 40), CODE.INVALID_ARGUMENT, "size_bytes"),
+    ("size above the device", pb.AllocateRequest(pool="default", size_bytes=1 << 40), CODE.RESOURCE_EXHAUSTED, "capacity of device 'host'"),
     ("size above the pool quota", pb.AllocateRequest(pool="small", size_bytes=32 * MiB), CODE.RESOURCE_EXHAUSTED, "quota"),
     ("unknown pool", pb.AllocateRequest(pool="nope", size_bytes=MiB), CODE.NOT_FOUND, "nope"),
     ("missing pool", pb.AllocateRequest(size_bytes=MiB), CODE.INVALID_ARGUMENT, "pool"),
@@ -50,6 +55,36 @@ def test_allocate_errors(stub, name, request_, code, word):
     assert word in details
     after = stub.Stats(pb.StatsRequest())
     assert (after.total_allocated_bytes, after.active_caches) == (before.total_allocated_bytes, before.active_caches)
+
+
+def pool_stats(stub, name: str) -> pb.Usage:
+    return next(p.usage for p in stub.Stats(pb.StatsRequest()).pools if p.pool == name)
+
+
+def test_a_quota_refusal_names_max_bytes_and_the_free_bytes_stats_shows(stub):
+    kept = stub.Allocate(pb.AllocateRequest(pool="small", size_bytes=4 * MiB)).cache.cache_id
+    try:
+        code, details = status_of(stub.Allocate, pb.AllocateRequest(pool="small", size_bytes=24 * MiB))
+        usage = pool_stats(stub, "small")
+        assert code == CODE.RESOURCE_EXHAUSTED
+        assert "24 MiB (25165824 bytes)" in details and "max_bytes = 16 MiB (16777216 bytes)" in details
+        assert usage.free_bytes == 12 * MiB and f"the pool has {amount(usage.free_bytes)} free" in details
+    finally:
+        stub.Release(pb.ReleaseRequest(cache_id=kept))
+
+
+def test_a_request_above_the_device_is_cache_exhausted_at_once_and_prints_only_that(daemon):
+    """RESOURCE_EXHAUSTED, never satisfiable: a worker that would wait a minute for room is
+    told at once (had it waited, the call would end in AllocationTimeout instead), and
+    its traceback is the typed error alone."""
+    with BrokerClient(daemon.target) as client:
+        with pytest.raises(CacheExhausted) as info:
+            client.allocate("default", size_bytes=1 << 40, wait_timeout_ms=60_000)
+    err = info.value
+    assert "1 TiB (1099511627776 bytes)" in err.message and "256 MiB (268435456 bytes)" in err.message
+    printed = "".join(traceback.format_exception(err))
+    assert "_InactiveRpcError" not in printed and "During handling" not in printed, printed
+    assert err.rpc_error.code() == CODE.RESOURCE_EXHAUSTED
 
 
 def test_duplicate_id_is_already_exists_and_the_first_cache_is_untouched(stub):

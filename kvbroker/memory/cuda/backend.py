@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvbroker.core.errors import ResourceExhausted
+from kvbroker.core.errors import ResourceExhausted, amount
 from kvbroker.core.types import MiB, Move, SegmentInfo
 from kvbroker.memory.backend import CopyError, CudaHandle, check_move, check_range
 from kvbroker.memory.chunks import STAGING, Place, run_moves, staging_needed
@@ -116,7 +116,8 @@ class CudaMemory:
             except torch.cuda.OutOfMemoryError as err:
                 free, _total = torch.cuda.mem_get_info(self._index)
                 raise ResourceExhausted(
-                    f"GPU {self._uuid} has no room for segment {segment.segment_id}",
+                    f"GPU {self._uuid} has no room for segment {segment.segment_id} of {amount(nbytes)}: "
+                    f"the driver reports {amount(free)} free on the GPU",
                     requested_bytes=nbytes,
                     free_bytes=free,
                     largest_free_extent_bytes=free,
