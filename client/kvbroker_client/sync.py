@@ -99,7 +99,7 @@ class BrokerClient:
 
     def drive(self, plan: Plan[T]) -> T:
         """Run a core plan: perform each call it yields, send back the response or throw in
-        the typed error (``kvbroker_client.errors``, chained to the ``grpc.RpcError``).
+        the typed error (``kvbroker_client.errors``, with the ``grpc.RpcError`` as its ``rpc_error``).
         The interface ``Cache`` uses; workers call the methods below."""
         try:
             call = next(plan)
