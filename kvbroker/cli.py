@@ -212,7 +212,7 @@ def render_caches(caches: Sequence[pb.Cache], *, now: float | None = None) -> st
     rows = [
         [c.cache_id, c.pool, c.model_name or "-", c.device, format_bytes(c.nbytes), _state_name(c.state),
          str(c.pin_count), str(c.holder_count), "yes" if c.retain else "no", str(c.priority), _view_of(c),
-         str(c.epoch), format_duration(now - c.last_access_unix_seconds) if c.last_access_unix_seconds else "-"]
+         str(c.epoch), format_duration(now - c.last_access_at.ToNanoseconds() / 1e9) if c.HasField("last_access_at") else "-"]
         for c in caches
     ]  # fmt: skip
     states: dict[str, int] = {}

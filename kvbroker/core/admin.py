@@ -57,15 +57,15 @@ class Evicted(NamedTuple):
 class LimitsChange(NamedTuple):
     """What ``set_limits`` did (or, ``dry_run``, would do): the pool's spec before and
     after (``max_bytes`` effective, never None), the caches evicted to shrink it and
-    their bytes, the segments retired now (the backend frees them) and the ids of those
-    left draining until their mappers unmap them."""
+    their bytes, the segments retired now (the backend frees them) and those left
+    draining until their mappers unmap them."""
 
     before: PoolSpec
     after: PoolSpec
     evicted: tuple[str, ...]
     evicted_bytes: int
     retired: tuple[SegmentInfo, ...]
-    draining: tuple[int, ...]
+    draining: tuple[SegmentInfo, ...]
     dry_run: bool
 
 
@@ -111,18 +111,18 @@ class PoolAdmin:
         evicted = tuple(rec.cache_id for rec in victims_)
         nbytes = sum(rec.reserved_bytes for rec in victims_)
         if dry_run:
-            would_drain = tuple(s.info.segment_id for s in chosen if s.mappers)
+            would_drain = tuple(s.info for s in chosen if s.mappers)
             return LimitsChange(before, after, evicted, nbytes, tuple(s.info for s in chosen if not s.mappers),
                                 would_drain, True)  # fmt: skip
         reason = f"pool {pool!r} max_bytes lowered to {after.max_bytes} by an operator"
         retired: list[SegmentInfo] = []
-        draining: list[int] = []
+        draining: list[SegmentInfo] = []
         for seg in chosen:
             for rec in list(seg.caches.values()):
                 self._ledger.evict(rec, reason, cause=OPERATOR_CAUSE)
             if seg.mappers:
                 self._ledger.drain(seg, reason)
-                draining.append(seg.info.segment_id)
+                draining.append(seg.info)
             else:
                 retired.append(self._ledger.retire(seg))
         record.spec, record.max_bytes = after, after.max_bytes

@@ -128,7 +128,7 @@ def make_caches() -> list[pb.Cache]:
     return [
         pb.Cache(cache_id="kv-a", pool="default", model_name="llama", nbytes=3 * MiB, device="host",
                  state=pb.CACHE_STATE_RESIDENT, pin_count=1, pinned=True, holder_count=2, retain=True,
-                 dtype=pb.DTYPE_FLOAT16, shape=[2, 1024, 768], epoch=3, last_access_unix_seconds=1000.0),
+                 dtype=pb.DTYPE_FLOAT16, shape=[2, 1024, 768], epoch=3, last_access_at={"seconds": 1000}),
         pb.Cache(cache_id="kv-b", pool="vista", nbytes=1 * GiB, device="host", state=pb.CACHE_STATE_EVICTED,
                  priority=-5),
     ]  # fmt: skip
