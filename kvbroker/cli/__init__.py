@@ -25,7 +25,7 @@ on stderr; ``ping``: also when the broker does not serve), 2 a usage error.
 
 One module per concern: ``formatting`` (figures and tables), ``views`` (stats, sessions,
 defrag), ``caches`` (ls), ``acting`` (release, evict, pool set, ping), ``top`` (the live
-view), ``main`` (the parser and exit codes). Rendering functions are pure (message in,
+view), ``entry`` (the parser, ``main`` and exit codes). Rendering functions are pure (message in,
 text out), so they are tested without a broker.
 """
 
@@ -38,7 +38,7 @@ from kvbroker.cli.formatting import (
     render_table,
     to_json,
 )
-from kvbroker.cli.main import ENV_TARGET, main
+from kvbroker.cli.entry import ENV_TARGET, main
 from kvbroker.cli.views import render_defrag, render_methods, render_sessions, render_stats
 
 __all__ = [

@@ -11,7 +11,7 @@ import pytest
 from kvbroker import cli
 from kvbroker.cli import acting, caches, top
 from kvbroker.cli.formatting import bar, format_rate, format_time
-from kvbroker.cli.main import COMMANDS
+from kvbroker.cli.entry import COMMANDS, _parser
 from kvbroker.v1 import broker_pb2 as pb
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -171,6 +171,8 @@ def test_top_rates_come_from_two_snapshots():
         (["top", "--interval", "-2"], "must be a positive number of seconds"),
         (["pool", "set", "vista"], "give at least one of --max, --min, --priority"),
         (["pool", "set", "vista", "--max", "lots"], "expected a size"),
+        (["pool", "set", "vista", "--max", "99999999999TiB"], "more bytes than any device has"),
+        (["pool", "set", "vista", "--priority", "4294967296"], "must be a 32-bit integer"),
         (["pool"], "required"),
         (["evict"], "--pool"),
         (["release"], "CACHE"),
@@ -195,7 +197,7 @@ def test_every_command_has_a_help_page_with_a_description(command, capsys):
 def test_pool_set_parses_sizes(monkeypatch):
     seen = {}
     monkeypatch.setattr(acting, "cmd_pool_set", lambda client, args: seen.update(vars(args)) or "ok")
-    parser = cli.main.__globals__["_parser"]()
+    parser = _parser()
     args = parser.parse_args(["pool", "set", "vista", "--max", "4GiB", "--min", "512MiB", "--priority", "-3"])
     assert (args.max, args.min, args.priority) == (4 * GiB, 512 * MiB, -3)
     assert parser.parse_args(["pool", "set", "v", "--max", "1073741824"]).max == GiB

@@ -56,9 +56,22 @@ def size(text: str) -> int:
     from kvbroker.config import ConfigError, parse_size  # noqa: PLC0415 - only pool set needs it
 
     try:
-        return parse_size("size", int(text) if text.isdigit() else text)
+        value = parse_size("size", int(text) if text.isdigit() else text)
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err).removeprefix("size: ")) from None
+    if value >= 1 << 63:
+        raise argparse.ArgumentTypeError(f"{text} is more bytes than any device has")
+    return value
+
+
+def int32(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not -(2**31) <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"must be a 32-bit integer, got {value}")
+    return value
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -221,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     pool_set.add_argument("pool", metavar="POOL", help="the pool")
     pool_set.add_argument("--max", type=size, metavar="SIZE", help="the pool's quota (max_bytes)")
     pool_set.add_argument("--min", type=size, metavar="SIZE", help="bytes guaranteed to the pool (min_bytes)")
-    pool_set.add_argument("--priority", type=int, metavar="N", help="the pool's priority (its caches' default)")
+    pool_set.add_argument("--priority", type=int32, metavar="N", help="the pool's priority (its caches' default)")
     pool_set.add_argument("--dry-run", action="store_true", help="report what the change would evict; change nothing")
     pool_set.set_defaults(run=acting.cmd_pool_set)
     return parser
