@@ -147,11 +147,12 @@ def _new_spec(
     new_max = before.max_bytes if max_bytes is None else min(max_bytes, capacity)
     new_min = before.min_bytes if min_bytes is None else min_bytes
     if new_min > capacity:
-        raise InvalidArgument("min_bytes", f"{new_min} exceeds the capacity of the pool's devices ({capacity})")
+        raise InvalidArgument("min_bytes", f"{_sized(new_min)} exceeds the capacity of the pool's devices "
+                              f"({_sized(capacity)})")  # fmt: skip
     if new_min > new_max:
         field, other = ("min_bytes", "max_bytes") if min_bytes is not None else ("max_bytes", "min_bytes")
-        raise InvalidArgument(field, f"the pool's min_bytes ({new_min}) would exceed its max_bytes ({new_max}); "
-                              f"change {other} too")  # fmt: skip
+        raise InvalidArgument(field, f"the pool's min_bytes ({_sized(new_min)}) would exceed its max_bytes "
+                              f"({_sized(new_max)}); change {other} too")  # fmt: skip
     return dataclasses.replace(
         before, max_bytes=new_max, min_bytes=new_min, priority=before.priority if priority is None else priority
     )
