@@ -37,6 +37,7 @@ from kvbroker.memory.backend import SegmentMemory
 from kvbroker.memory.cuda import CUDA_MIN_SEGMENT_BYTES, CUDA_SEGMENT_ALIGNMENT_BYTES
 from kvbroker.security import PeerHandshakeServer, PeerRegistry
 from kvbroker.server.app import BrokerServer, TlsFiles, create_server
+from kvbroker.server.registration import SERVICE
 from kvbroker.wire import PEER_SOCKET_SUFFIX
 from kvbroker.telemetry.service import Telemetry
 
@@ -216,6 +217,7 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
         telemetry = Telemetry.create(
             instance_id=instance_id, pools=tuple(p.name for p in pools),
             metrics_listen=config.metrics_listen, environ=os.environ,
+            methods=tuple(m.name for m in SERVICE.methods),
         )  # fmt: skip
     except ValueError as err:  # an unsupported OTEL_* value; the message starts with it
         key, _, message = str(err).partition(": ")
@@ -244,6 +246,7 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
         await telemetry.start(engine)
         await server.start()
         engine.start()
+        telemetry.serving = True
         if config.unix_socket:
             os.chmod(config.unix_socket, 0o660)
         stop = asyncio.Event()
@@ -266,6 +269,7 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
             ready.set()
         await stop.wait()
         log.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", config.grace_seconds)
+        telemetry.serving = False
         await server.enter_shutdown()
         await engine.shutting_down()
         await server.stop(config.grace_seconds)

@@ -50,7 +50,7 @@ def local_commands() -> list[list[str]]:
     for line in shell_lines(section("Operate it").split("### ")[0]):
         words = shlex.split(line, comments=True)
         if words and words[0] in ("kvbroker", "grpcurl") and not any(
-            w.startswith(("10.", "--tls", "-cert", "-cacert", "-key", "-H")) for w in words
+            w.startswith(("10.", "--tls", "-cert", "-cacert", "-key", "-H")) or ".example" in w for w in words
         ):
             commands.append(words)
     return commands

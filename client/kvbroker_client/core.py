@@ -324,8 +324,7 @@ class ClientCore:
         except (CacheNotFound, CacheEvicted) as err:
             held.evicted = True
             raise CacheEvicted(f"cache {held.cache_id!r} is gone from the broker: {err.message}", err.code) from err
-        created = held.info.created_at_unix_seconds
-        if created and response.cache.created_at_unix_seconds != created:
+        if held.info.HasField("created_at") and response.cache.created_at != held.info.created_at:
             try:
                 yield self.call("Release", pb.ReleaseRequest(cache_id=held.cache_id))
             except KvBrokerError:
@@ -339,7 +338,7 @@ class ClientCore:
         still stands for a hold is updated, not duplicated."""
         with self._lock:
             held = self._held.get(info.cache_id)
-            if held is not None and held.info.created_at_unix_seconds != info.created_at_unix_seconds:
+            if held is not None and held.info.created_at != info.created_at:
                 held.evicted = True  # the id names another cache now: ours was freed
             if held is None or held.released or held.evicted:
                 held = Held(info, handle, generation)

@@ -5,6 +5,7 @@ import-linter in CI): no torch, grpc, protobuf, prometheus or opentelemetry. Not
 thread-safe: one owner calls it. Everything the daemon needs is exported here.
 """
 
+from kvbroker.core.admin import Evicted, LimitsChange
 from kvbroker.core.broker import Broker
 from kvbroker.core.errors import (
     AlreadyExists,
@@ -45,7 +46,7 @@ from kvbroker.core.types import (
 
 __all__ = [
     "ANONYMOUS_HOLDER", "SESSIONLESS_PREFIX", "is_sessionless", "EVICTION_CAUSES", "POLICIES", "AllocateResult", "AllocationRequest",
-    "AlreadyExists", "ArenaCounters", "Broker", "BrokerError", "BrokerStats", "CacheInfo",
+    "AlreadyExists", "ArenaCounters", "Evicted", "LimitsChange", "Broker", "BrokerError", "BrokerStats", "CacheInfo",
     "CacheState", "CompactionPlan", "DeadlineExceeded", "DeviceSpec", "DeviceStats", "HolderSummary", "Event",
     "EventKind", "Extent", "FailedPrecondition", "InvalidArgument", "Move", "NotFound",
     "Placement", "PoolSpec", "PoolStats", "ResourceExhausted", "SegmentInfo", "Usage",

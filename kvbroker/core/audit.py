@@ -9,8 +9,9 @@ The invariants:
 - Bytes: per segment, used + free + withheld == size (free only for placeable segments,
   withheld only for creating ones, a draining segment is empty); per device,
   allocated + free + withheld + draining + unreserved == capacity; per pool, segment
-  bytes within ``max_bytes``; per arena, its allocated, pinned and live-cache counters
-  are the sums over its caches.
+  bytes within ``max_bytes`` (draining ones aside: they are leaving); per arena, its
+  allocated, pinned and live-cache counters, and its pending, pinned and idle retained
+  cache counts, are the sums over its caches.
 - Extents: the extents of a segment's caches never overlap and lie inside it, below its
   high-water mark; a creating segment holds one PENDING cache, at offset 0.
 - States: a PENDING cache is not moving; a MOVING cache is resident, unpinned and moved
@@ -37,12 +38,13 @@ def audit(broker: Broker) -> None:
     caches = ledger.caches
     in_segments: set[str] = set()
     for pool in ledger.pools.values():
-        assert pool.reserved_bytes <= pool.max_bytes, (pool.spec.name, pool.reserved_bytes)
+        # Draining segments are on their way out (a lowered max_bytes drains mapped ones).
+        assert pool.kept_bytes <= pool.max_bytes, (pool.spec.name, pool.kept_bytes)
         reserved = 0
         for device_id, arena in pool.arenas.items():
             arena.free.check()
             assert arena in arena.device.arenas
-            allocated = pinned = live = withheld = 0
+            allocated = pinned = live = withheld = pending = pinned_caches = idle = 0
             frozen = arena.compaction
             deferred = {id(rec) for rec in frozen.deferred} if frozen else set()
             for table in (arena.segments, arena.creating, arena.draining):
@@ -55,6 +57,9 @@ def audit(broker: Broker) -> None:
                         assert rec.state is not CacheState.EVICTED, cache_id
                         if caches.get(cache_id) is rec:
                             in_segments.add(cache_id)
+                            pending += rec.state is CacheState.PENDING
+                            pinned_caches += rec.pin_count > 0
+                            idle += rec.retain and rec.state is CacheState.RESIDENT and not rec.holders
                         else:
                             assert id(rec) in deferred, f"{cache_id} is in a segment but forgotten"
                         seg_id, offset = split_address(rec.address)
@@ -85,6 +90,8 @@ def audit(broker: Broker) -> None:
             assert arena.withheld_bytes == withheld, (pool.spec.name, device_id)
             assert sorted(arena.free.segment_ids()) == sorted(arena.segments)
             assert (allocated, pinned, live) == (arena.allocated_bytes, arena.pinned_bytes, arena.live_caches)
+            counted = (arena.pending_caches, arena.pinned_caches, arena.idle_retained)
+            assert (pending, pinned_caches, idle) == counted, (pool.spec.name, device_id, counted)
             if frozen:
                 assert frozen.plan.token in ledger.compactions and arena in frozen.arenas
         assert reserved == pool.reserved_bytes, pool.spec.name

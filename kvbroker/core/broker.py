@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from kvbroker.core import compacting
+from kvbroker.core.admin import PoolAdmin
 from kvbroker.core.caches import Gone
 from kvbroker.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, echo
 from kvbroker.core.freespace import segment_of
@@ -70,6 +71,7 @@ class Broker:
         clock: Callable[[], float] = time.time, id_prefix: str = "c",
     ) -> None:
         self._ledger = Ledger(devices, pools, clock, id_prefix)
+        self.admin = PoolAdmin(self._ledger)  # operators' evictions and limits (``admin``)
         self._pools = self._ledger.pools  # read by benchmarks/fragmentation.py --check
 
     # -- queries ----------------------------------------------------------------------

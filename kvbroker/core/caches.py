@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from kvbroker.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from kvbroker.core.records import CacheRecord
 from kvbroker.core.sortedkeys import SortedKeys
-from kvbroker.core.types import validate_id
+from kvbroker.core.types import CacheState, validate_id
 
 #: How many gone ids are remembered (bounded: a tombstone is about 200 bytes).
 TOMBSTONES = 65536
@@ -33,6 +33,12 @@ TOMBSTONES = 65536
 #: that matches little cannot make one page walk every cache (the page then comes back
 #: short, with a token to continue from).
 PAGE_SCAN_SLACK = 4096
+
+
+def retained_resident(rec: CacheRecord) -> bool:
+    """Whether ``rec`` counts as idle retained whenever nobody holds it: retained and
+    RESIDENT (a PENDING one becomes idle when ready, an EVICTED one never is)."""
+    return rec.retain and rec.state is CacheState.RESIDENT
 
 
 class Gone(enum.Enum):
@@ -104,6 +110,8 @@ class CacheTable:
         """Remove a record (with every hold left on it), leaving a tombstone unless
         ``gone`` is None (an allocation undone: nobody ever saw the id)."""
         cache_id = rec.cache_id
+        if not rec.holders and retained_resident(rec):
+            rec.arena.idle_retained -= 1
         for holder in rec.holders:
             self._unindex(holder, cache_id)
         rec.holders.clear()
@@ -116,8 +124,13 @@ class CacheTable:
 
     # -- holders ----------------------------------------------------------------------
 
+    # The arena's ``idle_retained`` counter follows a retained resident cache's holders
+    # going from none to some and back (``retained_resident``).
+
     def hold(self, rec: CacheRecord, holder: str) -> None:
         if holder not in rec.holders:
+            if not rec.holders and retained_resident(rec):
+                rec.arena.idle_retained -= 1
             rec.holders.add(holder)
             held = self._held.get(holder)
             if held is None:
@@ -129,10 +142,14 @@ class CacheTable:
         if holder in rec.holders:
             rec.holders.remove(holder)
             self._unindex(holder, rec.cache_id)
+            if not rec.holders and retained_resident(rec):
+                rec.arena.idle_retained += 1
 
     def unhold_all(self, rec: CacheRecord) -> None:
         for holder in rec.holders:
             self._unindex(holder, rec.cache_id)
+        if rec.holders and retained_resident(rec):
+            rec.arena.idle_retained += 1
         rec.holders.clear()
 
     def held_by(self, holder: str) -> list[str]:

@@ -88,6 +88,7 @@ class Ledger:
         if seg.creating:
             seg.arena.withheld_bytes -= rec.reserved_bytes
         reused = occupy(seg, rec)
+        rec.arena.pending_caches += 1
         rec.pool.allocation_count += 1
         rec.arena.device.allocation_count += 1
         self.allocation_count += 1
@@ -99,6 +100,9 @@ class Ledger:
     def ready(self, rec: CacheRecord) -> None:
         """PENDING -> RESIDENT: the cache becomes its policy's to order (and evict)."""
         rec.state = CacheState.RESIDENT
+        rec.arena.pending_caches -= 1
+        if rec.retain and not rec.holders:
+            rec.arena.idle_retained += 1
         policy = rec.pool.policy
         policy.on_insert(rec.cache_id, rec.reserved_bytes)
         if rec.pin_count:
@@ -119,6 +123,7 @@ class Ledger:
         rec.pin_count += 1
         if rec.pin_count == 1:
             rec.arena.pinned_bytes += rec.reserved_bytes
+            rec.arena.pinned_caches += 1
             if rec.state is CacheState.RESIDENT:
                 rec.pool.policy.on_pin(rec.cache_id)
             self.changed()
@@ -133,6 +138,7 @@ class Ledger:
         rec.pin_count -= count
         if rec.pin_count == 0 and rec.state is not CacheState.EVICTED:
             rec.arena.pinned_bytes -= rec.reserved_bytes
+            rec.arena.pinned_caches -= 1
             if rec.state is CacheState.RESIDENT:
                 rec.pool.policy.on_unpin(rec.cache_id)
             self.changed()
@@ -156,6 +162,8 @@ class Ledger:
         arena.evicted_bytes[cause] = arena.evicted_bytes.get(cause, 0) + rec.reserved_bytes
         rec.pool.policy.on_remove(rec.cache_id, evicted=True)
         self._give_back(rec)
+        if rec.retain and not rec.holders:
+            arena.idle_retained -= 1
         rec.state = CacheState.EVICTED
         rec.epoch += 1
         rec.pool.eviction_count += 1
@@ -173,6 +181,8 @@ class Ledger:
         if rec.state is not CacheState.EVICTED:
             if rec.state is CacheState.RESIDENT:
                 rec.pool.policy.on_remove(rec.cache_id)
+            else:
+                rec.arena.pending_caches -= 1
             compaction = rec.arena.compaction
             if compaction is not None and not self.segments[segment_of(rec.address)].creating:
                 compaction.deferred.append(rec)

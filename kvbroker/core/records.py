@@ -139,6 +139,12 @@ class ArenaRecord:
     allocated_bytes: int = 0
     pinned_bytes: int = 0
     live_caches: int = 0
+    #: Of the live caches: those PENDING, those pinned (any state), and the retained
+    #: RESIDENT ones nobody holds (what the pressure ladder takes first). Counters, so
+    #: that stats never walk the caches; ``audit`` checks them against the records.
+    pending_caches: int = 0
+    pinned_caches: int = 0
+    idle_retained: int = 0
     compaction: Compaction | None = None
     #: Cumulative counts for telemetry (``ArenaCounters``): evictions and their bytes by
     #: cause (``EVICTION_CAUSES``), caches freed by a release, compactions that moved

@@ -43,6 +43,9 @@ def _usage(arenas: list[ArenaRecord], capacity: int, unreserved: int) -> Usage:
         utilization_ratio=allocated / capacity if capacity else 0.0,
         active_caches=sum(a.live_caches for a in arenas),
         segments=sum(len(a.segments) + len(a.creating) for a in arenas),
+        pending_caches=sum(a.pending_caches for a in arenas),
+        pinned_caches=sum(a.pinned_caches for a in arenas),
+        idle_retained_caches=sum(a.idle_retained for a in arenas),
     )
 
 

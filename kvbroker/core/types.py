@@ -397,7 +397,10 @@ class Usage:
 
     ``capacity_bytes`` is the scope's budget (device capacity; for a pool, the bytes of
     its segments). ``fragmentation_ratio`` is ``1 - largest_free_extent / free`` over
-    free space inside segments (0 when nothing is free).
+    free space inside segments (0 when nothing is free). ``active_caches`` counts
+    RESIDENT and PENDING caches; of them, ``pending_caches`` are being backed,
+    ``pinned_caches`` are pinned and ``idle_retained_caches`` are retained, resident and
+    held by nobody (the first to go under pressure).
     """
 
     capacity_bytes: int
@@ -410,6 +413,9 @@ class Usage:
     utilization_ratio: float
     active_caches: int
     segments: int
+    pending_caches: int = 0
+    pinned_caches: int = 0
+    idle_retained_caches: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,8 +441,8 @@ class PoolStats:
 #: Why a cache was evicted, as a bounded label value: ``idle`` (an idle retained cache
 #: reclaimed under pressure), ``policy`` (the pool's policy made room), ``reclaim`` (its
 #: segment was taken for another pool), ``threshold`` (background reclamation above
-#: ``gc_threshold``).
-EVICTION_CAUSES = ("idle", "policy", "reclaim", "threshold")
+#: ``gc_threshold``), ``operator`` (an operator's Evict, or a lowered ``max_bytes``).
+EVICTION_CAUSES = ("idle", "policy", "reclaim", "threshold", "operator")
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,10 @@ class Allocator:
         self._priority = {p.name: p.priority for p in broker.pools}
         self._scrub = {p.name: p.scrub for p in broker.pools}
 
+    def pool_priority_changed(self, pool: str, priority: int) -> None:
+        """An operator changed the pool's priority: waiters queued from now on rank by it."""
+        self._priority[pool] = priority
+
     def pending(self, cache_id: str) -> asyncio.Event | None:
         """The event set when a PENDING cache is handed out or aborted (None: not pending)."""
         return self._pending.get(cache_id) if self._pending else None
@@ -142,7 +146,7 @@ class Allocator:
         self, request: AllocationRequest, wait_timeout_s: float, error: ResourceExhausted
     ) -> AllocateResult:
         priority = self._priority.get(request.pool, 0) if request.priority is None else request.priority
-        waiter = self.queue.join(priority)
+        waiter = self.queue.join(priority, request.pool)
         started = time.monotonic()
         scope = asyncio.timeout(wait_timeout_s)
         try:

@@ -42,8 +42,10 @@ from kvbroker.core import (
     BrokerStats,
     CacheInfo,
     CacheState,
+    Evicted,
     Event,
     EventKind,
+    LimitsChange,
     SegmentInfo,
 )
 from kvbroker.engine.allocation import Allocator
@@ -51,7 +53,7 @@ from kvbroker.engine.background import Background, EngineSettings
 from kvbroker.engine.compaction import Compactions
 from kvbroker.engine.devicework import DeviceWork
 from kvbroker.engine.handles import CacheHandle, HandleCache
-from kvbroker.engine.ports import NullObserver, Observer, RpcStats
+from kvbroker.engine.ports import LiveFigures, NullObserver, Observer, RpcStats
 from kvbroker.engine.sessions import SessionEvent, SessionOpened, SessionRegistry
 from kvbroker.security import PeerIdentity
 from kvbroker.memory.backend import SegmentMemory
@@ -96,6 +98,7 @@ class EngineStatus(NamedTuple):
     uptime_seconds: float
     lease_seconds: float
     rpc: RpcStats | None
+    live: LiveFigures
 
 
 class CachePage(NamedTuple):
@@ -320,8 +323,13 @@ class Engine:
     def status(self) -> EngineStatus:
         return EngineStatus(
             __version__, self.instance_id, time.time() - self._started_at,
-            self._sessions.lease_seconds, self._observer.rpc_stats(),
+            self._sessions.lease_seconds, self._observer.rpc_stats(), self.live(),
         )  # fmt: skip
+
+    def live(self) -> LiveFigures:
+        """Live sessions and, per pool, allocations waiting now and waited so far."""
+        queue = self._allocator.queue
+        return LiveFigures(len(self._sessions), dict(queue.depth), dict(queue.joined))
 
     def list_caches(
         self, *, pool: str | None, model_name: str | None, state: CacheState | None, after: str, limit: int
@@ -361,6 +369,43 @@ class Engine:
             fragmentation_before=plan.fragmentation_before, fragmentation_after=plan.fragmentation_after,
             segments_freed=freed, duration_seconds=time.perf_counter() - started, dry_run=dry_run,
         )  # fmt: skip
+
+    # -- operators --------------------------------------------------------------------
+
+    async def evict(self, pool: str, *, idle_only: bool, device: str | None = None, by: str = "") -> Evicted:
+        """Evict the pool's unpinned caches now, or only its idle retained ones
+        (``PoolAdmin.evict``), once no compaction of the pool is in flight. ``by`` (the
+        principal) goes to the INFO line that records it."""
+        await self._compactions.quiet(pool)
+        result = self.broker.admin.evict(pool, idle_only=idle_only, device=device)
+        self._settle((), bool(result.cache_ids))
+        log.info("pool %s: %s evicted %d %scaches (%d bytes)%s; %d kept", pool, by or "an operator",
+                 len(result.cache_ids), "idle retained " if idle_only else "", result.nbytes,
+                 f" on {device}" if device else "", result.kept)  # fmt: skip
+        return result
+
+    async def set_pool_limits(
+        self, pool: str, *, max_bytes: int | None, min_bytes: int | None, priority: int | None,
+        dry_run: bool = False, by: str = "",
+    ) -> LimitsChange:  # fmt: skip
+        """Change a pool's limits at run time (``PoolAdmin.set_limits``: a lower maximum
+        gives segments back or is refused), once no compaction of the pool is in flight.
+        Logged at INFO (never persisted: a restart reads the configuration again)."""
+        await self._compactions.quiet(pool)
+        change = self.broker.admin.set_limits(
+            pool, max_bytes=max_bytes, min_bytes=min_bytes, priority=priority, dry_run=dry_run
+        )
+        if dry_run:
+            return change
+        self._allocator.pool_priority_changed(pool, change.after.priority)
+        self._settle(change.retired, True)  # freed segments; a higher max may serve waiters
+        b, a = change.before, change.after
+        log.info("pool %s limits set by %s: max_bytes %d -> %d, min_bytes %d -> %d, priority %d -> %d; "
+                 "%d caches evicted (%d bytes), %d segments retired, %d draining (not persisted)",
+                 pool, by or "an operator", b.max_bytes, a.max_bytes, b.min_bytes, a.min_bytes, b.priority,
+                 a.priority, len(change.evicted), change.evicted_bytes, len(change.retired),
+                 len(change.draining))  # fmt: skip
+        return change
 
     async def tick(self) -> None:
         """One round of background work (see ``kvbroker.engine.background``)."""

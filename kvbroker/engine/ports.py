@@ -23,6 +23,16 @@ class MethodStats(NamedTuple):
     p50_seconds: float
     p95_seconds: float
     p99_seconds: float
+    calls_total: int = 0  # every call since the start, not only the window's
+
+
+class LiveFigures(NamedTuple):
+    """What the engine knows beyond the core's stats (Stats RPC, gauges): live sessions,
+    and per pool the allocations queued for room now and every one queued so far."""
+
+    sessions: int
+    waiting: Mapping[str, int]
+    waits: Mapping[str, int]
 
 
 class RpcStats(NamedTuple):

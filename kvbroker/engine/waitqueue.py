@@ -26,12 +26,13 @@ import itertools
 class Waiter:
     """One queued allocation. ``rank`` orders the queue: (-priority, arrival)."""
 
-    __slots__ = ("rank", "wake", "active")
+    __slots__ = ("rank", "wake", "active", "pool")
 
-    def __init__(self, rank: tuple[int, int]) -> None:
+    def __init__(self, rank: tuple[int, int], pool: str = "") -> None:
         self.rank = rank
         self.wake = asyncio.Event()
         self.active = True
+        self.pool = pool
 
     def __lt__(self, other: Waiter) -> bool:
         return self.rank < other.rank
@@ -42,15 +43,21 @@ class WaitQueue:
         self._heap: list[Waiter] = []
         self._arrivals = itertools.count()
         self._active = 0
+        #: pool -> waiters queued now, and every waiter that joined so far (operators'
+        #: figures: Stats and the waiting-queue metric).
+        self.depth: dict[str, int] = {}
+        self.joined: dict[str, int] = {}
 
     def __len__(self) -> int:
         """Waiters still queued."""
         return self._active
 
-    def join(self, priority: int) -> Waiter:
-        waiter = Waiter((-priority, next(self._arrivals)))
+    def join(self, priority: int, pool: str = "") -> Waiter:
+        waiter = Waiter((-priority, next(self._arrivals)), pool)
         heapq.heappush(self._heap, waiter)
         self._active += 1
+        self.depth[pool] = self.depth.get(pool, 0) + 1
+        self.joined[pool] = self.joined.get(pool, 0) + 1
         return waiter
 
     def leave(self, waiter: Waiter) -> None:
@@ -58,6 +65,7 @@ class WaitQueue:
         if waiter.active:
             waiter.active = False
             self._active -= 1
+            self.depth[waiter.pool] -= 1
         self.wake_head()
 
     def is_head(self, waiter: Waiter) -> bool:

@@ -10,14 +10,18 @@ from __future__ import annotations
 import math
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from kvbroker.core import (
     AllocationRequest,
     BrokerStats,
     CacheInfo,
     CacheState,
+    Evicted,
     Event,
     EventKind,
+    LimitsChange,
+    PoolSpec,
     Usage,
 )
 from kvbroker.core.errors import (
@@ -65,6 +69,8 @@ _STATE_TO_PB = {
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
 
 MAX_WAIT_TIMEOUT_MS = 3_600_000
+#: Evict and SetPoolLimits list at most this many evicted ids (their counts are exact).
+MAX_LISTED_IDS = 1000
 MAX_SHAPE_DIMS = 16
 #: Error messages echo what the client sent (pool names, model names, ids): at most this
 #: many characters of message per field, so a 4 MB name never comes back whole.
@@ -173,10 +179,25 @@ def required_id(field: str, value: str) -> str:
     return value
 
 
+def pool_limits(msg: pb.SetPoolLimitsRequest) -> dict[str, int | None]:
+    """The limits a ``SetPoolLimitsRequest`` sets (None: unset, kept)."""
+    return {
+        name: getattr(msg, name) if msg.HasField(name) else None for name in ("max_bytes", "min_bytes", "priority")
+    }
+
+
 # -- responses ------------------------------------------------------------------------
 
 
-def cache_message(info: CacheInfo) -> pb.Cache:
+def _timestamp(unix_seconds: float) -> Timestamp | None:
+    if not unix_seconds:
+        return None
+    seconds = int(unix_seconds)
+    return Timestamp(seconds=seconds, nanos=int((unix_seconds - seconds) * 1e9))
+
+
+def cache_message(info: CacheInfo, *, holders: bool = False) -> pb.Cache:
+    """A cache on the wire; ``holders``: with the ids of its holders (operators only)."""
     return pb.Cache(
         cache_id=info.cache_id,
         pool=info.pool,
@@ -193,9 +214,10 @@ def cache_message(info: CacheInfo) -> pb.Cache:
         priority=info.priority,
         dtype=_dtype_value(info.dtype),
         shape=info.shape,
-        created_at_unix_seconds=info.created_at,
-        last_access_unix_seconds=info.last_access_at,
+        created_at=_timestamp(info.created_at),
+        last_access_at=_timestamp(info.last_access_at),
         access_count=info.access_count,
+        holders=sorted(info.holders) if holders else (),
     )
 
 
@@ -253,6 +275,9 @@ def usage_message(usage: Usage, allocation_count: int, eviction_count: int) -> p
         segments=usage.segments,
         allocation_count=allocation_count,
         eviction_count=eviction_count,
+        pending_caches=usage.pending_caches,
+        pinned_caches=usage.pinned_caches,
+        idle_retained_caches=usage.idle_retained_caches,
     )
 
 
@@ -260,6 +285,7 @@ def stats_message(stats: BrokerStats, status: EngineStatus) -> pb.StatsResponse:
     """The Stats reply: the core's figures, this daemon run, and (with telemetry) the
     recent RPC latencies and errors."""
     total = stats.total
+    live = status.live
     response = pb.StatsResponse(
         total_capacity_bytes=total.capacity_bytes,
         total_allocated_bytes=total.allocated_bytes,
@@ -286,12 +312,15 @@ def stats_message(stats: BrokerStats, status: EngineStatus) -> pb.StatsResponse:
                 max_bytes=p.max_bytes,
                 priority=p.priority,
                 eviction_policy=p.eviction_policy,
+                waiting_allocations=live.waiting.get(p.pool, 0),
+                allocation_waits=live.waits.get(p.pool, 0),
             )
             for p in stats.pools
         ],
         version=status.version,
         instance_id=status.instance_id,
         uptime_seconds=status.uptime_seconds,
+        sessions=live.sessions,
     )
     return _add_rpc_stats(response, status.rpc)
 
@@ -304,7 +333,7 @@ def _add_rpc_stats(response: pb.StatsResponse, rpc: RpcStats | None) -> pb.Stats
             response.methods.add(
                 method=m.method, calls=m.calls, errors=sum(n for _, n in m.errors_by_code),
                 p50_seconds=m.p50_seconds, p95_seconds=m.p95_seconds, p99_seconds=m.p99_seconds,
-                errors_by_code=dict(m.errors_by_code),
+                errors_by_code=dict(m.errors_by_code), calls_total=m.calls_total,
             )  # fmt: skip
     return response
 
@@ -319,6 +348,28 @@ def defragment_message(result: DefragmentResult) -> pb.DefragmentResponse:
         duration_seconds=result.duration_seconds,
         dry_run=result.dry_run,
     )
+
+
+def evict_message(result: Evicted) -> pb.EvictResponse:
+    return pb.EvictResponse(
+        caches_evicted=len(result.cache_ids), bytes_evicted=result.nbytes,
+        cache_ids=result.cache_ids[:MAX_LISTED_IDS], caches_kept=result.kept,
+    )  # fmt: skip
+
+
+def _limits(spec: PoolSpec) -> pb.PoolLimits:
+    return pb.PoolLimits(max_bytes=spec.max_bytes or 0, min_bytes=spec.min_bytes, priority=spec.priority)
+
+
+def limits_message(pool: str, change: LimitsChange) -> pb.SetPoolLimitsResponse:
+    return pb.SetPoolLimitsResponse(
+        pool=pool, before=_limits(change.before), after=_limits(change.after),
+        caches_evicted=len(change.evicted), bytes_evicted=change.evicted_bytes,
+        cache_ids=change.evicted[:MAX_LISTED_IDS],
+        segments_retired=len(change.retired), bytes_retired=sum(s.nbytes for s in change.retired),
+        segments_draining=len(change.draining), bytes_draining=sum(s.nbytes for s in change.draining),
+        dry_run=change.dry_run,
+    )  # fmt: skip
 
 
 _EVENT_KIND_TO_PB = {

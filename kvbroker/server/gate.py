@@ -13,8 +13,10 @@ A call is identified in three steps, each refusing with a clear status:
    principal's own sessionless holder (``"~name"``; ``""`` when authorization is off), so
    two principals never share holds.
 3. **Rights**: allocate on the request's pool; attach (also pin, unpin) and release on
-   the cache's pool; force-releasing a cache that another holder holds, listing other
-   pools' caches and defragmenting need operator rights. Else PERMISSION_DENIED.
+   the cache's pool; force-releasing a cache that another holder holds (and evicting a
+   pool's caches: ``force_release``), listing other pools' caches and the holders of
+   caches (``list``), defragmenting and changing a pool's limits (``set_limits``) need
+   operator rights. Else PERMISSION_DENIED.
 
 Cost per call: a metadata scan, at most one SHA-256, a few dictionary look-ups, and for
 cache calls one core look-up of the cache's pool.

@@ -125,8 +125,10 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
             limit=request.page_size or DEFAULT_PAGE_SIZE,
         )
         caches = page.caches if visible is None else [c for c in page.caches if c.pool in visible]
+        # Holder ids name other tenants' sessions: only for those who may list them all.
+        holders = visible is None
         return pb.ListCachesResponse(
-            caches=[convert.cache_message(c) for c in caches], next_page_token=page.next_page_token
+            caches=[convert.cache_message(c, holders=holders) for c in caches], next_page_token=page.next_page_token
         )
 
     async def Watch(self, request: pb.WatchRequest, context) -> AsyncIterator[pb.WatchEvent]:
@@ -175,6 +177,26 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
             device=request.device or None, pool=request.pool or None, dry_run=request.dry_run
         )
         return convert.defragment_message(result)
+
+    @_translate_errors
+    async def Evict(self, request: pb.EvictRequest, context) -> pb.EvictResponse:
+        caller = await self._gate.caller(context)
+        self._gate.operator(caller, Action.FORCE_RELEASE)  # it frees caches other holders hold
+        result = await self._engine.evict(
+            convert.required_id("pool", request.pool), idle_only=request.idle_only,
+            device=request.device or None, by=caller.principal.name,
+        )  # fmt: skip
+        return convert.evict_message(result)
+
+    @_translate_errors
+    async def SetPoolLimits(self, request: pb.SetPoolLimitsRequest, context) -> pb.SetPoolLimitsResponse:
+        caller = await self._gate.caller(context)
+        self._gate.operator(caller, Action.SET_LIMITS)
+        pool = convert.required_id("pool", request.pool)
+        change = await self._engine.set_pool_limits(
+            pool, **convert.pool_limits(request), dry_run=request.dry_run, by=caller.principal.name
+        )
+        return convert.limits_message(pool, change)
 
     @_translate_errors
     async def Sessions(self, request: pb.SessionsRequest, context) -> pb.SessionsResponse:

@@ -9,8 +9,14 @@ and the tests read this tuple; nothing else defines a metric. ``otel_name`` and
 monotonic sums -> ``_total``, dots -> underscores) gives back ``name`` exactly.
 
 Labels are bounded: devices, pools and their policies come from the configuration,
-methods and codes from the proto, outcomes and reasons from fixed sets. A cache id or a
-session id is never a label.
+methods and codes from the proto, outcomes, reasons and states from fixed sets. A cache
+id or a session id is never a label.
+
+Counters whose label values are known in advance (every configured pool and arena with
+every outcome and eviction reason, every session-end reason, every CacheBroker method
+with every error code the broker answers) are exported at 0 from the start, so a
+dashboard's panels show 0 rather than no data; other series appear with their first
+event.
 
 Invariant: ``CATALOGUE`` names are unique and obey ``naming_problems`` (checked by the
 tests). Cost: none at run time beyond building the tuple at import.
@@ -96,7 +102,7 @@ def _usage_gauges(scope: str) -> list[MetricSpec]:
         ("fragmentation_ratio", "ratio",
          f"1 - largest free extent / free bytes, over the free space inside {of}'s segments."),
         ("utilization_ratio", "ratio", f"Allocated / capacity of {of}."),
-        ("caches", "", f"Resident caches on {of}."),
+        ("caches", "", f"Live caches on {of}: resident, and pending (being backed)."),
         ("segments", "", f"Segments (device allocations) of {of}."),
     ]  # fmt: skip
     return [MetricSpec(f"{PREFIX}{scope}_{q}", Kind.GAUGE, unit, text, (scope,)) for q, unit, text in rows]
@@ -107,10 +113,22 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     *_usage_gauges("pool"),
     MetricSpec("kvbroker_pool_min_bytes", Kind.GAUGE, "bytes",
                "Bytes guaranteed to the pool: other pools may not take it below this.", ("pool",)),
+    MetricSpec("kvbroker_pool_priority", Kind.GAUGE, "",
+               "The pool's priority: its caches' default, and the order in which pools give "
+               "memory up (lowest first).", ("pool",)),
+    MetricSpec("kvbroker_pool_caches_by_state", Kind.GAUGE, "",
+               "Live caches of the pool by state: resident and pending (being backed) add up "
+               "to every live cache; pinned (never evicted or moved) and idle_retained (retained, "
+               "resident, held by nobody: the first to go under pressure) are subsets of them.",
+               ("pool", "state")),
+    MetricSpec("kvbroker_pool_waiting_allocations", Kind.GAUGE, "",
+               "Allocate requests queued for room in the pool now (wait_timeout_ms).", ("pool",)),
+    MetricSpec("kvbroker_sessions_active", Kind.GAUGE, "",
+               "Live client sessions (with a Watch stream, or lease-only)."),
     # Cumulative counts kept by the core, per arena (pool x device), read at scrape time.
     MetricSpec("kvbroker_evictions_total", Kind.COUNTER, "",
                "Caches evicted, by the pool's eviction policy and the reason "
-               "(idle, policy, reclaim, threshold).", ("pool", "device", "policy", "reason")),
+               "(idle, policy, reclaim, threshold, operator).", ("pool", "device", "policy", "reason")),
     MetricSpec("kvbroker_evicted_bytes_total", Kind.COUNTER, "bytes",
                "Bytes of the caches evicted (block-rounded), by policy and reason.",
                ("pool", "device", "policy", "reason")),
@@ -150,7 +168,7 @@ BY_NAME: dict[str, MetricSpec] = {spec.name: spec for spec in CATALOGUE}
 
 #: Labels a metric may carry (bounded sets; see the module docstring).
 ALLOWED_LABELS = frozenset(
-    {"device", "pool", "policy", "reason", "outcome", "service", "method", "code", "version", "python"}
+    {"device", "pool", "policy", "reason", "outcome", "service", "method", "code", "version", "python", "state"}
 )
 
 

@@ -24,16 +24,20 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from kvbroker import __version__
-from kvbroker.core import BrokerStats
+from kvbroker.core import EVICTION_CAUSES, BrokerStats
 from kvbroker.core.types import Usage
+from kvbroker.engine import LiveFigures
 from kvbroker.telemetry.catalogue import CATALOGUE, PREFIX, Kind, MetricSpec
 from kvbroker.telemetry.histogram import HistogramValue
-from kvbroker.telemetry.recorder import Recorder, RecorderSnapshot
+from kvbroker.telemetry.recorder import BROKER_SERVICE, ERROR_CODES, Recorder, RecorderSnapshot
+
+_NO_LIVE = LiveFigures(0, {}, {})
 
 
 class Snapshot(NamedTuple):
     stats: BrokerStats
     recorded: RecorderSnapshot
+    live: LiveFigures = _NO_LIVE
 
 
 class Point(NamedTuple):
@@ -50,17 +54,22 @@ class SnapshotSource:
         stats: the engine's ``stats`` method.
         recorder: the hooks' series.
         loop: the loop that owns both (construct the source on its thread).
+        live: the engine's ``live`` method (sessions, waiting allocations).
     """
 
-    def __init__(self, stats: Callable[[], BrokerStats], recorder: Recorder, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, stats: Callable[[], BrokerStats], recorder: Recorder, loop: asyncio.AbstractEventLoop,
+        live: Callable[[], LiveFigures] = lambda: _NO_LIVE,
+    ) -> None:  # fmt: skip
         self._stats = stats
         self._recorder = recorder
         self._loop = loop
+        self._live = live
         self._loop_thread = threading.get_ident()
 
     def take(self) -> Snapshot:
         """On the loop's thread only."""
-        return Snapshot(self._stats(), self._recorder.snapshot())
+        return Snapshot(self._stats(), self._recorder.snapshot(), self._live())
 
     def take_threadsafe(self, timeout: float = 10.0) -> Snapshot:
         """From any thread: runs ``take`` on the loop and waits for it (directly when
@@ -90,8 +99,9 @@ def _arena_points(snapshot: Snapshot, name: str) -> list[Point]:
     points = []
     for a in snapshot.stats.arenas:
         if name in ("kvbroker_evictions_total", "kvbroker_evicted_bytes_total"):
-            pairs = a.evictions if name == "kvbroker_evictions_total" else a.evicted_bytes
-            points += [Point((a.pool, a.device_id, policies.get(a.pool, ""), cause), n) for cause, n in pairs]
+            counted = dict(a.evictions if name == "kvbroker_evictions_total" else a.evicted_bytes)
+            causes = (*EVICTION_CAUSES, *sorted(set(counted) - set(EVICTION_CAUSES)))  # every cause from 0
+            points += [Point((a.pool, a.device_id, policies.get(a.pool, ""), c), counted.get(c, 0)) for c in causes]
         else:
             value = {
                 "kvbroker_releases_total": a.releases,
@@ -100,6 +110,14 @@ def _arena_points(snapshot: Snapshot, name: str) -> list[Point]:
             }[name]
             points.append(Point((a.pool, a.device_id), value))
     return points
+
+
+def _state_points(pool: str, usage: Usage) -> list[Point]:
+    resident = usage.active_caches - usage.pending_caches
+    return [
+        Point((pool, "resident"), resident), Point((pool, "pending"), usage.pending_caches),
+        Point((pool, "pinned"), usage.pinned_caches), Point((pool, "idle_retained"), usage.idle_retained_caches),
+    ]  # fmt: skip
 
 
 _ARENA_COUNTERS = frozenset(
@@ -122,12 +140,22 @@ def read(snapshot: Snapshot) -> list[tuple[MetricSpec, list[Point]]]:
             points = _usage_points(spec, devices)
         elif name == "kvbroker_pool_min_bytes":
             points = [Point((p.pool,), p.min_bytes) for p in snapshot.stats.pools]
+        elif name == "kvbroker_pool_priority":
+            points = [Point((p.pool,), p.priority) for p in snapshot.stats.pools]
+        elif name == "kvbroker_pool_caches_by_state":
+            points = [point for p in snapshot.stats.pools for point in _state_points(p.pool, p.usage)]
+        elif name == "kvbroker_pool_waiting_allocations":
+            points = [Point((p.pool,), snapshot.live.waiting.get(p.pool, 0)) for p in snapshot.stats.pools]
+        elif name == "kvbroker_sessions_active":
+            points = [Point((), snapshot.live.sessions)]
         elif name.startswith("kvbroker_pool_"):
             points = _usage_points(spec, pools)
         elif name in _ARENA_COUNTERS:
             points = _arena_points(snapshot, name)
         elif name == "kvbroker_rpc_errors_total":
-            points = [Point(key, h.count) for key, h in rpc.items() if key[2] != "OK"]
+            errors = {(BROKER_SERVICE, m, code): 0 for m in recorded.methods for code in ERROR_CODES}
+            errors.update((key, h.count) for key, h in rpc.items() if key[2] != "OK")
+            points = [Point(key, n) for key, n in errors.items()]
         elif name == "kvbroker_build_info":
             points = [Point(_BUILD, 1)]
         elif spec.kind is Kind.HISTOGRAM:

@@ -44,6 +44,15 @@ _OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
 
 #: The ``reason`` label of a session end that is not a ``wire.SessionEndReason``.
 OTHER_REASON = "other"
+#: Every ``outcome`` label value, exported at 0 per pool from the start.
+OUTCOMES = ("ok", *(outcome for _, outcome in _OUTCOMES), "error")
+#: The status codes the broker's servicer answers errors with (the error table of
+#: kvbroker/server/convert.py, plus INTERNAL for bugs): ``kvbroker_rpc_errors_total`` is
+#: exported at 0 for each of them and each CacheBroker method from the start.
+ERROR_CODES = (
+    "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "DEADLINE_EXCEEDED", "UNAUTHENTICATED", "PERMISSION_DENIED", "INTERNAL",
+)  # fmt: skip
 
 _ALLOCATIONS = BY_NAME["kvbroker_allocations_total"].name
 _WAIT = BY_NAME["kvbroker_allocation_wait_seconds"]
@@ -69,6 +78,7 @@ class RecorderSnapshot(NamedTuple):
     counters: dict[str, dict[tuple[str, ...], int]]
     histograms: dict[str, dict[tuple[str, ...], HistogramValue]]
     started_at: float  # unix seconds: the start of every cumulative series
+    methods: tuple[str, ...] = ()  # the CacheBroker methods, for the zero error series
 
 
 class _RpcSeries:
@@ -85,15 +95,20 @@ class Recorder:
     Args:
         pools: the configured pool names (other names become ``""``).
         clock: monotonic seconds, for the recent window of ``rpc_stats``.
+        methods: the CacheBroker service's method names (their error series start at 0).
     """
 
-    def __init__(self, pools: tuple[str, ...], *, clock=time.monotonic) -> None:
+    def __init__(self, pools: tuple[str, ...], *, clock=time.monotonic, methods: tuple[str, ...] = ()) -> None:
         self._pools = frozenset(pools)
         self._clock = clock
+        self.methods = tuple(methods)
         self.started_at = time.time()
         self._started_mono = clock()
+        # Known label values start at 0: a dashboard shows 0 rather than no data.
         self._counters: dict[str, dict[tuple[str, ...], int]] = {
-            _ALLOCATIONS: {}, _OPENED: {(): 0}, _RECLAIMED: {}
+            _ALLOCATIONS: {(pool, outcome): 0 for pool in pools for outcome in OUTCOMES},
+            _OPENED: {(): 0},
+            _RECLAIMED: {(reason,): 0 for reason in (*(r.value for r in SessionEndReason), OTHER_REASON)},
         }
         self._histograms: dict[str, dict[tuple[str, ...], Histogram]] = {_WAIT.name: {}, _COMPACTION.name: {}}
         self._rpcs: dict[tuple[str, str, str], _RpcSeries] = {}
@@ -138,28 +153,28 @@ class Recorder:
         }
         histograms[_RPC.name] = {key: s.histogram.value() for key, s in self._rpcs.items()}
         counters = {name: dict(series) for name, series in self._counters.items()}
-        return RecorderSnapshot(counters, histograms, self.started_at)
+        return RecorderSnapshot(counters, histograms, self.started_at, self.methods)
 
     def rpc_stats(self) -> RpcStats:
-        """Calls, errors by code and P50/P95/P99 per method over the recent window."""
+        """Calls, errors by code and P50/P95/P99 per method over the recent window, and
+        every method's calls since the start (methods called before the window too)."""
         now = self._clock()
-        by_method: dict[tuple[str, str], tuple[list[int], dict[str, int]]] = {}
+        by_method: dict[tuple[str, str], tuple[list[int], dict[str, int], list[int]]] = {}
         for (service, method, code), series in self._rpcs.items():
             counts = series.window.counts(now)
             calls = sum(counts)
-            if not calls:
-                continue
-            merged, errors = by_method.setdefault((service, method), ([0] * len(counts), {}))
+            merged, errors, total = by_method.setdefault((service, method), ([0] * len(counts), {}, [0]))
+            total[0] += series.histogram.count
             for i, n in enumerate(counts):
                 merged[i] += n
-            if code != "OK":
+            if code != "OK" and calls:
                 errors[code] = errors.get(code, 0) + calls
         methods = []
-        for (service, method), (counts, errors) in sorted(by_method.items()):
+        for (service, method), (counts, errors, total) in sorted(by_method.items()):
             name = method if service == BROKER_SERVICE else f"{service}/{method}"
             p50, p95, p99 = (HistogramValue(_RPC.buckets, tuple(counts), 0.0, 0, 0.0, 0.0).quantile(q)
                              for q in (0.5, 0.95, 0.99))  # fmt: skip
-            methods.append(MethodStats(name, sum(counts), tuple(sorted(errors.items())), p50, p95, p99))
+            methods.append(MethodStats(name, sum(counts), tuple(sorted(errors.items())), p50, p95, p99, total[0]))
         window = min(self._window_shape.span(now), now - self._started_mono)
         return RpcStats(window, tuple(methods))
 

@@ -57,18 +57,21 @@ class Telemetry:
         self.metrics_server: MetricsServer | None = None
         self._source: SnapshotSource | None = None
         self._pusher: MetricsPusher | None = None
+        #: Read by ``/healthz``; the daemon sets it once gRPC serves and clears it at shutdown.
+        self.serving = False
 
     @classmethod
     def create(cls, *, instance_id: str, pools: tuple[str, ...], metrics_listen: str,
-               environ: Mapping[str, str]) -> Telemetry:  # fmt: skip
+               environ: Mapping[str, str], methods: tuple[str, ...] = ()) -> Telemetry:  # fmt: skip
         """Read the ``OTEL_*`` variables and build what is enabled (nothing is bound or
-        started yet). Raises ``ValueError`` naming an unsupported ``OTEL_*`` value."""
+        started yet). ``methods``: the CacheBroker methods (their error counters start at
+        0). Raises ``ValueError`` naming an unsupported ``OTEL_*`` value."""
         otel = OtelSettings.from_env(environ)
         if not metrics_listen and not otel.enabled:
             return cls(metrics_listen="", otel=otel, recorder=None)
         resource = make_resource(instance_id, environ) if otel.enabled else None
         provider = make_tracer_provider(otel, resource) if otel.traces else None
-        return cls(metrics_listen=metrics_listen, otel=otel, recorder=Recorder(pools),
+        return cls(metrics_listen=metrics_listen, otel=otel, recorder=Recorder(pools, methods=methods),
                    resource=resource, tracer_provider=provider)  # fmt: skip
 
     async def start(self, engine: Engine) -> None:
@@ -79,10 +82,13 @@ class Telemetry:
         """
         if self.recorder is None:
             return
-        self._source = SnapshotSource(engine.stats, self.recorder, asyncio.get_running_loop())
+        self._source = SnapshotSource(engine.stats, self.recorder, asyncio.get_running_loop(), engine.live)
         if self.metrics_listen:
-            self.metrics_server = MetricsServer(registry_for(self._source), self.metrics_listen)
-            log.info("metrics on http://%s:%d/metrics", self.metrics_server.host, self.metrics_server.port)
+            self.metrics_server = MetricsServer(
+                registry_for(self._source), self.metrics_listen, serving=lambda: self.serving
+            )
+            log.info("metrics on http://%s:%d/metrics (health: /healthz)",
+                     self.metrics_server.host, self.metrics_server.port)  # fmt: skip
         if self.otel.metrics:
             self._pusher = MetricsPusher(
                 make_metric_exporter(self.otel), self._resource, self._source.take_threadsafe,

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -65,7 +68,7 @@ EVENT_KIND_SHUTTING_DOWN: EventKind
 EVENT_KIND_SESSION_ENDED: EventKind
 
 class Cache(_message.Message):
-    __slots__ = ("cache_id", "pool", "model_name", "nbytes", "reserved_bytes", "device", "state", "epoch", "pinned", "pin_count", "holder_count", "retain", "priority", "dtype", "shape", "created_at_unix_seconds", "last_access_unix_seconds", "access_count")
+    __slots__ = ("cache_id", "pool", "model_name", "nbytes", "reserved_bytes", "device", "state", "epoch", "pinned", "pin_count", "holder_count", "retain", "priority", "dtype", "shape", "access_count", "created_at", "last_access_at", "holders")
     CACHE_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -81,9 +84,10 @@ class Cache(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
-    CREATED_AT_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    LAST_ACCESS_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ACCESS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACCESS_AT_FIELD_NUMBER: _ClassVar[int]
+    HOLDERS_FIELD_NUMBER: _ClassVar[int]
     cache_id: str
     pool: str
     model_name: str
@@ -99,10 +103,11 @@ class Cache(_message.Message):
     priority: int
     dtype: Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
-    created_at_unix_seconds: float
-    last_access_unix_seconds: float
     access_count: int
-    def __init__(self, cache_id: _Optional[str] = ..., pool: _Optional[str] = ..., model_name: _Optional[str] = ..., nbytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., device: _Optional[str] = ..., state: _Optional[_Union[CacheState, str]] = ..., epoch: _Optional[int] = ..., pinned: _Optional[bool] = ..., pin_count: _Optional[int] = ..., holder_count: _Optional[int] = ..., retain: _Optional[bool] = ..., priority: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., created_at_unix_seconds: _Optional[float] = ..., last_access_unix_seconds: _Optional[float] = ..., access_count: _Optional[int] = ...) -> None: ...
+    created_at: _timestamp_pb2.Timestamp
+    last_access_at: _timestamp_pb2.Timestamp
+    holders: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cache_id: _Optional[str] = ..., pool: _Optional[str] = ..., model_name: _Optional[str] = ..., nbytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., device: _Optional[str] = ..., state: _Optional[_Union[CacheState, str]] = ..., epoch: _Optional[int] = ..., pinned: _Optional[bool] = ..., pin_count: _Optional[int] = ..., holder_count: _Optional[int] = ..., retain: _Optional[bool] = ..., priority: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., access_count: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_access_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., holders: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HostSegmentHandle(_message.Message):
     __slots__ = ("shm_name", "size_bytes", "st_dev", "st_ino", "shm_dir")
@@ -255,7 +260,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "reserved_bytes", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "segments", "allocation_count", "eviction_count")
+    __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "reserved_bytes", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "segments", "allocation_count", "eviction_count", "pending_caches", "pinned_caches", "idle_retained_caches")
     TOTAL_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +273,9 @@ class Usage(_message.Message):
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_COUNT_FIELD_NUMBER: _ClassVar[int]
     EVICTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PENDING_CACHES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_CACHES_FIELD_NUMBER: _ClassVar[int]
+    IDLE_RETAINED_CACHES_FIELD_NUMBER: _ClassVar[int]
     total_capacity_bytes: int
     total_allocated_bytes: int
     reserved_bytes: int
@@ -280,7 +288,10 @@ class Usage(_message.Message):
     segments: int
     allocation_count: int
     eviction_count: int
-    def __init__(self, total_capacity_bytes: _Optional[int] = ..., total_allocated_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., pinned_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_extent_bytes: _Optional[int] = ..., utilization_ratio: _Optional[float] = ..., fragmentation_ratio: _Optional[float] = ..., active_caches: _Optional[int] = ..., segments: _Optional[int] = ..., allocation_count: _Optional[int] = ..., eviction_count: _Optional[int] = ...) -> None: ...
+    pending_caches: int
+    pinned_caches: int
+    idle_retained_caches: int
+    def __init__(self, total_capacity_bytes: _Optional[int] = ..., total_allocated_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., pinned_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_extent_bytes: _Optional[int] = ..., utilization_ratio: _Optional[float] = ..., fragmentation_ratio: _Optional[float] = ..., active_caches: _Optional[int] = ..., segments: _Optional[int] = ..., allocation_count: _Optional[int] = ..., eviction_count: _Optional[int] = ..., pending_caches: _Optional[int] = ..., pinned_caches: _Optional[int] = ..., idle_retained_caches: _Optional[int] = ...) -> None: ...
 
 class DeviceStats(_message.Message):
     __slots__ = ("device", "usage")
@@ -291,23 +302,27 @@ class DeviceStats(_message.Message):
     def __init__(self, device: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class PoolStats(_message.Message):
-    __slots__ = ("pool", "usage", "min_bytes", "max_bytes", "priority", "eviction_policy")
+    __slots__ = ("pool", "usage", "min_bytes", "max_bytes", "priority", "eviction_policy", "waiting_allocations", "allocation_waits")
     POOL_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     EVICTION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    WAITING_ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_WAITS_FIELD_NUMBER: _ClassVar[int]
     pool: str
     usage: Usage
     min_bytes: int
     max_bytes: int
     priority: int
     eviction_policy: str
-    def __init__(self, pool: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., min_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., eviction_policy: _Optional[str] = ...) -> None: ...
+    waiting_allocations: int
+    allocation_waits: int
+    def __init__(self, pool: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., min_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., waiting_allocations: _Optional[int] = ..., allocation_waits: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "allocation_count", "eviction_count", "devices", "pools", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "version", "instance_id", "uptime_seconds", "methods", "window_seconds")
+    __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "allocation_count", "eviction_count", "devices", "pools", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "version", "instance_id", "uptime_seconds", "methods", "window_seconds", "sessions")
     TOTAL_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     UTILIZATION_RATIO_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +340,7 @@ class StatsResponse(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     total_capacity_bytes: int
     total_allocated_bytes: int
     utilization_ratio: float
@@ -342,10 +358,11 @@ class StatsResponse(_message.Message):
     uptime_seconds: float
     methods: _containers.RepeatedCompositeFieldContainer[MethodStats]
     window_seconds: float
-    def __init__(self, total_capacity_bytes: _Optional[int] = ..., total_allocated_bytes: _Optional[int] = ..., utilization_ratio: _Optional[float] = ..., fragmentation_ratio: _Optional[float] = ..., active_caches: _Optional[int] = ..., allocation_count: _Optional[int] = ..., eviction_count: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., pinned_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_extent_bytes: _Optional[int] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., methods: _Optional[_Iterable[_Union[MethodStats, _Mapping]]] = ..., window_seconds: _Optional[float] = ...) -> None: ...
+    sessions: int
+    def __init__(self, total_capacity_bytes: _Optional[int] = ..., total_allocated_bytes: _Optional[int] = ..., utilization_ratio: _Optional[float] = ..., fragmentation_ratio: _Optional[float] = ..., active_caches: _Optional[int] = ..., allocation_count: _Optional[int] = ..., eviction_count: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., pinned_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_extent_bytes: _Optional[int] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., methods: _Optional[_Iterable[_Union[MethodStats, _Mapping]]] = ..., window_seconds: _Optional[float] = ..., sessions: _Optional[int] = ...) -> None: ...
 
 class MethodStats(_message.Message):
-    __slots__ = ("method", "calls", "errors", "p50_seconds", "p95_seconds", "p99_seconds", "errors_by_code")
+    __slots__ = ("method", "calls", "errors", "p50_seconds", "p95_seconds", "p99_seconds", "errors_by_code", "calls_total")
     class ErrorsByCodeEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +377,7 @@ class MethodStats(_message.Message):
     P95_SECONDS_FIELD_NUMBER: _ClassVar[int]
     P99_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_BY_CODE_FIELD_NUMBER: _ClassVar[int]
+    CALLS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     method: str
     calls: int
     errors: int
@@ -367,7 +385,8 @@ class MethodStats(_message.Message):
     p95_seconds: float
     p99_seconds: float
     errors_by_code: _containers.ScalarMap[str, int]
-    def __init__(self, method: _Optional[str] = ..., calls: _Optional[int] = ..., errors: _Optional[int] = ..., p50_seconds: _Optional[float] = ..., p95_seconds: _Optional[float] = ..., p99_seconds: _Optional[float] = ..., errors_by_code: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    calls_total: int
+    def __init__(self, method: _Optional[str] = ..., calls: _Optional[int] = ..., errors: _Optional[int] = ..., p50_seconds: _Optional[float] = ..., p95_seconds: _Optional[float] = ..., p99_seconds: _Optional[float] = ..., errors_by_code: _Optional[_Mapping[str, int]] = ..., calls_total: _Optional[int] = ...) -> None: ...
 
 class ListCachesRequest(_message.Message):
     __slots__ = ("pool", "model_name", "state", "page_size", "page_token")
@@ -518,3 +537,75 @@ class SessionsResponse(_message.Message):
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
     def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
+
+class EvictRequest(_message.Message):
+    __slots__ = ("pool", "idle_only", "device")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    IDLE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    idle_only: bool
+    device: str
+    def __init__(self, pool: _Optional[str] = ..., idle_only: _Optional[bool] = ..., device: _Optional[str] = ...) -> None: ...
+
+class EvictResponse(_message.Message):
+    __slots__ = ("caches_evicted", "bytes_evicted", "cache_ids", "caches_kept")
+    CACHES_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_IDS_FIELD_NUMBER: _ClassVar[int]
+    CACHES_KEPT_FIELD_NUMBER: _ClassVar[int]
+    caches_evicted: int
+    bytes_evicted: int
+    cache_ids: _containers.RepeatedScalarFieldContainer[str]
+    caches_kept: int
+    def __init__(self, caches_evicted: _Optional[int] = ..., bytes_evicted: _Optional[int] = ..., cache_ids: _Optional[_Iterable[str]] = ..., caches_kept: _Optional[int] = ...) -> None: ...
+
+class SetPoolLimitsRequest(_message.Message):
+    __slots__ = ("pool", "max_bytes", "min_bytes", "priority", "dry_run")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    max_bytes: int
+    min_bytes: int
+    priority: int
+    dry_run: bool
+    def __init__(self, pool: _Optional[str] = ..., max_bytes: _Optional[int] = ..., min_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class PoolLimits(_message.Message):
+    __slots__ = ("max_bytes", "min_bytes", "priority")
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    max_bytes: int
+    min_bytes: int
+    priority: int
+    def __init__(self, max_bytes: _Optional[int] = ..., min_bytes: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class SetPoolLimitsResponse(_message.Message):
+    __slots__ = ("pool", "before", "after", "caches_evicted", "bytes_evicted", "cache_ids", "segments_retired", "bytes_retired", "segments_draining", "bytes_draining", "dry_run")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    CACHES_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_RETIRED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RETIRED_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_DRAINING_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DRAINING_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    before: PoolLimits
+    after: PoolLimits
+    caches_evicted: int
+    bytes_evicted: int
+    cache_ids: _containers.RepeatedScalarFieldContainer[str]
+    segments_retired: int
+    bytes_retired: int
+    segments_draining: int
+    bytes_draining: int
+    dry_run: bool
+    def __init__(self, pool: _Optional[str] = ..., before: _Optional[_Union[PoolLimits, _Mapping]] = ..., after: _Optional[_Union[PoolLimits, _Mapping]] = ..., caches_evicted: _Optional[int] = ..., bytes_evicted: _Optional[int] = ..., cache_ids: _Optional[_Iterable[str]] = ..., segments_retired: _Optional[int] = ..., bytes_retired: _Optional[int] = ..., segments_draining: _Optional[int] = ..., bytes_draining: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...

@@ -95,6 +95,16 @@ class CacheBrokerStub:
                 request_serializer=kvbroker_dot_v1_dot_broker__pb2.SessionsRequest.SerializeToString,
                 response_deserializer=kvbroker_dot_v1_dot_broker__pb2.SessionsResponse.FromString,
                 _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/kvbroker.v1.CacheBroker/Evict',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.EvictRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.EvictResponse.FromString,
+                _registered_method=True)
+        self.SetPoolLimits = channel.unary_unary(
+                '/kvbroker.v1.CacheBroker/SetPoolLimits',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.SetPoolLimitsRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.SetPoolLimitsResponse.FromString,
+                _registered_method=True)
 
 
 class CacheBrokerServicer:
@@ -188,6 +198,23 @@ class CacheBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evict(self, request, context):
+        """Evicts a pool's unpinned caches now, or (idle_only) only its retained caches that
+        nobody holds; holders get EVICTED. Operators only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPoolLimits(self, request, context):
+        """Changes a pool's max_bytes, min_bytes or priority at run time, through the pressure
+        rules (a lower max_bytes gives segments back or is refused). Not persisted: a
+        restart starts from the configuration again. Operators only (set_limits right).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +277,16 @@ def add_CacheBrokerServicer_to_server(servicer, server):
                     servicer.Sessions,
                     request_deserializer=kvbroker_dot_v1_dot_broker__pb2.SessionsRequest.FromString,
                     response_serializer=kvbroker_dot_v1_dot_broker__pb2.SessionsResponse.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.EvictRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.EvictResponse.SerializeToString,
+            ),
+            'SetPoolLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPoolLimits,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.SetPoolLimitsRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.SetPoolLimitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -577,6 +614,60 @@ class CacheBroker:
             '/kvbroker.v1.CacheBroker/Sessions',
             kvbroker_dot_v1_dot_broker__pb2.SessionsRequest.SerializeToString,
             kvbroker_dot_v1_dot_broker__pb2.SessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/Evict',
+            kvbroker_dot_v1_dot_broker__pb2.EvictRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.EvictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPoolLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/SetPoolLimits',
+            kvbroker_dot_v1_dot_broker__pb2.SetPoolLimitsRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.SetPoolLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,12 +69,12 @@ def test_render_table_aligns_columns_and_strips_trailing_blanks() -> None:
     ]
 
 
-def usage(capacity: int, allocated: int, *, caches: int, frag: float = 0.0) -> pb.Usage:
+def usage(capacity: int, allocated: int, *, caches: int, frag: float = 0.0, pinned: int = 0) -> pb.Usage:
     return pb.Usage(
         total_capacity_bytes=capacity, total_allocated_bytes=allocated, reserved_bytes=capacity,
         free_bytes=capacity - allocated, largest_free_extent_bytes=capacity - allocated,
         utilization_ratio=allocated / capacity, fragmentation_ratio=frag, active_caches=caches,
-        segments=1, allocation_count=caches * 2, eviction_count=1,
+        segments=1, allocation_count=caches * 2, eviction_count=1, pinned_caches=pinned,
     )  # fmt: skip
 
 
@@ -91,16 +91,16 @@ def make_stats() -> pb.StatsResponse:
         pools=[
             pb.PoolStats(pool="default", usage=usage(16 * GiB, 4 * GiB, caches=5), max_bytes=16 * GiB,
                          priority=0, eviction_policy="lru"),
-            pb.PoolStats(pool="vista", usage=usage(32 * GiB, 8 * GiB, caches=2), min_bytes=4 * GiB,
-                         priority=10, eviction_policy="size_aware_lru"),
+            pb.PoolStats(pool="vista", usage=usage(32 * GiB, 8 * GiB, caches=2, pinned=1), min_bytes=4 * GiB,
+                         priority=10, eviction_policy="size_aware_lru", waiting_allocations=2, allocation_waits=7),
         ],
-        version="0.1.0", instance_id="47b15057", uptime_seconds=7980,
+        version="0.1.0", instance_id="47b15057", uptime_seconds=7980, sessions=3,
     )  # fmt: skip
 
 
 def test_render_stats_shows_total_devices_and_pools_in_one_aligned_table() -> None:
     lines = render_stats(make_stats()).splitlines()
-    assert lines[0] == "kvbroker 0.1.0  instance 47b15057  up 2h 13m"
+    assert lines[0] == "kvbroker 0.1.0  instance 47b15057  up 2h 13m  3 sessions"
     header = lines[2]
     assert header.split()[:3] == ["SCOPE", "CAPACITY", "ALLOCATED"]
     total, host, gpu, default, vista = lines[3:8]
@@ -114,9 +114,10 @@ def test_render_stats_shows_total_devices_and_pools_in_one_aligned_table() -> No
     assert len({len(line) for line in lines[2:8]}) == 1
     assert lines[8] == ""
     pools = lines[9:]
-    assert pools[0].split() == ["POOL", "MIN", "MAX", "PRIORITY", "POLICY"]
-    assert pools[1].split() == ["default", "0", "B", "16.0", "GiB", "0", "lru"]
-    assert pools[2].split() == ["vista", "4.00", "GiB", "unlimited", "10", "size_aware_lru"]
+    assert pools[0].split() == ["POOL", "MIN", "MAX", "PRIORITY", "POLICY", "PINNED", "IDLE", "RETAINED",
+                                "WAITING", "WAITED"]  # fmt: skip
+    assert pools[1].split() == ["default", "0", "B", "16.0", "GiB", "0", "lru", "0", "0", "0", "0"]
+    assert pools[2].split() == ["vista", "4.00", "GiB", "unlimited", "10", "size_aware_lru", "1", "0", "2", "7"]
 
 
 def test_render_stats_of_an_empty_broker() -> None:
@@ -128,7 +129,7 @@ def make_caches() -> list[pb.Cache]:
     return [
         pb.Cache(cache_id="kv-a", pool="default", model_name="llama", nbytes=3 * MiB, device="host",
                  state=pb.CACHE_STATE_RESIDENT, pin_count=1, pinned=True, holder_count=2, retain=True,
-                 dtype=pb.DTYPE_FLOAT16, shape=[2, 1024, 768], epoch=3, last_access_unix_seconds=1000.0),
+                 dtype=pb.DTYPE_FLOAT16, shape=[2, 1024, 768], epoch=3, last_access_at={"seconds": 1000}),
         pb.Cache(cache_id="kv-b", pool="vista", nbytes=1 * GiB, device="host", state=pb.CACHE_STATE_EVICTED,
                  priority=-5),
     ]  # fmt: skip
@@ -138,9 +139,9 @@ def test_render_caches_rows_and_total_line() -> None:
     lines = render_caches(make_caches(), now=1065.0).splitlines()
     assert lines[0].split()[:3] == ["CACHE", "ID", "POOL"]
     assert lines[1].split() == ["kv-a", "default", "llama", "host", "3.00", "MiB", "resident", "1", "2", "yes",
-                                "0", "float16[2,1024,768]", "3", "1m", "05s"]  # fmt: skip
+                                "0", "float16[2,1024,768]", "3", "-", "1m", "05s"]  # fmt: skip
     assert lines[2].split() == ["kv-b", "vista", "-", "host", "1.00", "GiB", "evicted", "0", "0", "no", "-5",
-                                "-", "0", "-"]  # fmt: skip
+                                "-", "0", "-", "-"]  # fmt: skip
     assert lines[3] == ""
     assert lines[4] == "2 caches, 1.00 GiB (1 evicted, 1 resident)"
     assert render_caches([]) == "no caches"
@@ -200,13 +201,13 @@ def test_common_flags_work_before_the_command_and_env_gives_the_target(fake_brok
 
 
 def test_ls_follows_pages_and_passes_filters(fake_broker, capsys) -> None:
-    fake_broker.broker.caches = [pb.Cache(cache_id=f"c{i:03d}", pool="default", nbytes=KiB, device="host",
-                                          state=pb.CACHE_STATE_RESIDENT) for i in range(250)]  # fmt: skip
+    fake_broker.broker.caches = [pb.Cache(cache_id=f"c{i:04d}", pool="default", nbytes=KiB, device="host",
+                                          state=pb.CACHE_STATE_RESIDENT) for i in range(2500)]  # fmt: skip
     assert cli.main(["ls", "--target", fake_broker.target, "--pool", "default", "--state", "resident"]) == 0
     out = capsys.readouterr().out
-    assert out.rstrip().endswith("250 caches, 250 KiB (250 resident)")
+    assert out.rstrip().endswith("2500 caches, 2.44 MiB (2500 resident)")
     requests = fake_broker.broker.requests("ListCaches")
-    assert [r.page_token for r in requests] == ["", "c099", "c199"]
+    assert [r.page_token for r in requests] == ["", "c0999", "c1999"], "pages of the broker's maximum, 1000"
     assert requests[0].pool == "default" and requests[0].state == pb.CACHE_STATE_RESIDENT
 
 

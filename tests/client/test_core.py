@@ -35,8 +35,8 @@ def run(plan, *responses):
 
 
 def cache(cache_id: str = "c", retain: bool = False, created: float = 100.0, instance: str = "i-1"):
-    info = pb.Cache(cache_id=cache_id, nbytes=64, retain=retain, created_at_unix_seconds=created,
-                    state=pb.CACHE_STATE_RESIDENT)  # fmt: skip
+    info = pb.Cache(cache_id=cache_id, nbytes=64, retain=retain, state=pb.CACHE_STATE_RESIDENT)
+    info.created_at.FromNanoseconds(int(created * 1e9))
     handle = pb.Handle(instance_id=instance, segment_id=1, segment_generation=1, nbytes=64)
     return pb.AllocateResponse(cache=info, handle=handle)
 

@@ -32,9 +32,13 @@ def test_label_values_are_bounded() -> None:
         r.session_reclaimed(f"reason {i}")
     r.session_reclaimed(SessionEndReason.LEASE_EXPIRED)
     snap = r.snapshot()
-    assert snap.counters["kvbroker_allocations_total"] == {("", "not_found"): 100}
+    allocations = {k: n for k, n in snap.counters["kvbroker_allocations_total"].items() if n}
+    assert allocations == {("", "not_found"): 100}
+    assert {pool for pool, _ in snap.counters["kvbroker_allocations_total"]} == {"", "default"}
     assert list(snap.histograms["kvbroker_allocation_wait_seconds"]) == [("",)]
-    assert snap.counters["kvbroker_sessions_reclaimed_total"] == {("other",): 100, ("lease_expired",): 1}
+    reclaimed = snap.counters["kvbroker_sessions_reclaimed_total"]
+    assert {k: n for k, n in reclaimed.items() if n} == {("other",): 100, ("lease_expired",): 1}
+    assert set(reclaimed) == {(r.value,) for r in SessionEndReason} | {("other",)}, "known reasons start at 0"
 
 
 def test_rpc_stats_cover_the_recent_window_per_method() -> None:
@@ -52,8 +56,11 @@ def test_rpc_stats_cover_the_recent_window_per_method() -> None:
     assert (allocate.method, allocate.calls, allocate.errors_by_code) == ("Allocate", 100, (("RESOURCE_EXHAUSTED", 2),))
     assert 0.00075 < allocate.p50_seconds <= 0.001 and 0.003 < allocate.p99_seconds <= 0.005
     assert check.method == "grpc.health.v1.Health/Check"
-    clock.now += 600  # ten minutes later: nothing recent
-    assert r.rpc_stats().methods == ()
+    assert (allocate.calls_total, check.calls_total) == (100, 1)
+    clock.now += 600  # ten minutes later: nothing recent, but the totals stay (rates)
+    later = {m.method: m for m in r.rpc_stats().methods}
+    assert later["Allocate"].calls == 0 and later["Allocate"].calls_total == 100
+    assert later["Allocate"].errors_by_code == ()
     assert r.snapshot().histograms["kvbroker_rpc_duration_seconds"][
         ("kvbroker.v1.CacheBroker", "Allocate", "OK")
     ].count == 98  # the cumulative series keep everything
