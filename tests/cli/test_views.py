@@ -171,7 +171,7 @@ def test_top_rates_come_from_two_snapshots():
         (["top", "--interval", "-2"], "must be a positive number of seconds"),
         (["pool", "set", "vista"], "give at least one of --max, --min, --priority"),
         (["pool", "set", "vista", "--max", "lots"], "expected a size"),
-        (["pool", "set", "vista", "--max", "99999999999TiB"], "more bytes than any device has"),
+        (["pool", "set", "vista", "--max", "99999999999TiB"], "is more than 9223372036854775807 bytes"),
         (["pool", "set", "vista", "--priority", "4294967296"], "must be a 32-bit integer"),
         (["pool"], "required"),
         (["evict"], "--pool"),
