@@ -22,6 +22,7 @@ from kvbroker.core.types import (
     is_sessionless,
     EVICTION_CAUSES,
     AllocateResult,
+    Eviction,
     AllocationRequest,
     ArenaCounters,
     BrokerStats,
@@ -44,7 +45,7 @@ from kvbroker.core.types import (
 )
 
 __all__ = [
-    "ANONYMOUS_HOLDER", "SESSIONLESS_PREFIX", "is_sessionless", "EVICTION_CAUSES", "POLICIES", "AllocateResult", "AllocationRequest",
+    "ANONYMOUS_HOLDER", "SESSIONLESS_PREFIX", "is_sessionless", "EVICTION_CAUSES", "POLICIES", "AllocateResult", "Eviction", "AllocationRequest",
     "AlreadyExists", "ArenaCounters", "Broker", "BrokerError", "BrokerStats", "CacheInfo",
     "CacheState", "CompactionPlan", "DeadlineExceeded", "DeviceSpec", "DeviceStats", "HolderSummary", "Event",
     "EventKind", "Extent", "FailedPrecondition", "InvalidArgument", "Move", "NotFound",

@@ -140,6 +140,10 @@ class ArenaRecord:
     pinned_bytes: int = 0
     live_caches: int = 0
     compaction: Compaction | None = None
+    #: Caches of the arena that nobody holds (retained ones, and PENDING ones whose
+    #: holders left), in the order they became so: what background reclamation may take
+    #: (``reclaim``), found without walking the held ones. Kept by ``CacheTable``.
+    unheld: dict[str, CacheRecord] = field(default_factory=dict)
     #: Cumulative counts for telemetry (``ArenaCounters``): evictions and their bytes by
     #: cause (``EVICTION_CAUSES``), caches freed by a release, compactions that moved
     #: caches of this arena and the bytes they moved.

@@ -124,7 +124,8 @@ class PoolSpec:
         priority: default priority of the pool's caches; eviction takes only caches of
             equal or lower priority than the request.
         eviction_policy: a name from ``kvbroker.core.eviction.POLICIES``.
-        gc_threshold: utilization ratio above which background reclamation starts.
+        gc_threshold: utilization ratio above which background reclamation takes the
+            pool's idle retained caches (never held ones: ``kvbroker/core/reclaim.py``).
         block_bytes: allocation granule: cache sizes and offsets are multiples of it.
         segment_bytes: preferred size of a new segment (a larger cache gets a segment
             of its own size).
@@ -403,9 +404,26 @@ class PoolStats:
 
 #: Why a cache was evicted, as a bounded label value: ``idle`` (an idle retained cache
 #: reclaimed under pressure), ``policy`` (the pool's policy made room), ``reclaim`` (its
-#: segment was taken for another pool), ``threshold`` (background reclamation above
-#: ``gc_threshold``).
+#: segment was taken for another pool), ``threshold`` (an idle retained cache taken by
+#: background reclamation above ``gc_threshold``).
 EVICTION_CAUSES = ("idle", "policy", "reclaim", "threshold")
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    """One cache the broker evicted, for the daemon's log (``Broker.drain_evictions``):
+    an eviction destroys a tenant's data, so each one is told to the operator, whether
+    or not a holder was there to be told (``held``). ``nbytes`` are the bytes freed (the
+    cache's reserved bytes); ``cause`` is one of ``EVICTION_CAUSES``; ``reason`` is what
+    the holders were told."""
+
+    cache_id: str
+    pool: str
+    device_id: str
+    nbytes: int
+    cause: str
+    reason: str
+    held: bool
 
 
 @dataclass(frozen=True, slots=True)

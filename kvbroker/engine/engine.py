@@ -22,7 +22,9 @@ mutations and see a consistent state.
 Sessions are the holders: every handle handed to a session is recorded as a mapping of
 its segment; a session that ends (its Watch stream breaks, its lease runs out) loses
 its holds, pins and mappings, and the core's events (EVICTED, MOVED, SEGMENT_RETIRED)
-are queued for the sessions they concern after every mutation (``_settle``).
+are queued for the sessions they concern after every mutation (``_settle``), and every
+eviction the core made is logged there (INFO: cache, pool, device, bytes, cause, reason),
+whichever path made it: the pressure ladder, background reclamation, a taken segment.
 """
 
 from __future__ import annotations
@@ -379,7 +381,24 @@ class Engine:
         events = self.broker.drain_events()
         if events:
             self._sessions.deliver(events)
+        evictions, dropped = self.broker.drain_evictions()
+        for e in evictions:
+            log.info("evicted cache %s (pool %s, device %s, %s = %d bytes, cause %s%s): %s",
+                     e.cache_id, e.pool, e.device_id, _human_bytes(e.nbytes), e.nbytes, e.cause,
+                     "" if e.held else ", no holder", e.reason)  # fmt: skip
+        if dropped:
+            log.warning("%d more evictions were not logged one by one (more than the core keeps)", dropped)
         if retired:
             self._device.free_soon(retired)
         if memory_freed or retired:
             self._allocator.queue.wake_head()
+
+
+def _human_bytes(nbytes: int) -> str:
+    """``1.37 GiB``: the eviction log's size for people (the exact count follows it)."""
+    size, unit = float(nbytes), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{nbytes} B" if unit == "B" else f"{size:.2f} {unit}"

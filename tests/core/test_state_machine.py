@@ -3,7 +3,8 @@
 A ``RuleBasedStateMachine`` runs a few pools (different policies, minimums and quotas) on
 two devices through allocate (with compaction results replayed and committed, and some
 backend failures aborted), release (with force), attach, pin, unpin, evict, compaction,
-idle retirement, session drops and event draining. The model tracks every record's
+idle retirement, background reclamation (which must never take a held cache), session
+drops and event draining (every eviction is also in ``drain_evictions``, for the log). The model tracks every record's
 holders, pins, state and epoch, and every event the broker owes its holders. After every
 step it checks the accounting (``audit`` and independent sums), that extents never
 overlap, that quotas and minimums hold, that pinned caches never move or vanish, and,
@@ -146,6 +147,7 @@ class BrokerMachine(RuleBasedStateMachine):
         self.ids: list[str] = []
         self.serial = 0
         self.expected_events: list[tuple] = []
+        self.expected_evictions: list[tuple[str, str, bool]] = []  # (cache, pool, held) to log
         self.reserved_before: dict[str, int] = {}
         self.shrink_ok: set[str] = set()
         # Sessions and mappings.
@@ -272,6 +274,7 @@ class BrokerMachine(RuleBasedStateMachine):
         rec = self.records[cid]
         assert self.pin_count(cid) == 0, f"pinned cache {cid} was evicted"
         assert self._arena(self.where[cid]) not in self._frozen(), f"{cid} evicted from a frozen arena"
+        self.expected_evictions.append((cid, rec.pool, bool(rec.holders)))
         del self.pattern[cid], self.where[cid]
         rec.epoch += 1
         self._event(EventKind.EVICTED, cid, rec.epoch, rec.holders)
@@ -876,6 +879,29 @@ class BrokerMachine(RuleBasedStateMachine):
                         self.inbox[session].append((sid, generation))
         self.expected_events = []
         assert self.b.drain_events() == []
+        # Every eviction is told to the daemon's log, held or not (issue 10.3).
+        evictions, dropped = self.b.drain_evictions()
+        assert dropped == 0
+        got_evictions = sorted((e.cache_id, e.pool, e.held) for e in evictions)
+        assert got_evictions == sorted(self.expected_evictions), (got_evictions, self.expected_evictions)
+        self.expected_evictions = []
+
+    @rule(batch=st.sampled_from([1, 2, 64]))
+    def reclaim(self, batch) -> None:
+        """Background reclamation: above a threshold it takes idle retained caches only
+        (resident, retained, no holder, no pin, not frozen); never a held one (issue 10.3)."""
+        frozen = self._frozen()
+        self._begin(set())
+        evicted = self.b.reclaim(max_victims=batch)
+        assert len(evicted) == len(set(evicted)) <= batch
+        for cid in evicted:
+            rec = self.records[cid]
+            assert not rec.holders, f"reclamation evicted {cid}, which {sorted(rec.holders)} hold"
+            assert rec.retain and rec.state == "resident" and not self.pin_count(cid), cid
+            assert self._arena(self.where[cid]) not in frozen, cid
+        self._settle(lambda cid: cid in evicted)
+        if evicted:
+            event("reclaim: evicted")
 
     # -- sessions ---------------------------------------------------------------------
 
