@@ -12,6 +12,7 @@ that there is no import circle):
     errors.py   typed exceptions, one per gRPC status, and ``SessionLost``
     dtypes.py   dtype names <-> wire values <-> torch dtypes (``kvbroker.wire.DTYPES``)
     calls.py    target, channel options, ``Call``, request builders (validation)
+    handles.py  host handles checked without torch: path, identity, ``HandleError``
     core.py     the sans-IO core: held caches, the session, plans; no I/O
     mapping.py  ``SegmentMapper``: handles -> mapped segments -> views (imports torch)
     cache.py    ``Cache`` and ``AsyncCache``: a ``Held`` record and its client's ``drive``
@@ -44,12 +45,13 @@ from kvbroker_client.errors import (
     SessionLost,
     UnexpectedBrokerError,
 )
+from kvbroker_client.handles import HandleError, StaleHandleError
 from kvbroker_client.sync import BrokerClient
 
 if TYPE_CHECKING:
-    from kvbroker_client.mapping import HandleError, SegmentMapper, StaleHandleError
+    from kvbroker_client.mapping import SegmentMapper
 
-_LAZY_FROM_MAPPING = ("HandleError", "SegmentMapper", "StaleHandleError")
+_LAZY_FROM_MAPPING = ("SegmentMapper",)
 
 __all__ = [
     "DEFAULT_TARGET",

@@ -24,6 +24,7 @@ from kvbroker_client.credentials import Credentials
 from kvbroker_client.core import UNMAP_POLL_SECONDS, ClientCore, Phase
 from kvbroker_client.dtypes import DTypeLike
 from kvbroker_client.errors import from_rpc_error
+from kvbroker_client.handles import check_handle
 
 __all__ = ["AsyncBrokerClient"]
 
@@ -114,7 +115,7 @@ class AsyncBrokerClient:
         held = await self.drive(self._core.allocate(
             pool, size_bytes=size_bytes, dtype=dtype, shape=shape, cache_id=cache_id,
             model_name=model_name, priority=priority, pinned=pinned, retain=retain,
-            device=device, wait_timeout_ms=wait_timeout_ms,
+            device=device, wait_timeout_ms=wait_timeout_ms, check=check_handle,
         ))  # fmt: skip
         return AsyncCache(self, held, dtype=dtype, shape=shape)
 

@@ -30,6 +30,7 @@ from kvbroker_client.credentials import Credentials
 from kvbroker_client.core import UNMAP_POLL_SECONDS, ClientCore, Phase
 from kvbroker_client.dtypes import DTypeLike
 from kvbroker_client.errors import from_rpc_error
+from kvbroker_client.handles import check_handle
 
 __all__ = ["BrokerClient"]
 
@@ -142,11 +143,14 @@ class BrokerClient:
         Raises:
             CacheExhausted: no room, even after waiting ``wait_timeout_ms``.
             CacheAlreadyExists, CacheNotFound (the pool), InvalidRequest.
+            HandleError: this process cannot reach the new cache's memory (a host
+                segment it cannot open: it does not share the broker's shm directory);
+                the cache was released again, retained or not.
         """
         held = self.drive(self._core.allocate(
             pool, size_bytes=size_bytes, dtype=dtype, shape=shape, cache_id=cache_id,
             model_name=model_name, priority=priority, pinned=pinned, retain=retain,
-            device=device, wait_timeout_ms=wait_timeout_ms,
+            device=device, wait_timeout_ms=wait_timeout_ms, check=check_handle,
         ))  # fmt: skip
         return Cache(self, held, dtype=dtype, shape=shape)
 
