@@ -35,6 +35,7 @@ from kvbroker.core.types import (
     Event,
     EventKind,
     Extent,
+    Fragmentation,
     Move,
     Placement,
     PoolSpec,
@@ -48,7 +49,7 @@ __all__ = [
     "ANONYMOUS_HOLDER", "SESSIONLESS_PREFIX", "is_sessionless", "EVICTION_CAUSES", "POLICIES", "AllocateResult", "Eviction", "AllocationRequest",
     "AlreadyExists", "ArenaCounters", "Broker", "BrokerError", "BrokerStats", "CacheInfo",
     "CacheState", "CompactionPlan", "DeadlineExceeded", "DeviceSpec", "DeviceStats", "HolderSummary", "Event",
-    "EventKind", "Extent", "FailedPrecondition", "InvalidArgument", "Move", "NotFound",
+    "EventKind", "Extent", "FailedPrecondition", "Fragmentation", "InvalidArgument", "Move", "NotFound",
     "Placement", "PoolSpec", "PoolStats", "ResourceExhausted", "SegmentInfo", "Usage",
     "validate_id",
 ]

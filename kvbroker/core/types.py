@@ -315,6 +315,30 @@ class Move:
 
 
 @dataclass(frozen=True, slots=True)
+class Fragmentation:
+    """How the free bytes inside a set of segments lie (``compaction.fragmentation_of``).
+
+    ``within_segments``: the share of the free bytes that lie outside their own
+    segment's largest free range (holes between caches): what compaction merges, except
+    holes in front of pinned caches. ``across_segments``: the share in the other
+    segments' largest ranges: free space split across segments (and pools), which no
+    move merges; only giving segments back to the device does (idle retirement, a
+    segment taken for another pool, one a compaction emptied). Their sum, ``ratio``, is
+    ``1 - largest_free_extent / free_bytes``.
+    """
+
+    free_bytes: int = 0
+    largest_free_extent: int = 0
+    within_segments: float = 0.0
+    across_segments: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        """``within_segments + across_segments``, computed as the classic figure."""
+        return 1.0 - self.largest_free_extent / self.free_bytes if self.free_bytes else 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class CompactionPlan:
     """Moves that pack a set of arenas; computed by ``Broker.plan_compaction``, frozen by
     ``begin_compaction``, applied (wholly or a prefix) by ``commit``.
@@ -331,6 +355,10 @@ class CompactionPlan:
     segments_emptied: tuple[int, ...]
     largest_free_extent_after: int
     token: int
+    #: The free space of the plan's segments before and after the moves (emptied
+    #: segments count as free until they go back: ``Fragmentation.across_segments``).
+    before: Fragmentation = Fragmentation()
+    after: Fragmentation = Fragmentation()
 
     @property
     def bytes_moved(self) -> int:
@@ -366,8 +394,11 @@ class Usage:
     """Byte accounting of one scope (a segment set, a pool, a device or the whole broker).
 
     ``capacity_bytes`` is the scope's budget (device capacity; for a pool, the bytes of
-    its segments). ``fragmentation_ratio`` is ``1 - largest_free_extent / free`` over
-    free space inside segments (0 when nothing is free).
+    its segments). ``fragmentation_ratio`` is ``1 - largest free extent / free`` over
+    free space inside segments (0 when nothing is free), the sum of
+    ``fragmentation_within_segments_ratio`` (compaction fixes it) and
+    ``fragmentation_across_segments_ratio`` (only giving segments back does): see
+    ``Fragmentation``.
     """
 
     capacity_bytes: int
@@ -380,6 +411,8 @@ class Usage:
     utilization_ratio: float
     active_caches: int
     segments: int
+    fragmentation_within_segments_ratio: float = 0.0
+    fragmentation_across_segments_ratio: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 
+import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -822,6 +823,10 @@ class BrokerMachine(RuleBasedStateMachine):
             assert device is None or info.device_id == device
             assert pool is None or info.pool == pool
         assert 0.0 <= plan.fragmentation_after <= 1.0 and 0.0 <= plan.fragmentation_before <= 1.0
+        for figures, total in ((plan.before, plan.fragmentation_before), (plan.after, plan.fragmentation_after)):
+            assert figures.ratio == total
+            assert figures.within_segments + figures.across_segments == pytest.approx(total, abs=1e-9)
+        assert plan.after.free_bytes == plan.before.free_bytes, "moves neither free nor take bytes"
         if stale == 0 and plan.moves:
             cid = plan.moves[0].cache_id
             holder = sorted(self.records[cid].holders or {""})[0]
@@ -1284,6 +1289,8 @@ class BrokerMachine(RuleBasedStateMachine):
                     == in_segments)
             assert u.free_bytes == u.capacity_bytes - u.allocated_bytes
             assert 0.0 <= u.fragmentation_ratio < 1.0 and 0.0 <= u.utilization_ratio <= 1.0
+            assert u.fragmentation_within_segments_ratio + u.fragmentation_across_segments_ratio == pytest.approx(
+                u.fragmentation_ratio, abs=1e-9)
         for p in stats.pools:
             spec = SPEC[p.pool]
             assert p.usage.reserved_bytes <= p.max_bytes
