@@ -1,6 +1,7 @@
 """The broker's Stats as the kvcached guide's ``get_pool_statistics()`` reports them.
 
-Workers and dashboards written against that guide read a dict of keys such as
+Workers and dashboards written against that guide (README, "Coming from the kvcached
+guide", has the correspondence) read a dict of keys such as
 ``total_capacity_gb``, ``total_utilization_pct``, ``avg_fragmentation_pct`` and
 ``device_stats``. ``summarize`` builds that dict from a ``StatsResponse`` (a protobuf
 message, which cannot grow methods), in the guide's units: ``_gb`` figures are GiB

@@ -1,8 +1,8 @@
 """Sizes and priorities as people write them: ``"512MiB"``, ``size_mb=512``, ``"high"``.
 
-Workers that come from the kvcached guide (``request_cache(model_name=..., size_mb=512,
-priority="high")``) write sizes in megabytes and priorities as names; the wire carries
-bytes and integers. This module turns the one into the other, before anything is sent,
+Workers that come from kvcached (README, "Coming from the kvcached guide":
+``request_cache(model_name=..., size_mb=512, priority="high")``) write sizes in megabytes
+and priorities as names; the wire carries bytes and integers. This module turns the one into the other, before anything is sent,
 with ``InvalidRequest`` naming the argument when it cannot. Pure: no I/O, no torch.
 
 Sizes (``parse_size``): an ``int`` is bytes; a string is a number and a unit, the
