@@ -11,7 +11,10 @@ that there is no import circle):
 
     errors.py   typed exceptions, one per gRPC status, and ``SessionLost``
     dtypes.py   dtype names <-> wire values <-> torch dtypes (``kvbroker.wire.DTYPES``)
+    units.py    sizes ("512MiB", size_mb=) and priority names ("high") to the wire's
     calls.py    target, channel options, ``Call``, request builders (validation)
+    summary.py  Stats as the kvcached guide's statistics dict (GiB, percent)
+    handles.py  host handles checked without torch: path, identity, ``HandleError``
     core.py     the sans-IO core: held caches, the session, plans; no I/O
     mapping.py  ``SegmentMapper``: handles -> mapped segments -> views (imports torch)
     cache.py    ``Cache`` and ``AsyncCache``: a ``Held`` record and its client's ``drive``
@@ -44,15 +47,19 @@ from kvbroker_client.errors import (
     SessionLost,
     UnexpectedBrokerError,
 )
+from kvbroker_client.handles import HandleError, StaleHandleError
+from kvbroker_client.summary import summarize
 from kvbroker_client.sync import BrokerClient
+from kvbroker_client.units import PRIORITIES, parse_size
 
 if TYPE_CHECKING:
-    from kvbroker_client.mapping import HandleError, SegmentMapper, StaleHandleError
+    from kvbroker_client.mapping import SegmentMapper
 
-_LAZY_FROM_MAPPING = ("HandleError", "SegmentMapper", "StaleHandleError")
+_LAZY_FROM_MAPPING = ("SegmentMapper",)
 
 __all__ = [
     "DEFAULT_TARGET",
+    "PRIORITIES",
     "DEFAULT_TIMEOUT_S",
     "TARGET_ENV",
     "AllocationTimeout",
@@ -76,6 +83,8 @@ __all__ = [
     "StaleHandleError",
     "UnexpectedBrokerError",
     "__version__",
+    "parse_size",
+    "summarize",
 ]
 
 

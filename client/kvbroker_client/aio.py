@@ -24,6 +24,9 @@ from kvbroker_client.credentials import Credentials
 from kvbroker_client.core import UNMAP_POLL_SECONDS, ClientCore, Phase
 from kvbroker_client.dtypes import DTypeLike
 from kvbroker_client.errors import from_rpc_error
+from kvbroker_client.handles import check_handle
+from kvbroker_client.summary import summarize
+from kvbroker_client.units import PriorityLike, SizeLike
 
 __all__ = ["AsyncBrokerClient"]
 
@@ -103,17 +106,21 @@ class AsyncBrokerClient:
         shape: Sequence[int] | None = None,
         cache_id: str = "",
         model_name: str = "",
-        priority: int | None = None,
+        priority: PriorityLike = None,
         pinned: bool = False,
         retain: bool = False,
         device: str = "",
         wait_timeout_ms: int = 0,
+        size: SizeLike | None = None,
+        size_mb: float | None = None,
+        size_gb: float | None = None,
     ) -> AsyncCache:
         """Like ``BrokerClient.allocate``."""
         held = await self.drive(self._core.allocate(
             pool, size_bytes=size_bytes, dtype=dtype, shape=shape, cache_id=cache_id,
             model_name=model_name, priority=priority, pinned=pinned, retain=retain,
-            device=device, wait_timeout_ms=wait_timeout_ms,
+            device=device, wait_timeout_ms=wait_timeout_ms, size=size, size_mb=size_mb, size_gb=size_gb,
+            check=check_handle,
         ))  # fmt: skip
         return AsyncCache(self, held, dtype=dtype, shape=shape)
 
@@ -133,6 +140,10 @@ class AsyncBrokerClient:
     async def stats(self) -> pb.StatsResponse:
         """Like ``BrokerClient.stats``."""
         return await self.drive(self._core.unary("Stats", pb.StatsRequest()))
+
+    async def summary(self) -> dict[str, Any]:
+        """Like ``BrokerClient.summary``."""
+        return summarize(await self.stats())
 
     async def list_caches(
         self, pool: str = "", model_name: str = "", state: str | int | None = None, page_size: int = 0

@@ -201,6 +201,10 @@ class Cache(_CacheBase):
         self._client.drive(self._core.view(self._held))
         return self._view(dtype, shape)
 
+    #: The kvcached guide's name for ``tensor()`` (its workers call ``cache.get_tensor()``);
+    #: the same method, with the same warning about views kept across uses.
+    get_tensor = tensor
+
     def refresh(self) -> None:
         """Fetch the cache's current record and handle from the broker (one Attach); for a
         retained cache whose session was lost, this re-attaches it."""
@@ -271,6 +275,9 @@ class AsyncCache(_CacheBase):
         one would call Attach first."""
         self._core.ready(self._held)
         return self._view(dtype, shape)
+
+    #: Like ``Cache.get_tensor``: ``tensor()`` under the kvcached guide's name.
+    get_tensor = tensor
 
     async def refresh(self) -> None:
         """Like ``Cache.refresh``."""

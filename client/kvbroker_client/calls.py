@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, TypeAlias, TypeVar
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker_client.dtypes import DTypeLike, to_proto_dtype
 from kvbroker_client.errors import InvalidRequest
+from kvbroker_client.units import PriorityLike, SizeLike, priority_value, request_bytes
 
 __all__ = [
     "CHANNEL_OPTIONS", "DEFAULT_TARGET", "DEFAULT_TIMEOUT_S", "TARGET_ENV", "Call", "Plan",
@@ -84,15 +85,23 @@ def _checked(field: str, convert: Callable[[Any], Any], value: Any) -> Any:
 def allocate_request(
     pool: str = "default", *, size_bytes: int | None = None, dtype: DTypeLike | None = None,
     shape: Sequence[int] | None = None, cache_id: str = "", model_name: str = "",
-    priority: int | None = None, pinned: bool = False, retain: bool = False, device: str = "",
-    wait_timeout_ms: int = 0,
+    priority: PriorityLike = None, pinned: bool = False, retain: bool = False, device: str = "",
+    wait_timeout_ms: int = 0, size: SizeLike | None = None, size_mb: float | None = None,
+    size_gb: float | None = None,
 ) -> pb.AllocateRequest:  # fmt: skip
     """Build an ``AllocateRequest``; the broker checks the rest and names the field.
 
+    The size is one of ``size_bytes``, ``size`` (bytes, or a string such as
+    ``"512MiB"``), ``size_mb`` or ``size_gb`` (mebibytes, gibibytes); ``priority`` an
+    integer or ``"low"``/``"normal"``/``"high"`` (``kvbroker_client/units.py``).
+
     Raises:
-        InvalidRequest: a value the wire cannot carry (a negative size, an unknown dtype
-            name, a non-integer dimension); the message starts with the field.
+        InvalidRequest: a value the wire cannot carry (a negative size, two sizes, an
+            unknown dtype or priority name, a non-integer dimension); the message starts
+            with the field.
     """
+    size_bytes = request_bytes(size_bytes, size, size_mb, size_gb)
+    priority = priority_value(priority)
     request = pb.AllocateRequest(pool=pool, cache_id=cache_id, model_name=model_name, device=device)
     request.pinned, request.retain = bool(pinned), bool(retain)
     for field, value in (("size_bytes", size_bytes or 0), ("wait_timeout_ms", wait_timeout_ms)):

@@ -157,12 +157,26 @@ class ClientCore:
 
     # -- plans: the client's calls ----------------------------------------------------
 
-    def allocate(self, pool: str = "default", **arguments: Any) -> Plan[Held]:
-        """Place a new cache and hold it (``allocate_request`` takes the arguments)."""
+    def allocate(self, pool: str = "default", *, check: Callable[[pb.Handle], None] | None = None,
+                 **arguments: Any) -> Plan[Held]:  # fmt: skip
+        """Place a new cache and hold it (``allocate_request`` takes the arguments). When
+        ``check(handle)`` raises (``handles.check_handle``: this process cannot reach the
+        memory), the cache is released by force before the error propagates, so a failed
+        call leaves no cache, retained or not (issue 10.1); a note on the error says how."""
         request = allocate_request(pool, **arguments)
         call = self.call("Allocate", request, request.wait_timeout_ms)
         response = yield call
-        return self._adopt(response.cache, response.handle, call.generation)
+        held = self._adopt(response.cache, response.handle, call.generation)
+        try:
+            check is None or check(response.handle)
+        except Exception as err:
+            try:
+                yield from self.release(held, force=True)
+                err.add_note(f"cache {held.cache_id!r} was allocated, then released again")
+            except KvBrokerError as failed:
+                err.add_note(f"cache {held.cache_id!r} could not be given back ({type(failed).__name__}: {failed})")
+            raise
+        return held
 
     def attach(self, cache_id: str) -> Plan[Held]:
         response = yield (call := self.call("Attach", pb.AttachRequest(cache_id=cache_id)))

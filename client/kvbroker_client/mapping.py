@@ -11,7 +11,8 @@ handle is data from another process, and an unchecked name or size would let it 
 this process at any file or overrun its mapping. A host handle names its
 directory (``HostSegmentHandle.shm_dir``, the daemon's ``--shm-dir``); the name must match
 ``kvbroker.wire.SHM_NAME_PATTERN`` and the directory be absolute without ``..``, and the
-object opened must be the very inode the broker created (``st_dev``/``st_ino``).
+object opened must be the very inode the broker created (``st_dev``/``st_ino``): see
+``kvbroker_client/handles.py``, which checks this without torch.
 
 This module imports torch at once; the rest of the package imports it on first use (see
 ``process_mapper``). Of the broker it imports only ``kvbroker.wire`` and the generated
@@ -23,7 +24,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import stat
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,24 +32,15 @@ from typing import Any, NamedTuple
 import torch
 
 from kvbroker.v1 import broker_pb2
-from kvbroker.wire import REF_COUNTER_NAME_PATTERN, SHM_NAME_PATTERN
+from kvbroker.wire import REF_COUNTER_NAME_PATTERN
+from kvbroker_client.handles import DEFAULT_SHM_DIR, HandleError, StaleHandleError, open_host
 
-#: Where host segments live when the handle does not say (daemons before ``shm_dir``).
-DEFAULT_SHM_DIR = "/dev/shm"
+__all__ = [
+    "DEFAULT_SHM_DIR", "DeviceNotVisibleError", "HandleError", "SegmentKey", "SegmentMapper",
+    "StaleHandleError", "UnsupportedHandleError", "process_mapper",
+]  # fmt: skip
 #: Handle framing versions of torch's caching allocator this client understands.
 _KNOWN_HANDLE_VERSIONS = (1, 2)
-
-
-class HandleError(ValueError):
-    """A handle that cannot be mapped, or a view that does not fit it."""
-
-
-class StaleHandleError(HandleError):
-    """The segment the handle names is gone or is another object now.
-
-    The broker freed the segment or restarted: ask it again (attach the cache) for a
-    fresh handle.
-    """
 
 
 class DeviceNotVisibleError(HandleError):
@@ -223,43 +214,13 @@ class SegmentMapper:
             return len(self._mapped)
 
     def _map_host(self, host: broker_pb2.HostSegmentHandle) -> torch.Tensor:
-        if not SHM_NAME_PATTERN.fullmatch(host.shm_name):
-            raise HandleError(f"shm_name {host.shm_name!r} does not match {SHM_NAME_PATTERN.pattern}")
-        if host.size_bytes == 0:
-            raise HandleError("host segment has size_bytes 0")
-        path = os.path.join(self._host_dir(host.shm_dir), host.shm_name)
+        fd = open_host(host, self._shm_dir)  # validated: see kvbroker_client/handles.py
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)  # never O_CREAT
-        except FileNotFoundError:
-            raise StaleHandleError(f"{path} does not exist: the broker freed the segment or restarted") from None
-        except OSError as err:
-            raise HandleError(f"cannot open {path}: {err.strerror}") from err
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise HandleError(f"{path} is not a regular file")
-            if (st.st_dev, st.st_ino) != (host.st_dev, host.st_ino):
-                raise StaleHandleError(
-                    f"{path} is another object than the handle names (device/inode "
-                    f"{st.st_dev}/{st.st_ino}, expected {host.st_dev}/{host.st_ino})"
-                )
-            if st.st_size < host.size_bytes:
-                raise StaleHandleError(f"{path} has {st.st_size} bytes, fewer than the handle's {host.size_bytes}")
             flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if self._populate else 0)
             mapping = mmap.mmap(fd, host.size_bytes, flags=flags)
         finally:
             os.close(fd)
         return torch.frombuffer(mapping, dtype=torch.uint8)  # keeps `mapping` referenced
-
-    def _host_dir(self, shm_dir: str) -> str:
-        """The handle's directory, or this mapper's default when it names none. Absolute
-        and without ``..``: a handle may name where the broker keeps its objects, never a
-        path relative to this process or one that climbs out of a directory."""
-        if not shm_dir:
-            return self._shm_dir
-        if not os.path.isabs(shm_dir) or ".." in shm_dir.split("/") or "\0" in shm_dir:
-            raise HandleError(f"shm_dir {shm_dir!r} is not an absolute path without '..'")
-        return shm_dir
 
     def _map_cuda(self, handle: broker_pb2.Handle) -> torch.Tensor:
         cuda = handle.cuda

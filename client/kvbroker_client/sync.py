@@ -30,6 +30,9 @@ from kvbroker_client.credentials import Credentials
 from kvbroker_client.core import UNMAP_POLL_SECONDS, ClientCore, Phase
 from kvbroker_client.dtypes import DTypeLike
 from kvbroker_client.errors import from_rpc_error
+from kvbroker_client.handles import check_handle
+from kvbroker_client.summary import summarize
+from kvbroker_client.units import PriorityLike, SizeLike
 
 __all__ = ["BrokerClient"]
 
@@ -126,26 +129,36 @@ class BrokerClient:
         shape: Sequence[int] | None = None,
         cache_id: str = "",
         model_name: str = "",
-        priority: int | None = None,
+        priority: PriorityLike = None,
         pinned: bool = False,
         retain: bool = False,
         device: str = "",
         wait_timeout_ms: int = 0,
+        size: SizeLike | None = None,
+        size_mb: float | None = None,
+        size_gb: float | None = None,
     ) -> Cache:
         """Place a new cache in ``pool`` and hold it.
 
-        Give ``size_bytes``, or ``dtype`` and ``shape`` (then ``tensor()`` defaults to
-        that view); with neither, the pool's default size. The call's deadline is the
-        client timeout plus ``wait_timeout_ms``.
+        Give one size: ``size_bytes``, ``size`` (bytes or a string such as ``"512MiB"``),
+        ``size_mb`` or ``size_gb`` (the kvcached guide's: mebibytes, gibibytes); or
+        ``dtype`` and ``shape`` (then ``tensor()`` defaults to that view); with neither,
+        the pool's default size. ``priority``: an integer, ``"low"`` (-100), ``"normal"``
+        (0) or ``"high"`` (100); None: the pool's (``kvbroker_client/units.py``). The
+        call's deadline is the client timeout plus ``wait_timeout_ms``.
 
         Raises:
             CacheExhausted: no room, even after waiting ``wait_timeout_ms``.
             CacheAlreadyExists, CacheNotFound (the pool), InvalidRequest.
+            HandleError: this process cannot reach the new cache's memory (a host
+                segment it cannot open: it does not share the broker's shm directory);
+                the cache was released again, retained or not.
         """
         held = self.drive(self._core.allocate(
             pool, size_bytes=size_bytes, dtype=dtype, shape=shape, cache_id=cache_id,
             model_name=model_name, priority=priority, pinned=pinned, retain=retain,
-            device=device, wait_timeout_ms=wait_timeout_ms,
+            device=device, wait_timeout_ms=wait_timeout_ms, size=size, size_mb=size_mb, size_gb=size_gb,
+            check=check_handle,
         ))  # fmt: skip
         return Cache(self, held, dtype=dtype, shape=shape)
 
@@ -171,6 +184,12 @@ class BrokerClient:
     def stats(self) -> pb.StatsResponse:
         """Capacity, usage and fragmentation: in total, per device and per pool."""
         return self.drive(self._core.unary("Stats", pb.StatsRequest()))
+
+    def summary(self) -> dict[str, Any]:
+        """``stats()`` as the kvcached guide's ``get_pool_statistics()`` dict:
+        ``total_capacity_gb``, ``total_utilization_pct``, ``avg_fragmentation_pct``,
+        ``device_stats``, ``pool_stats``... (GiB and percent; ``kvbroker_client/summary.py``)."""
+        return summarize(self.stats())
 
     def list_caches(
         self, pool: str = "", model_name: str = "", state: str | int | None = None, page_size: int = 0

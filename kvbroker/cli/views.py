@@ -75,16 +75,36 @@ def render_methods(methods: Sequence[pb.MethodStats]) -> str:
 
 
 def render_defrag(result: pb.DefragmentResponse) -> str:
-    """The ``kvbroker defrag`` text: one sentence of what moved (or would)."""
+    """The ``kvbroker defrag`` text: what moved (or would), the fragmentation a
+    compaction fixes (within segments) apart from what it cannot (across segments), and
+    the moves themselves."""
     noun = "cache" if result.caches_moved == 1 else "caches"
     segs = "segment" if result.segments_freed == 1 else "segments"
     verb, freed = ("would move", "would be freed") if result.dry_run else ("moved", "freed")
     prefix = "dry run: " if result.dry_run else ""
-    return (
+    ratio = lambda before, after: f"{format_ratio(before)} -> {format_ratio(after)}"  # noqa: E731
+    lines = [
         f"{prefix}{verb} {result.caches_moved} {noun} ({format_bytes(result.bytes_moved)}); "
-        f"fragmentation {format_ratio(result.fragmentation_before)} -> {format_ratio(result.fragmentation_after)}; "
-        f"{result.segments_freed} {segs} {freed}; took {result.duration_seconds * 1000:.1f} ms"
-    )
+        f"{result.segments_freed} {segs} {freed} ({format_bytes(result.segments_freed_bytes)} back to the device); "
+        f"took {result.duration_seconds * 1000:.1f} ms",
+        f"free inside segments {format_bytes(result.free_bytes_in_segments)}; largest free range "
+        f"{format_bytes(result.largest_free_extent_before_bytes)} -> {format_bytes(result.largest_free_extent_after_bytes)}",
+        f"fragmentation        {ratio(result.fragmentation_before, result.fragmentation_after)}",
+        f"  within segments    {ratio(result.fragmentation_within_segments_before, result.fragmentation_within_segments_after)}"
+        "   compaction fixes this",
+        f"  across segments    {ratio(result.fragmentation_across_segments_before, result.fragmentation_across_segments_after)}"
+        "   only segments going back fix this (emptied, idle, taken by another pool)",
+    ]
+    if result.moves:
+        rows = [
+            [m.cache_id, m.pool, m.device, format_bytes(m.nbytes), f"{m.from_segment_id}:{format_bytes(m.from_offset)}",
+             f"{m.to_segment_id}:{format_bytes(m.to_offset)}"]
+            for m in result.moves
+        ]  # fmt: skip
+        lines += ["", render_table(("CACHE", "POOL", "DEVICE", "BYTES", "FROM (seg:offset)", "TO"), rows, "lllrll")]
+        if result.moves_total > len(result.moves):
+            lines.append(f"(first {len(result.moves)} of {result.moves_total} moves)")
+    return "\n".join(lines)
 
 
 def render_sessions(sessions: Sequence[pb.SessionInfo]) -> str:

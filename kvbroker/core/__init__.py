@@ -23,6 +23,7 @@ from kvbroker.core.types import (
     is_sessionless,
     EVICTION_CAUSES,
     AllocateResult,
+    Eviction,
     AllocationRequest,
     ArenaCounters,
     BrokerStats,
@@ -35,6 +36,7 @@ from kvbroker.core.types import (
     Event,
     EventKind,
     Extent,
+    Fragmentation,
     Move,
     Placement,
     PoolSpec,
@@ -45,10 +47,10 @@ from kvbroker.core.types import (
 )
 
 __all__ = [
-    "ANONYMOUS_HOLDER", "SESSIONLESS_PREFIX", "is_sessionless", "EVICTION_CAUSES", "POLICIES", "AllocateResult", "AllocationRequest",
+    "ANONYMOUS_HOLDER", "SESSIONLESS_PREFIX", "is_sessionless", "EVICTION_CAUSES", "POLICIES", "AllocateResult", "Eviction", "AllocationRequest",
     "AlreadyExists", "ArenaCounters", "Evicted", "LimitsChange", "Broker", "BrokerError", "BrokerStats", "CacheInfo",
     "CacheState", "CompactionPlan", "DeadlineExceeded", "DeviceSpec", "DeviceStats", "HolderSummary", "Event",
-    "EventKind", "Extent", "FailedPrecondition", "InvalidArgument", "Move", "NotFound",
+    "EventKind", "Extent", "FailedPrecondition", "Fragmentation", "InvalidArgument", "Move", "NotFound",
     "Placement", "PoolSpec", "PoolStats", "ResourceExhausted", "SegmentInfo", "Usage",
     "validate_id",
 ]

@@ -17,8 +17,8 @@ The invariants:
 - States: a PENDING cache is not moving; a MOVING cache is resident, unpinned and moved
   by the compaction freezing its arena; a cache a segment holds but the table forgot was
   freed during the compaction freezing its arena; only caches with holders stay EVICTED.
-- Indexes: the id order, the holder index and the mapper index match the records; pins
-  are counted per holder and every pinner holds the cache.
+- Indexes: the id order, the holder index, each arena's unheld index and the mapper
+  index match the records; pins are counted per holder and every pinner holds the cache.
 """
 
 from __future__ import annotations
@@ -118,6 +118,15 @@ def audit(broker: Broker) -> None:
         if rec.doomed:
             assert rec.state is CacheState.PENDING and not rec.holders, cache_id
     assert holders == caches.holders(), "the holder index differs from the records"
+    unheld: dict[int, set[str]] = {}
+    for cache_id, rec in caches.records.items():
+        if not rec.holders:
+            unheld.setdefault(id(rec.arena), set()).add(cache_id)
+    for pool in ledger.pools.values():
+        for arena in pool.arenas.values():
+            expected = unheld.get(id(arena), set())
+            assert set(arena.unheld) == expected, (pool.spec.name, set(arena.unheld) ^ expected)
+            assert all(caches.get(cache_id) is rec for cache_id, rec in arena.unheld.items())
     ordered = [rec.cache_id for rec in caches.in_order()]
     assert ordered == sorted(caches.records), "the id order differs from the records"
     mapped: dict[str, set[int]] = {}

@@ -11,7 +11,8 @@ backends that the daemon drives, outside its lock, from what is returned here:
 - ``plan_compaction`` / ``begin_compaction`` / copy / ``commit`` (of all moves or a
   prefix) or ``abort_compaction``.
 - Evictions and moves bump the cache's epoch and queue an ``Event`` for its holders
-  (``drain_events``). Retired segments are returned by the call that retired them.
+  (``drain_events``); every eviction is also queued for the daemon's log, held or not
+  (``drain_evictions``). Retired segments are returned by the call that retired them.
 
 Nothing a client or a session triggers costs time proportional to every cache: look-ups
 are by id, a session's end walks its own caches and segments, a ListCaches page costs
@@ -48,6 +49,7 @@ from kvbroker.core.types import (
     DeviceSpec,
     Event,
     EventKind,
+    Eviction,
     HolderSummary,
     PoolSpec,
     SegmentInfo,
@@ -143,6 +145,11 @@ class Broker:
         events = list(self._ledger.events)
         self._ledger.events.clear()
         return events
+
+    def drain_evictions(self) -> tuple[list[Eviction], int]:
+        """Return and clear the evictions since the last call, and how many older ones
+        were dropped meanwhile (see ``Ledger.drain_evictions``)."""
+        return self._ledger.drain_evictions()
 
     # -- allocation -------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ triggers costs time proportional to every cache on the node:
 
 - by id (a dict): every look-up;
 - in id order (``SortedKeys``): a page of ``ListCaches`` costs O(log n + page);
-- by holder (holder -> ids it holds): a session that ends costs O(its caches).
+- by holder (holder -> ids it holds): a session that ends costs O(its caches);
+- unheld, per arena (``ArenaRecord.unheld``): the caches nobody holds, which background
+  reclamation may take, found in O(their number) however many caches are held.
 
 Tombstones remember, for ``TOMBSTONES`` ids, why a cache is gone: a second Release of a
 freed cache is harmless, a holder of an evicted one learns it was evicted, and an id
@@ -115,6 +117,7 @@ class CacheTable:
         for holder in rec.holders:
             self._unindex(holder, cache_id)
         rec.holders.clear()
+        rec.arena.unheld.pop(cache_id, None)
         del self.records[cache_id]
         self._ordered.remove(cache_id)
         if gone is not None:
@@ -129,8 +132,10 @@ class CacheTable:
 
     def hold(self, rec: CacheRecord, holder: str) -> None:
         if holder not in rec.holders:
-            if not rec.holders and retained_resident(rec):
-                rec.arena.idle_retained -= 1
+            if not rec.holders:
+                if retained_resident(rec):
+                    rec.arena.idle_retained -= 1
+                rec.arena.unheld.pop(rec.cache_id, None)
             rec.holders.add(holder)
             held = self._held.get(holder)
             if held is None:
@@ -142,15 +147,19 @@ class CacheTable:
         if holder in rec.holders:
             rec.holders.remove(holder)
             self._unindex(holder, rec.cache_id)
-            if not rec.holders and retained_resident(rec):
-                rec.arena.idle_retained += 1
+            if not rec.holders:
+                if retained_resident(rec):
+                    rec.arena.idle_retained += 1
+                rec.arena.unheld[rec.cache_id] = rec
 
     def unhold_all(self, rec: CacheRecord) -> None:
-        for holder in rec.holders:
-            self._unindex(holder, rec.cache_id)
-        if rec.holders and retained_resident(rec):
-            rec.arena.idle_retained += 1
-        rec.holders.clear()
+        if rec.holders:
+            for holder in rec.holders:
+                self._unindex(holder, rec.cache_id)
+            rec.holders.clear()
+            if retained_resident(rec):
+                rec.arena.idle_retained += 1
+            rec.arena.unheld[rec.cache_id] = rec
 
     def held_by(self, holder: str) -> list[str]:
         """The ids ``holder`` holds, in id order. Cost: O(k log k) for its k caches."""

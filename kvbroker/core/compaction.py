@@ -24,6 +24,14 @@ semantics.
 
 Cost: O(n log n) in the number of caches plus O(holes) per cache for the first fit;
 holes persist only in front of pinned caches, so the scan stays short in practice.
+
+Figures (``fragmentation_of``; README, "Defragment"): of the free bytes inside the
+planned segments, the share outside each segment's largest free range is fragmentation
+*within* segments, what these moves merge; the share in other segments' largest ranges
+than the overall largest is fragmentation *across* segments, which no move merges (a
+cache never leaves its arena, and bytes of two segments are never contiguous): only a
+segment going back to the device, emptied or idle, turns it into budget for any size.
+A plan reports both before and after (emptied segments count as free until they go).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from kvbroker.core.types import CompactionPlan, Extent, Move
+from kvbroker.core.types import CompactionPlan, Extent, Fragmentation, Move
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,18 +61,38 @@ class SegmentLayout:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """The outcome of a plan: the moves, and the free extents' sizes before and after."""
+    """The outcome of a plan: the moves, and the free extents' sizes before and after
+    (all of them, and per segment in the order given)."""
 
     moves: tuple[Move, ...]
     segments_emptied: tuple[int, ...]
     free_before: tuple[int, ...]
     free_after: tuple[int, ...]
+    segment_free_before: tuple[tuple[int, ...], ...] = ()
+    segment_free_after: tuple[tuple[int, ...], ...] = ()
 
 
 def fragmentation(free_extents: Sequence[int]) -> float:
     """``1 - largest free extent / total free`` (0 when nothing is free)."""
     total = sum(free_extents)
     return 0.0 if total == 0 else 1.0 - max(free_extents) / total
+
+
+def fragmentation_of(segments: Iterable[Sequence[int]]) -> Fragmentation:
+    """The figures of free space given as each segment's free extent sizes: within
+    segments (outside each one's largest extent) and across them (in the others'
+    largest extents but the overall largest), as shares of all free bytes. Their sum is
+    ``fragmentation`` of every extent. Cost: O(extents)."""
+    free = largest = sum_of_largest = 0
+    for extents in segments:
+        if extents:
+            top = max(extents)
+            free += sum(extents)
+            sum_of_largest += top
+            largest = max(largest, top)
+    if free == 0:
+        return Fragmentation()
+    return Fragmentation(free, largest, (free - sum_of_largest) / free, (sum_of_largest - largest) / free)
 
 
 def _holes(size: int, occupied: list[tuple[int, int]]) -> list[list[int]]:
@@ -94,14 +122,14 @@ def plan_layout(segments: Sequence[SegmentLayout]) -> Layout:
     are filled, later ones evacuated). Pinned (immovable) occupants never appear in a
     move."""
     moves: list[Move] = []
-    before: list[int] = []
+    before: list[tuple[int, ...]] = []
     # placed[segment_id] = sorted [(offset, nbytes)] after phase 1
     placed: dict[int, list[tuple[int, int]]] = {}
     movable_after: dict[int, list[tuple[int, int, str]]] = {}
 
     for seg in segments:
         occupants = sorted(seg.occupants, key=lambda o: o.offset)
-        before.extend(h[1] for h in _holes(seg.nbytes, [(o.offset, o.nbytes) for o in occupants]))
+        before.append(tuple(h[1] for h in _holes(seg.nbytes, [(o.offset, o.nbytes) for o in occupants])))
         holes: list[list[int]] = []
         pos = 0
         layout: list[tuple[int, int]] = []
@@ -193,12 +221,14 @@ def plan_layout(segments: Sequence[SegmentLayout]) -> Layout:
             movable_after[victim] = []
             emptied.append(victim)
 
-    after = [h[1] for sid in order for h in _holes(sizes[sid], placed[sid])]
+    after = [tuple(h[1] for h in _holes(sizes[sid], placed[sid])) for sid in order]
     return Layout(
         moves=tuple(moves),
         segments_emptied=tuple(emptied),
-        free_before=tuple(before),
-        free_after=tuple(after),
+        free_before=tuple(n for extents in before for n in extents),
+        free_after=tuple(n for extents in after for n in extents),
+        segment_free_before=tuple(before),
+        segment_free_after=tuple(after),
     )
 
 
@@ -207,19 +237,22 @@ def plan_arenas(arenas: Iterable[Sequence[SegmentLayout]], token: int) -> Compac
     cache never moves between arenas). ``token`` identifies the layout planned from."""
     moves: list[Move] = []
     emptied: list[int] = []
-    before: list[int] = []
-    after: list[int] = []
+    before: list[tuple[int, ...]] = []
+    after: list[tuple[int, ...]] = []
     for segments in arenas:
         layout = plan_layout(segments)
         moves.extend(layout.moves)
         emptied.extend(layout.segments_emptied)
-        before.extend(layout.free_before)
-        after.extend(layout.free_after)
+        before.extend(layout.segment_free_before)
+        after.extend(layout.segment_free_after)
+    figures_before, figures_after = fragmentation_of(before), fragmentation_of(after)
     return CompactionPlan(
         moves=tuple(moves),
-        fragmentation_before=fragmentation(before),
-        fragmentation_after=fragmentation(after),
+        fragmentation_before=figures_before.ratio,
+        fragmentation_after=figures_after.ratio,
         segments_emptied=tuple(emptied),
-        largest_free_extent_after=max(after, default=0),
+        largest_free_extent_after=figures_after.largest_free_extent,
         token=token,
+        before=figures_before,
+        after=figures_after,
     )

@@ -19,6 +19,7 @@ Not thread-safe: one owner calls it. Every method is O(1) unless it says otherwi
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 from kvbroker.core.arena import build, layout_of, new_segment_bytes, occupy, vacate
@@ -33,9 +34,15 @@ from kvbroker.core.types import (
     DeviceSpec,
     Event,
     EventKind,
+    Eviction,
     PoolSpec,
     SegmentInfo,
 )
+
+
+#: Evictions kept for the daemon's log between two ``Broker.drain_evictions`` (the
+#: engine drains after every mutation; the bound only matters to a core nobody drains).
+EVICTION_LOG_LIMIT = 65536
 
 
 class Ledger:
@@ -48,6 +55,9 @@ class Ledger:
         self.devices, self.pools = build(devices, pools)
         self.clock = clock
         self.events: list[Event] = []
+        #: Every eviction since the last drain (oldest dropped beyond the limit, counted).
+        self.evictions: deque[Eviction] = deque(maxlen=EVICTION_LOG_LIMIT)
+        self.evictions_dropped = 0
         self.caches = CacheTable(id_prefix)
         self.segments = SegmentTable(self.events, clock)
         #: Compactions in flight, by plan token.
@@ -170,6 +180,11 @@ class Ledger:
         arena.device.eviction_count += 1
         self.eviction_count += 1
         self.queue_event(EventKind.EVICTED, rec, reason)
+        if len(self.evictions) == EVICTION_LOG_LIMIT:
+            self.evictions_dropped += 1
+        self.evictions.append(Eviction(
+            rec.cache_id, rec.pool.spec.name, rec.device_id, rec.reserved_bytes, cause, reason, bool(rec.holders),
+        ))  # fmt: skip
         if not rec.holders:
             self.caches.forget(rec, Gone.EVICTED)
         self.changed()
@@ -204,6 +219,14 @@ class Ledger:
         else:
             seg.arena.free.give(rec.address, rec.reserved_bytes)
         rec.address = -1
+
+    def drain_evictions(self) -> tuple[list[Eviction], int]:
+        """The evictions since the last drain, and how many older ones were dropped
+        (only when more than ``EVICTION_LOG_LIMIT`` piled up undrained)."""
+        evictions, dropped = list(self.evictions), self.evictions_dropped
+        self.evictions.clear()
+        self.evictions_dropped = 0
+        return evictions, dropped
 
     def queue_event(self, kind: EventKind, rec: CacheRecord, reason: str) -> None:
         if rec.holders:

@@ -146,6 +146,10 @@ class ArenaRecord:
     pinned_caches: int = 0
     idle_retained: int = 0
     compaction: Compaction | None = None
+    #: Caches of the arena that nobody holds (retained ones, and PENDING ones whose
+    #: holders left), in the order they became so: what background reclamation may take
+    #: (``reclaim``), found without walking the held ones. Kept by ``CacheTable``.
+    unheld: dict[str, CacheRecord] = field(default_factory=dict)
     #: Cumulative counts for telemetry (``ArenaCounters``): evictions and their bytes by
     #: cause (``EVICTION_CAUSES``), caches freed by a release, compactions that moved
     #: caches of this arena and the bytes they moved.

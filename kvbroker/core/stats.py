@@ -11,7 +11,12 @@ Definitions (the same for every scope: a device, a pool, the whole broker):
 - ``largest_free_extent_bytes``: the largest contiguous free range, inside a segment or
   as a new segment from the unreserved budget.
 - ``fragmentation_ratio``: ``1 - largest free extent / free bytes`` over the free space
-  inside segments (unreserved budget is never fragmented).
+  inside segments (unreserved budget is never fragmented); the sum of
+  ``fragmentation_within_segments_ratio``, the share of free bytes outside their own
+  segment's largest free range (holes between caches: a compaction merges them), and
+  ``fragmentation_across_segments_ratio``, the share in other segments' largest ranges
+  (free space split across segments and pools: no compaction merges it, only segments
+  going back to the device do). See ``kvbroker/core/compaction.py``, ``fragmentation_of``.
 - ``utilization_ratio``: ``allocated / capacity``.
 
 Cost: O(arenas + free extents), never O(caches): every per-cache figure is a counter the
@@ -23,15 +28,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from kvbroker.core.compaction import fragmentation
+from kvbroker.core.compaction import fragmentation_of
+from kvbroker.core.freespace import segment_of
 from kvbroker.core.records import ArenaRecord, DeviceRecord, PoolRecord
 from kvbroker.core.types import ArenaCounters, BrokerStats, DeviceStats, PoolStats, Usage
 
 
 def _usage(arenas: list[ArenaRecord], capacity: int, unreserved: int) -> Usage:
     allocated = sum(a.allocated_bytes for a in arenas)
-    extents = [n for a in arenas for _, n in a.free.extents()]
-    largest_inside = max(extents, default=0)
+    by_segment: dict[int, list[int]] = {}
+    for a in arenas:
+        for addr, n in a.free.extents():
+            by_segment.setdefault(segment_of(addr), []).append(n)
+    figures = fragmentation_of(by_segment.values())
+    largest_inside = figures.largest_free_extent
     return Usage(
         capacity_bytes=capacity,
         reserved_bytes=sum(a.reserved_bytes for a in arenas),
@@ -39,13 +49,15 @@ def _usage(arenas: list[ArenaRecord], capacity: int, unreserved: int) -> Usage:
         pinned_bytes=sum(a.pinned_bytes for a in arenas),
         free_bytes=capacity - allocated,
         largest_free_extent_bytes=max(largest_inside, max(unreserved, 0)),
-        fragmentation_ratio=fragmentation(extents) if extents else 0.0,
+        fragmentation_ratio=figures.ratio,
         utilization_ratio=allocated / capacity if capacity else 0.0,
         active_caches=sum(a.live_caches for a in arenas),
         segments=sum(len(a.segments) + len(a.creating) for a in arenas),
         pending_caches=sum(a.pending_caches for a in arenas),
         pinned_caches=sum(a.pinned_caches for a in arenas),
         idle_retained_caches=sum(a.idle_retained for a in arenas),
+        fragmentation_within_segments_ratio=figures.within_segments,
+        fragmentation_across_segments_ratio=figures.across_segments,
     )
 
 

@@ -11,10 +11,19 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, NamedTuple
 
 from kvbroker.core.errors import InvalidArgument, echo
+from kvbroker.core.figures import (  # noqa: F401  (re-exported: the core's value objects live here)
+    EVICTION_CAUSES,
+    ArenaCounters,
+    BrokerStats,
+    DeviceStats,
+    Eviction,
+    PoolStats,
+    Usage,
+)
 from kvbroker.wire import ID_MAX_CHARS, ID_PATTERN
 
 KiB = 1024
@@ -129,7 +138,8 @@ class PoolSpec:
         priority: default priority of the pool's caches; eviction takes only caches of
             equal or lower priority than the request.
         eviction_policy: a name from ``kvbroker.core.eviction.POLICIES``.
-        gc_threshold: utilization ratio above which background reclamation starts.
+        gc_threshold: utilization ratio above which background reclamation takes the
+            pool's idle retained caches (never held ones: ``kvbroker/core/reclaim.py``).
         block_bytes: allocation granule: cache sizes and offsets are multiples of it.
         segment_bytes: preferred size of a new segment (a larger cache gets a segment
             of its own size).
@@ -345,6 +355,30 @@ class Move:
 
 
 @dataclass(frozen=True, slots=True)
+class Fragmentation:
+    """How the free bytes inside a set of segments lie (``compaction.fragmentation_of``).
+
+    ``within_segments``: the share of the free bytes that lie outside their own
+    segment's largest free range (holes between caches): what compaction merges, except
+    holes in front of pinned caches. ``across_segments``: the share in the other
+    segments' largest ranges: free space split across segments (and pools), which no
+    move merges; only giving segments back to the device does (idle retirement, a
+    segment taken for another pool, one a compaction emptied). Their sum, ``ratio``, is
+    ``1 - largest_free_extent / free_bytes``.
+    """
+
+    free_bytes: int = 0
+    largest_free_extent: int = 0
+    within_segments: float = 0.0
+    across_segments: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        """``within_segments + across_segments``, computed as the classic figure."""
+        return 1.0 - self.largest_free_extent / self.free_bytes if self.free_bytes else 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class CompactionPlan:
     """Moves that pack a set of arenas; computed by ``Broker.plan_compaction``, frozen by
     ``begin_compaction``, applied (wholly or a prefix) by ``commit``.
@@ -361,6 +395,10 @@ class CompactionPlan:
     segments_emptied: tuple[int, ...]
     largest_free_extent_after: int
     token: int
+    #: The free space of the plan's segments before and after the moves (emptied
+    #: segments count as free until they go back: ``Fragmentation.across_segments``).
+    before: Fragmentation = Fragmentation()
+    after: Fragmentation = Fragmentation()
 
     @property
     def bytes_moved(self) -> int:
@@ -389,85 +427,3 @@ class AllocateResult(NamedTuple):
     retired_segments: tuple[SegmentInfo, ...] = ()
     evicted: tuple[str, ...] = ()
     needs_zeroing: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Byte accounting of one scope (a segment set, a pool, a device or the whole broker).
-
-    ``capacity_bytes`` is the scope's budget (device capacity; for a pool, the bytes of
-    its segments). ``fragmentation_ratio`` is ``1 - largest_free_extent / free`` over
-    free space inside segments (0 when nothing is free). ``active_caches`` counts
-    RESIDENT and PENDING caches; of them, ``pending_caches`` are being backed,
-    ``pinned_caches`` are pinned and ``idle_retained_caches`` are retained, resident and
-    held by nobody (the first to go under pressure).
-    """
-
-    capacity_bytes: int
-    reserved_bytes: int
-    allocated_bytes: int
-    pinned_bytes: int
-    free_bytes: int
-    largest_free_extent_bytes: int
-    fragmentation_ratio: float
-    utilization_ratio: float
-    active_caches: int
-    segments: int
-    pending_caches: int = 0
-    pinned_caches: int = 0
-    idle_retained_caches: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceStats:
-    device_id: str
-    usage: Usage
-    allocation_count: int
-    eviction_count: int
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStats:
-    pool: str
-    usage: Usage
-    min_bytes: int
-    max_bytes: int
-    priority: int
-    eviction_policy: str
-    allocation_count: int
-    eviction_count: int
-
-
-#: Why a cache was evicted, as a bounded label value: ``idle`` (an idle retained cache
-#: reclaimed under pressure), ``policy`` (the pool's policy made room), ``reclaim`` (its
-#: segment was taken for another pool), ``threshold`` (background reclamation above
-#: ``gc_threshold``), ``operator`` (an operator's Evict, or a lowered ``max_bytes``).
-EVICTION_CAUSES = ("idle", "policy", "reclaim", "threshold", "operator")
-
-
-@dataclass(frozen=True, slots=True)
-class ArenaCounters:
-    """Cumulative counts of one pool's share of one device since the broker started
-    (they only grow). ``evictions`` and ``evicted_bytes`` are ``(cause, n)`` pairs, one
-    per cause of ``EVICTION_CAUSES`` that happened."""
-
-    pool: str
-    device_id: str
-    evictions: tuple[tuple[str, int], ...] = ()
-    evicted_bytes: tuple[tuple[str, int], ...] = ()
-    releases: int = 0
-    compactions: int = 0
-    moved_bytes: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerStats:
-    """One consistent snapshot: every figure of the seeds' ``get_pool_statistics``, and
-    the cumulative counters per arena (pool x device) that telemetry exports."""
-
-    total: Usage
-    allocation_count: int
-    eviction_count: int
-    devices: tuple[DeviceStats, ...] = field(default_factory=tuple)
-    pools: tuple[PoolStats, ...] = field(default_factory=tuple)
-    arenas: tuple[ArenaCounters, ...] = field(default_factory=tuple)

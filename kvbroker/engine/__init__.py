@@ -5,13 +5,21 @@ other modules are its parts. See ``engine.py`` for the concurrency invariant.
 """
 
 from kvbroker.engine.background import EngineSettings
-from kvbroker.engine.engine import CachePage, DefragmentResult, Engine, EngineStatus, SessionView
+from kvbroker.engine.engine import (
+    MAX_LISTED_MOVES,
+    CachePage,
+    DefragmentResult,
+    Engine,
+    EngineStatus,
+    MoveView,
+    SessionView,
+)
 from kvbroker.engine.handles import CacheHandle
 from kvbroker.engine.ports import LiveFigures, MethodStats, NullObserver, Observer, RpcStats, Span
 from kvbroker.engine.sessions import SessionEnded, SessionEvent, SessionOpened
 
 __all__ = [
-    "CacheHandle", "CachePage", "DefragmentResult", "Engine", "EngineSettings", "EngineStatus",
-    "LiveFigures", "MethodStats", "NullObserver", "Observer", "RpcStats", "SessionEnded", "SessionEvent",
+    "MAX_LISTED_MOVES", "CacheHandle", "CachePage", "DefragmentResult", "Engine", "EngineSettings",
+    "EngineStatus", "LiveFigures", "MoveView", "MethodStats", "NullObserver", "Observer", "RpcStats", "SessionEnded", "SessionEvent",
     "SessionOpened", "SessionView", "Span",
 ]

@@ -22,7 +22,9 @@ mutations and see a consistent state.
 Sessions are the holders: every handle handed to a session is recorded as a mapping of
 its segment; a session that ends (its Watch stream breaks, its lease runs out) loses
 its holds, pins and mappings, and the core's events (EVICTED, MOVED, SEGMENT_RETIRED)
-are queued for the sessions they concern after every mutation (``_settle``).
+are queued for the sessions they concern after every mutation (``_settle``), and every
+eviction the core made is logged there (INFO: cache, pool, device, bytes, cause, reason),
+whichever path made it: the pressure ladder, background reclamation, a taken segment.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from kvbroker.core import (
     Evicted,
     Event,
     EventKind,
+    Extent,
+    Fragmentation,
     LimitsChange,
     SegmentInfo,
 )
@@ -62,8 +66,30 @@ from kvbroker.wire import SessionEndReason
 log = logging.getLogger(__name__)
 
 
+#: Moves a defragment lists one by one (the count covers them all): enough to see which
+#: caches a compaction would touch, bounded so a node of 100k caches answers in one page.
+MAX_LISTED_MOVES = 1000
+
+
+class MoveView(NamedTuple):
+    """One move of a compaction as operators see it (``DefragmentResult.moves``)."""
+
+    cache_id: str
+    pool: str
+    device_id: str
+    source: Extent
+    destination: Extent
+
+
 @dataclass(frozen=True, slots=True)
 class DefragmentResult:
+    """What a defragment did (or, ``dry_run``, would do). ``before``/``after``: the free
+    space of the compacted segments (``Fragmentation``: within segments, what the moves
+    merge, apart from across segments, what only segments going back fix).
+    ``segments_freed``: segments the moves empty (back to the device now, or once their
+    mappers unmapped them), of ``segments_freed_bytes``. ``moves``: the first
+    ``MAX_LISTED_MOVES`` of ``moves_total``, in plan order."""
+
     caches_moved: int
     bytes_moved: int
     fragmentation_before: float
@@ -71,6 +97,11 @@ class DefragmentResult:
     segments_freed: int
     duration_seconds: float
     dry_run: bool
+    before: Fragmentation = Fragmentation()
+    after: Fragmentation = Fragmentation()
+    segments_freed_bytes: int = 0
+    moves: tuple[MoveView, ...] = ()
+    moves_total: int = 0
 
 
 class SessionView(NamedTuple):
@@ -352,22 +383,29 @@ class Engine:
     async def defragment(self, *, device: str | None, pool: str | None, dry_run: bool) -> DefragmentResult:
         """Compact now: plan, copy in threads, commit, free emptied segments. Waits for
         compactions already in flight first. Raises the copy's error after committing
-        the moves that completed."""
+        the moves that completed (so a result always describes the whole plan)."""
         started = time.perf_counter()
         await self._compactions.quiet()
         plan = self.broker.plan_compaction(device=device, pool=pool)
-        moved, nbytes, freed = plan.caches_moved, plan.bytes_moved, len(plan.segments_emptied)
+        # Read at plan time: the moves' segments exist now, emptied ones may not later.
+        segment = self.broker.segment
+        listed = []
+        for move in plan.moves[:MAX_LISTED_MOVES]:
+            info = segment(move.source.segment_id)
+            listed.append(MoveView(move.cache_id, info.pool, info.device_id, move.source, move.destination))
+        freed_bytes = sum(segment(sid).nbytes for sid in plan.segments_emptied)
+        moved, nbytes = plan.caches_moved, plan.bytes_moved
         if not dry_run and plan.moves:
             outcome = await self._compactions.run(plan)
             if outcome.error is not None:
                 raise outcome.error
-            moved, nbytes, freed = outcome.completed, outcome.bytes_moved, outcome.segments_freed
-        elif not dry_run:
-            freed = 0
+            moved, nbytes = outcome.completed, outcome.bytes_moved
         return DefragmentResult(
             caches_moved=moved, bytes_moved=nbytes,
             fragmentation_before=plan.fragmentation_before, fragmentation_after=plan.fragmentation_after,
-            segments_freed=freed, duration_seconds=time.perf_counter() - started, dry_run=dry_run,
+            segments_freed=len(plan.segments_emptied), duration_seconds=time.perf_counter() - started,
+            dry_run=dry_run, before=plan.before, after=plan.after, segments_freed_bytes=freed_bytes,
+            moves=tuple(listed), moves_total=len(plan.moves),
         )  # fmt: skip
 
     # -- operators --------------------------------------------------------------------
@@ -424,7 +462,24 @@ class Engine:
         events = self.broker.drain_events()
         if events:
             self._sessions.deliver(events)
+        evictions, dropped = self.broker.drain_evictions()
+        for e in evictions:
+            log.info("evicted cache %s (pool %s, device %s, %s = %d bytes, cause %s%s): %s",
+                     e.cache_id, e.pool, e.device_id, _human_bytes(e.nbytes), e.nbytes, e.cause,
+                     "" if e.held else ", no holder", e.reason)  # fmt: skip
+        if dropped:
+            log.warning("%d more evictions were not logged one by one (more than the core keeps)", dropped)
         if retired:
             self._device.free_soon(retired)
         if memory_freed or retired:
             self._allocator.queue.wake_head()
+
+
+def _human_bytes(nbytes: int) -> str:
+    """``1.37 GiB``: the eviction log's size for people (the exact count follows it)."""
+    size, unit = float(nbytes), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{nbytes} B" if unit == "B" else f"{size:.2f} {unit}"

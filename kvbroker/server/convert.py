@@ -339,6 +339,7 @@ def _add_rpc_stats(response: pb.StatsResponse, rpc: RpcStats | None) -> pb.Stats
 
 
 def defragment_message(result: DefragmentResult) -> pb.DefragmentResponse:
+    before, after = result.before, result.after
     return pb.DefragmentResponse(
         caches_moved=result.caches_moved,
         bytes_moved=result.bytes_moved,
@@ -347,6 +348,23 @@ def defragment_message(result: DefragmentResult) -> pb.DefragmentResponse:
         segments_freed=result.segments_freed,
         duration_seconds=result.duration_seconds,
         dry_run=result.dry_run,
+        fragmentation_within_segments_before=before.within_segments,
+        fragmentation_within_segments_after=after.within_segments,
+        fragmentation_across_segments_before=before.across_segments,
+        fragmentation_across_segments_after=after.across_segments,
+        free_bytes_in_segments=before.free_bytes,
+        largest_free_extent_before_bytes=before.largest_free_extent,
+        largest_free_extent_after_bytes=after.largest_free_extent,
+        segments_freed_bytes=result.segments_freed_bytes,
+        moves=[
+            pb.PlannedMove(
+                cache_id=m.cache_id, pool=m.pool, device=m.device_id, nbytes=m.source.nbytes,
+                from_segment_id=m.source.segment_id, from_offset=m.source.offset,
+                to_segment_id=m.destination.segment_id, to_offset=m.destination.offset,
+            )
+            for m in result.moves
+        ],
+        moves_total=result.moves_total,
     )
 
 

@@ -420,8 +420,28 @@ class DefragmentRequest(_message.Message):
     dry_run: bool
     def __init__(self, device: _Optional[str] = ..., pool: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
+class PlannedMove(_message.Message):
+    __slots__ = ("cache_id", "pool", "device", "nbytes", "from_segment_id", "from_offset", "to_segment_id", "to_offset")
+    CACHE_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    FROM_SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TO_SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    cache_id: str
+    pool: str
+    device: str
+    nbytes: int
+    from_segment_id: int
+    from_offset: int
+    to_segment_id: int
+    to_offset: int
+    def __init__(self, cache_id: _Optional[str] = ..., pool: _Optional[str] = ..., device: _Optional[str] = ..., nbytes: _Optional[int] = ..., from_segment_id: _Optional[int] = ..., from_offset: _Optional[int] = ..., to_segment_id: _Optional[int] = ..., to_offset: _Optional[int] = ...) -> None: ...
+
 class DefragmentResponse(_message.Message):
-    __slots__ = ("caches_moved", "bytes_moved", "fragmentation_before", "fragmentation_after", "segments_freed", "duration_seconds", "dry_run")
+    __slots__ = ("caches_moved", "bytes_moved", "fragmentation_before", "fragmentation_after", "segments_freed", "duration_seconds", "dry_run", "fragmentation_within_segments_before", "fragmentation_within_segments_after", "fragmentation_across_segments_before", "fragmentation_across_segments_after", "free_bytes_in_segments", "largest_free_extent_before_bytes", "largest_free_extent_after_bytes", "segments_freed_bytes", "moves", "moves_total")
     CACHES_MOVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
     FRAGMENTATION_BEFORE_FIELD_NUMBER: _ClassVar[int]
@@ -429,6 +449,16 @@ class DefragmentResponse(_message.Message):
     SEGMENTS_FREED_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTATION_WITHIN_SEGMENTS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTATION_WITHIN_SEGMENTS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTATION_ACROSS_SEGMENTS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTATION_ACROSS_SEGMENTS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_IN_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    LARGEST_FREE_EXTENT_BEFORE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LARGEST_FREE_EXTENT_AFTER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MOVES_FIELD_NUMBER: _ClassVar[int]
+    MOVES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     caches_moved: int
     bytes_moved: int
     fragmentation_before: float
@@ -436,7 +466,17 @@ class DefragmentResponse(_message.Message):
     segments_freed: int
     duration_seconds: float
     dry_run: bool
-    def __init__(self, caches_moved: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., fragmentation_before: _Optional[float] = ..., fragmentation_after: _Optional[float] = ..., segments_freed: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    fragmentation_within_segments_before: float
+    fragmentation_within_segments_after: float
+    fragmentation_across_segments_before: float
+    fragmentation_across_segments_after: float
+    free_bytes_in_segments: int
+    largest_free_extent_before_bytes: int
+    largest_free_extent_after_bytes: int
+    segments_freed_bytes: int
+    moves: _containers.RepeatedCompositeFieldContainer[PlannedMove]
+    moves_total: int
+    def __init__(self, caches_moved: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., fragmentation_before: _Optional[float] = ..., fragmentation_after: _Optional[float] = ..., segments_freed: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., dry_run: _Optional[bool] = ..., fragmentation_within_segments_before: _Optional[float] = ..., fragmentation_within_segments_after: _Optional[float] = ..., fragmentation_across_segments_before: _Optional[float] = ..., fragmentation_across_segments_after: _Optional[float] = ..., free_bytes_in_segments: _Optional[int] = ..., largest_free_extent_before_bytes: _Optional[int] = ..., largest_free_extent_after_bytes: _Optional[int] = ..., segments_freed_bytes: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[PlannedMove, _Mapping]]] = ..., moves_total: _Optional[int] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("session_id", "client_name", "pid", "host")

@@ -201,3 +201,23 @@ def test_pool_set_parses_sizes(monkeypatch):
     args = parser.parse_args(["pool", "set", "vista", "--max", "4GiB", "--min", "512MiB", "--priority", "-3"])
     assert (args.max, args.min, args.priority) == (4 * GiB, 512 * MiB, -3)
     assert parser.parse_args(["pool", "set", "v", "--max", "1073741824"]).max == GiB
+
+
+def test_defrag_shows_what_compaction_fixes_apart_from_what_it_cannot_and_the_moves():
+    from kvbroker.cli.views import render_defrag
+    from kvbroker.v1 import broker_pb2 as pb
+
+    result = pb.DefragmentResponse(
+        caches_moved=2, bytes_moved=2 << 20, dry_run=True, fragmentation_before=0.5, fragmentation_after=0.5,
+        fragmentation_within_segments_before=0.333, fragmentation_within_segments_after=0.0,
+        fragmentation_across_segments_before=0.167, fragmentation_across_segments_after=0.5,
+        free_bytes_in_segments=6 << 20, largest_free_extent_before_bytes=3 << 20, largest_free_extent_after_bytes=3 << 20,
+        moves=[pb.PlannedMove(cache_id="c1", pool="p", device="host", nbytes=1 << 20, from_segment_id=1,
+                              from_offset=1 << 20, to_segment_id=1, to_offset=0)],
+        moves_total=2,
+    )  # fmt: skip
+    text = render_defrag(result)
+    assert text.startswith("dry run: would move 2 caches")
+    assert "within segments    33.3% -> 0.0%   compaction fixes this" in text
+    assert "across segments    16.7% -> 50.0%   only segments going back" in text
+    assert "c1" in text and "1:1.00 MiB" in text and "(first 1 of 2 moves)" in text

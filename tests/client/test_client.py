@@ -175,3 +175,91 @@ def test_async_client_has_the_same_surface(fake_broker, host_segment) -> None:
     asyncio.run(scenario())
     names = [name for name, _, _ in fake_broker.broker.calls]
     assert names[:4] == ["Allocate", "Pin", "Unpin", "Release"] and names[-1] == "Release"
+
+
+# -- the kvcached guide's vocabulary (issue 10, "the seeds' API") ------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, size",
+    [
+        ({"size_mb": 512}, 512 << 20),
+        ({"size_mb": 0.5}, 512 << 10),
+        ({"size_gb": 1.5}, 3 << 29),
+        ({"size": "512MiB"}, 512 << 20),
+        ({"size": "512 mib"}, 512 << 20),
+        ({"size": "2Gi"}, 2 << 30),
+        ({"size": "1.5GB"}, 1_500_000_000),
+        ({"size": "64KiB"}, 64 << 10),
+        ({"size": "4096"}, 4096),
+        ({"size": 4096}, 4096),
+        ({"size_bytes": 4096}, 4096),
+    ],
+)
+def test_sizes_as_the_guide_and_the_config_write_them(kwargs, size) -> None:
+    assert allocate_request("vista", **kwargs).size_bytes == size
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"size": "512 potatoes"}, "size"),
+        ({"size": "MiB"}, "size"),
+        ({"size": -1}, "size"),
+        ({"size": True}, "size"),
+        ({"size_mb": -1}, "size_mb"),
+        ({"size_mb": float("nan")}, "size_mb"),
+        ({"size_gb": "1"}, "size_gb"),
+        ({"size_mb": 1, "size_bytes": 1}, "size_bytes/size_mb"),
+        ({"priority": "urgent"}, "priority"),
+    ],
+)
+def test_sizes_and_priorities_that_are_not_name_the_argument(kwargs, field) -> None:
+    with pytest.raises(InvalidRequest, match=f"^{field}: "):
+        allocate_request(**kwargs)
+
+
+def test_priority_names_are_documented_numbers() -> None:
+    from kvbroker_client import PRIORITIES
+
+    assert PRIORITIES == {"low": -100, "normal": 0, "high": 100}
+    for name, value in PRIORITIES.items():
+        assert allocate_request(priority=name).priority == value
+        assert allocate_request(priority=name.upper()).priority == value
+    assert allocate_request(priority=7).priority == 7
+    assert not allocate_request().HasField("priority"), "none given: the pool's"
+
+
+def test_summary_gives_the_guides_figures_in_its_units() -> None:
+    from kvbroker.v1 import broker_pb2 as pb
+    from kvbroker_client import summarize
+
+    GiB = 1 << 30
+
+    def usage(capacity, allocated, fragmentation, caches):
+        return pb.Usage(total_capacity_bytes=capacity, total_allocated_bytes=allocated,
+                        utilization_ratio=allocated / capacity, fragmentation_ratio=fragmentation,
+                        active_caches=caches, allocation_count=9, eviction_count=2)  # fmt: skip
+
+    stats = pb.StatsResponse(
+        total_capacity_bytes=32 * GiB, total_allocated_bytes=8 * GiB, utilization_ratio=0.25,
+        fragmentation_ratio=0.03, active_caches=24, allocation_count=156, eviction_count=8,
+        free_bytes=24 * GiB, pinned_bytes=GiB, largest_free_extent_bytes=4 * GiB,
+        devices=[pb.DeviceStats(device=f"GPU-{i}", usage=usage(8 * GiB, 2 * GiB, 0.02 * i, 6)) for i in range(4)],
+        pools=[pb.PoolStats(pool="vista", usage=usage(4 * GiB, GiB, 0.1, 3), min_bytes=GiB // 2,
+                            max_bytes=4 * GiB, priority=10, eviction_policy="adaptive")],
+    )  # fmt: skip
+    summary = summarize(stats)
+    assert summary["total_capacity_gb"] == 32.0 and summary["total_allocated_gb"] == 8.0
+    assert summary["total_utilization_pct"] == 25.0
+    assert summary["avg_fragmentation_pct"] == pytest.approx(3.0), "the mean of 0, 2, 4 and 6 %"
+    assert (summary["total_active_caches"], summary["total_allocation_count"], summary["total_eviction_count"]) == (
+        24, 156, 8)
+    assert (summary["num_devices"], summary["total_free_gb"], summary["total_pinned_gb"]) == (4, 24.0, 1.0)
+    assert summary["device_stats"]["GPU-1"] == {
+        "capacity_gb": 8.0, "allocated_gb": 2.0, "utilization_pct": 25.0, "fragmentation_pct": 2.0,
+        "active_caches": 6,
+    }  # fmt: skip
+    vista = summary["pool_stats"]["vista"]
+    assert (vista["max_gb"], vista["min_gb"], vista["priority"], vista["eviction_policy"]) == (4.0, 0.5, 10, "adaptive")
+    assert summarize(pb.StatsResponse())["avg_fragmentation_pct"] == 0.0

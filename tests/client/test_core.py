@@ -204,3 +204,29 @@ def test_a_forced_release_of_a_lost_cache_never_frees_another_cache_of_that_id()
     with pytest.raises(StopIteration) as done:
         plan.send(pb.ReleaseResponse())
     assert done.value.value is False and reborn.released
+
+
+def test_an_allocation_this_process_cannot_reach_is_given_back_before_the_error() -> None:
+    """Issue 10.1: a failed ``allocate()`` leaves no cache behind, retained or not."""
+    from kvbroker_client import BrokerUnavailable, StaleHandleError
+
+    def unreachable(handle: pb.Handle) -> None:
+        raise StaleHandleError("/dev/shm/kvb-1-i-1-1 does not exist")
+
+    core = ClientCore("t", 5.0, None)
+    opened(core)
+    plan = core.allocate(size_bytes=64, retain=True, check=unreachable)
+    assert next(plan).method == "Allocate"
+    release = plan.send(cache("k", retain=True))
+    assert release.method == "Release" and release.request == pb.ReleaseRequest(cache_id="k", force=True)
+    with pytest.raises(StaleHandleError) as raised:
+        plan.send(pb.ReleaseResponse(freed=True))
+    assert raised.value.__notes__ == ["cache 'k' was allocated, then released again"]
+    assert core._held == {}
+
+    plan = core.allocate(size_bytes=64, retain=True, check=unreachable)
+    next(plan)
+    plan.send(cache("m", retain=True))
+    with pytest.raises(StaleHandleError) as raised:
+        plan.throw(BrokerUnavailable("connection refused"))
+    assert "could not be given back (BrokerUnavailable" in raised.value.__notes__[0]

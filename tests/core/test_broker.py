@@ -997,3 +997,33 @@ def test_a_request_that_cannot_succeed_evicts_nothing() -> None:
     place(b, 16 * K, cache_id="new")
     assert b.stats().eviction_count == 2
     audit(b)
+
+
+def test_defragment_figures_tell_what_compaction_fixes_from_what_it_cannot() -> None:
+    """Issue 10.5: on a device a plan said "fragmentation 40% -> 40%" while the same plan
+    on the pool said "50% -> 0%". The device's free space is split across two pools'
+    segments, which no move merges; the figures now say so apart."""
+    b = make(
+        pools=[PoolSpec("p", ("d0",), block_bytes=4 * K, segment_bytes=64 * K),
+               PoolSpec("q", ("d0",), block_bytes=4 * K, segment_bytes=64 * K)],
+        devices=[DeviceSpec("d0", 256 * K)],
+    )
+    for name in "abcd":
+        alloc(b, 16 * K, cache_id=name, holder="s1")
+    alloc(b, 16 * K, pool="q", cache_id="q1", holder="s1")  # q's segment: 48 KiB free at its end
+    b.release("a", "s1")
+    b.release("c", "s1")  # p's segment: two 16 KiB holes
+    device, pool = b.plan_compaction(device="d0"), b.plan_compaction(pool="p")
+    assert device.moves == pool.moves and device.caches_moved == 2
+    # The classic figure cannot tell: 1 - 48/80 before and after on the device.
+    assert device.fragmentation_before == device.fragmentation_after == pytest.approx(0.4)
+    assert (device.before.free_bytes, device.before.largest_free_extent) == (80 * K, 48 * K)
+    assert (device.before.within_segments, device.before.across_segments) == (pytest.approx(0.2), pytest.approx(0.2))
+    assert (device.after.within_segments, device.after.across_segments) == (0.0, pytest.approx(0.4))
+    assert (pool.before.within_segments, pool.after.within_segments, pool.after.across_segments) == (0.5, 0.0, 0.0)
+    b.commit(device)
+    usage = next(d.usage for d in b.stats().devices)
+    assert usage.fragmentation_ratio == pytest.approx(0.4)
+    assert (usage.fragmentation_within_segments_ratio, usage.fragmentation_across_segments_ratio) == (
+        0.0, pytest.approx(0.4)), "what is left no compaction can fix"
+    assert b.plan_compaction(device="d0").moves == ()

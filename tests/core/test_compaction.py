@@ -11,9 +11,10 @@ from kvbroker.core.compaction import (
     Occupant,
     SegmentLayout,
     fragmentation,
+    fragmentation_of,
     plan_layout,
 )
-from kvbroker.core.types import Extent
+from kvbroker.core.types import Extent, Fragmentation
 
 
 def seg(segment_id: int, nbytes: int, *occupants: tuple) -> SegmentLayout:
@@ -82,6 +83,32 @@ def test_fragmentation_figure() -> None:
     assert fragmentation([100]) == 0.0
     assert fragmentation([50, 50]) == pytest.approx(0.5)
     assert fragmentation([10, 30]) == pytest.approx(0.25)
+
+
+def test_fragmentation_within_and_across_segments() -> None:
+    """Issue 10.5: holes between caches (compaction merges them) apart from free space
+    split across segments (only giving segments back does)."""
+    assert fragmentation_of([]) == fragmentation_of([(), ()]) == Fragmentation()
+    one = fragmentation_of([(16, 16)])  # one segment, two holes: all of it within
+    assert (one.free_bytes, one.largest_free_extent, one.within_segments, one.across_segments) == (32, 16, 0.5, 0.0)
+    two = fragmentation_of([(16, 16), (48,)])  # and a second segment's free tail
+    assert (two.free_bytes, two.largest_free_extent) == (80, 48)
+    assert (two.within_segments, two.across_segments) == (pytest.approx(0.2), pytest.approx(0.2))
+    packed = fragmentation_of([(32,), (48,)])  # what compaction makes of it: only across left
+    assert (packed.within_segments, packed.across_segments) == (0.0, pytest.approx(0.4))
+    for figures, extents in ((one, [16, 16]), (two, [16, 16, 48]), (packed, [32, 48])):
+        assert figures.ratio == pytest.approx(fragmentation(extents))
+        assert figures.ratio == pytest.approx(figures.within_segments + figures.across_segments)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 1000), max_size=5), max_size=6))
+def test_the_two_shares_add_up_to_the_classic_figure(segments) -> None:
+    figures = fragmentation_of(segments)
+    assert figures.free_bytes == sum(map(sum, segments))
+    assert 0.0 <= figures.within_segments <= 1.0 and 0.0 <= figures.across_segments <= 1.0
+    assert figures.ratio == pytest.approx(fragmentation([n for s in segments for n in s]))
+    assert figures.within_segments + figures.across_segments == pytest.approx(figures.ratio)
 
 
 # --- phase 1: within a segment ----------------------------------------------------------

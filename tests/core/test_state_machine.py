@@ -3,7 +3,8 @@
 A ``RuleBasedStateMachine`` runs a few pools (different policies, minimums and quotas) on
 two devices through allocate (with compaction results replayed and committed, and some
 backend failures aborted), release (with force), attach, pin, unpin, evict, compaction,
-idle retirement, session drops and event draining. The model tracks every record's
+idle retirement, background reclamation (which must never take a held cache), session
+drops and event draining (every eviction is also in ``drain_evictions``, for the log). The model tracks every record's
 holders, pins, state and epoch, and every event the broker owes its holders. After every
 step it checks the accounting (``audit`` and independent sums), that extents never
 overlap, that quotas and minimums hold, that pinned caches never move or vanish, and,
@@ -39,6 +40,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 
+import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -145,6 +147,7 @@ class BrokerMachine(RuleBasedStateMachine):
         self.ids: list[str] = []
         self.serial = 0
         self.expected_events: list[tuple] = []
+        self.expected_evictions: list[tuple[str, str, bool]] = []  # (cache, pool, held) to log
         self.reserved_before: dict[str, int] = {}
         self.shrink_ok: set[str] = set()
         # Sessions and mappings.
@@ -271,6 +274,7 @@ class BrokerMachine(RuleBasedStateMachine):
         rec = self.records[cid]
         assert self.pin_count(cid) == 0, f"pinned cache {cid} was evicted"
         assert self._arena(self.where[cid]) not in self._frozen(), f"{cid} evicted from a frozen arena"
+        self.expected_evictions.append((cid, rec.pool, bool(rec.holders)))
         del self.pattern[cid], self.where[cid]
         rec.epoch += 1
         self._event(EventKind.EVICTED, cid, rec.epoch, rec.holders)
@@ -816,6 +820,10 @@ class BrokerMachine(RuleBasedStateMachine):
             assert device is None or info.device_id == device
             assert pool is None or info.pool == pool
         assert 0.0 <= plan.fragmentation_after <= 1.0 and 0.0 <= plan.fragmentation_before <= 1.0
+        for figures, total in ((plan.before, plan.fragmentation_before), (plan.after, plan.fragmentation_after)):
+            assert figures.ratio == total
+            assert figures.within_segments + figures.across_segments == pytest.approx(total, abs=1e-9)
+        assert plan.after.free_bytes == plan.before.free_bytes, "moves neither free nor take bytes"
         if stale == 0 and plan.moves:
             cid = plan.moves[0].cache_id
             holder = sorted(self.records[cid].holders or {""})[0]
@@ -873,6 +881,29 @@ class BrokerMachine(RuleBasedStateMachine):
                         self.inbox[session].append((sid, generation))
         self.expected_events = []
         assert self.b.drain_events() == []
+        # Every eviction is told to the daemon's log, held or not (issue 10.3).
+        evictions, dropped = self.b.drain_evictions()
+        assert dropped == 0
+        got_evictions = sorted((e.cache_id, e.pool, e.held) for e in evictions)
+        assert got_evictions == sorted(self.expected_evictions), (got_evictions, self.expected_evictions)
+        self.expected_evictions = []
+
+    @rule(batch=st.sampled_from([1, 2, 64]))
+    def reclaim(self, batch) -> None:
+        """Background reclamation: above a threshold it takes idle retained caches only
+        (resident, retained, no holder, no pin, not frozen); never a held one (issue 10.3)."""
+        frozen = self._frozen()
+        self._begin(set())
+        evicted = self.b.reclaim(max_victims=batch)
+        assert len(evicted) == len(set(evicted)) <= batch
+        for cid in evicted:
+            rec = self.records[cid]
+            assert not rec.holders, f"reclamation evicted {cid}, which {sorted(rec.holders)} hold"
+            assert rec.retain and rec.state == "resident" and not self.pin_count(cid), cid
+            assert self._arena(self.where[cid]) not in frozen, cid
+        self._settle(lambda cid: cid in evicted)
+        if evicted:
+            event("reclaim: evicted")
 
     # -- sessions ---------------------------------------------------------------------
 
@@ -1255,6 +1286,8 @@ class BrokerMachine(RuleBasedStateMachine):
                     == in_segments)
             assert u.free_bytes == u.capacity_bytes - u.allocated_bytes
             assert 0.0 <= u.fragmentation_ratio < 1.0 and 0.0 <= u.utilization_ratio <= 1.0
+            assert u.fragmentation_within_segments_ratio + u.fragmentation_across_segments_ratio == pytest.approx(
+                u.fragmentation_ratio, abs=1e-9)
         for p in stats.pools:
             spec = SPEC[p.pool]
             assert p.usage.reserved_bytes <= p.max_bytes

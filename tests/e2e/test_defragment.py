@@ -82,6 +82,12 @@ def test_defragment_moves_unpinned_caches_and_keeps_their_bytes(daemon):
         moved = [cid for cid in expected if after[cid][3] != offsets[cid]]
         assert len(moved) == result.caches_moved
         assert pinned.cache_id not in moved
+        # The dry run named each of them, from where to where they went (issue 10.5).
+        assert dry.moves_total == len(dry.moves) == len(moved)
+        assert {m.cache_id: (m.from_offset, m.to_offset, m.nbytes, m.pool) for m in dry.moves} == {
+            cid: (offsets[cid], after[cid][3], 2 * MiB, "default") for cid in moved
+        }
+        assert result.fragmentation_within_segments_after == 0.0
         assert client.stats().pools[0].usage.fragmentation_ratio == 0.0
 
         pinned.unpin()

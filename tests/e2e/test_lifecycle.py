@@ -1,13 +1,15 @@
 """Start and stop: zero-config start, config errors that name the key, SIGTERM with calls
-in flight, nothing left in /dev/shm, stale objects of a dead broker removed at start."""
+in flight, nothing left in its shm directory, stale objects of a dead broker removed at start."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -79,25 +81,25 @@ def test_pool_device_error_names_the_key(tmp_path):
 def test_stale_shm_objects_of_a_dead_broker_are_removed_at_start(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    # The directory both brokers used (a shared --shm-dir, as /dev/shm is by default).
+    shared = tempfile.mkdtemp(prefix="kvb-test-", dir="/dev/shm")
     # A dead broker leaves its objects and its lock file (kvbroker/memory/owner.py): the
     # unlocked lock file is what proves it dead, whatever PID namespace it ran in.
-    stale = f"/dev/shm/kvb-{dead.pid}-deadbeef-1-1"
-    lock = f"/dev/shm/kvb-{dead.pid}-deadbeef.lock"
+    stale = f"{shared}/kvb-{dead.pid}-deadbeef-1-1"
+    lock = f"{shared}/kvb-{dead.pid}-deadbeef.lock"
     # An object with no lock file (an older broker, or one of another namespace that is
     # alive) is never removed, only reported.
-    orphan = f"/dev/shm/kvb-{dead.pid}-cafebabe-1-1"
+    orphan = f"{shared}/kvb-{dead.pid}-cafebabe-1-1"
     for path in (stale, lock, orphan):
         with open(path, "wb") as f:
             f.write(b"\0" * 4096 if path != lock else b"")
     try:
-        with running_daemon(tmp_path) as daemon:
+        with running_daemon(tmp_path, shm_dir=shared) as daemon:
             assert not os.path.exists(stale) and not os.path.exists(lock)
             assert os.path.exists(orphan)
             assert "removed 1 shm objects" in daemon.log()
     finally:
-        for path in (stale, lock, orphan):
-            if os.path.exists(path):
-                os.unlink(path)
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def _port_free(port: int) -> bool:

@@ -18,13 +18,6 @@ import pytest
 
 from tests.support.daemon import start_daemon as _start
 
-#: Where the daemon's host segments live. The client stub of this tree maps
-#: ``/dev/shm/<name>`` only (the handle's ``shm_dir`` field is not read yet), so the
-#: daemons use the default directory and each one's objects are told apart by the pid in
-#: their name (``kvb-<pid>-<instance>-<segment>-<generation>``).
-SHM_DIR = "/dev/shm"
-
-
 @dataclass
 class SafetyDaemon:
     """A running daemon plus what the safety checks need to look at from outside."""
@@ -54,12 +47,19 @@ class SafetyDaemon:
         (``kvb-<pid>-<instance>-<segment>-<generation>``; other files of the daemon, such
         as a lock file, are not segments)."""
         pattern = re.compile(rf"kvb-{self.pid}-.+-\d+-\d+")
-        return sorted(n for n in os.listdir(self.shm_dir) if pattern.fullmatch(n))
+        return sorted(n for n in self._listing() if pattern.fullmatch(n))
 
     def shm_files(self) -> list[str]:
         """Every file of this daemon in its shm dir, segments or not."""
         prefix = f"kvb-{self.pid}-"
-        return sorted(n for n in os.listdir(self.shm_dir) if n.startswith(prefix))
+        return sorted(n for n in self._listing() if n.startswith(prefix))
+
+    def _listing(self) -> list[str]:
+        # The launcher removes a private directory at stop once it is empty.
+        try:
+            return os.listdir(self.shm_dir)
+        except FileNotFoundError:
+            return []
 
     def log(self) -> str:
         return self.inner.log()
@@ -76,12 +76,15 @@ class SafetyDaemon:
 
 def start_safety_daemon(tmp_path: Path, config: str | None = None, *flags: str) -> SafetyDaemon:
     """Start a daemon serving the host device with the TOML ``config`` and extra flags."""
-    args = ["--shm-dir", SHM_DIR, *flags]
+    args = list(flags)
     if config is not None:
         path = tmp_path / "kvbroker.toml"
         path.write_text(config)
         args = ["--config", str(path), *args]
-    return SafetyDaemon(_start(tmp_path, *args), SHM_DIR, tmp_path)
+    # The launcher's private shm directory (tests/support/daemon.py): the client maps
+    # from the directory each handle names, and the objects counted are this daemon's.
+    inner = _start(tmp_path, *args)
+    return SafetyDaemon(inner, inner.shm_dir, tmp_path)
 
 
 def _stop_clean(daemon: SafetyDaemon) -> None:

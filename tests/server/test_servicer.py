@@ -150,6 +150,42 @@ def test_defragment():
     run(body)
 
 
+def test_defragment_lists_the_moves_and_tells_both_figures(monkeypatch):
+    """Issue 10.5: a dry run names each cache it would move, from where to where (the
+    first MAX_LISTED_MOVES, with the total), and the figures say what compaction fixes
+    (within segments) apart from what it cannot (across segments)."""
+    import kvbroker.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_LISTED_MOVES", 2)
+
+    async def body(s):
+        for i in range(8):  # one 8 MiB segment: c0..c7
+            await s.stub.Allocate(pb.AllocateRequest(pool="p", size_bytes=MiB, cache_id=f"c{i}"))
+        await s.stub.Allocate(pb.AllocateRequest(pool="small", size_bytes=MiB, cache_id="s0"))  # 3 MiB free
+        for cache_id in ("c0", "c2", "c4"):
+            await s.stub.Release(pb.ReleaseRequest(cache_id=cache_id))
+        device = await s.stub.Defragment(pb.DefragmentRequest(device="host", dry_run=True))
+        assert (device.caches_moved, device.moves_total, len(device.moves)) == (5, 5, 2)
+        first = device.moves[0]
+        assert (first.cache_id, first.pool, first.device, first.nbytes) == ("c1", "p", "host", MiB)
+        assert (first.from_offset, first.to_offset, first.from_segment_id) == (MiB, 0, first.to_segment_id)
+        assert [m.cache_id for m in device.moves] == ["c1", "c3"]
+        # p: three 1 MiB holes; small: 3 MiB at its end. 6 MiB free, the largest range 3 MiB.
+        assert (device.free_bytes_in_segments, device.largest_free_extent_before_bytes) == (6 * MiB, 3 * MiB)
+        assert device.fragmentation_within_segments_before == 2 / 6
+        assert device.fragmentation_across_segments_before == 1 / 6
+        assert device.fragmentation_within_segments_after == 0.0
+        assert device.fragmentation_across_segments_after == 3 / 6, "p's 3 MiB and small's 3 MiB stay apart"
+        assert device.fragmentation_before == device.fragmentation_after == 0.5, "the classic figure cannot tell"
+        assert (device.segments_freed, device.segments_freed_bytes) == (0, 0)
+        done = await s.stub.Defragment(pb.DefragmentRequest(device="host"))
+        assert not done.dry_run and done.moves == device.moves and done.fragmentation_within_segments_after == 0.0
+        stats = await s.stub.Stats(pb.StatsRequest())
+        assert stats.devices[0].usage.fragmentation_ratio == 0.5
+
+    run(body)
+
+
 def test_heartbeat_and_report_unmapped():
     async def body(s):
         reply = await s.stub.Heartbeat(pb.HeartbeatRequest(), metadata=session("w1"))

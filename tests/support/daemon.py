@@ -28,14 +28,13 @@ and this module owns everything around that:
   end with its tail, and tests/conftest.py adds the tail of each daemon a failing test
   used to its report.
 
-Host segments: by default the daemon puts them in ``/dev/shm`` (its default), named
-``kvb-<daemon pid>-...`` so ``Daemon.shm_objects()`` finds exactly this daemon's.
-``shm_dir=PRIVATE_SHM`` gives the daemon a fresh directory on the same tmpfs
-(``--shm-dir``) instead, removed at stop. It is not the default because the client of
-this tree maps segments from its own ``shm_dir`` (``/dev/shm``; client/kvbroker_client/
-mapping.py), not from the handle's ``shm_dir``: a test that maps a tensor needs the
-daemon's segments where the client looks. Raw-RPC users (benchmarks, error tests) may use
-it today.
+Host segments: by default (``DEFAULT_SHM = PRIVATE_SHM``) each daemon gets a fresh
+directory on the ``/dev/shm`` tmpfs (``--shm-dir``), removed at stop, so a run's objects
+never mix with another run's or a developer's daemon, and every test exercises the
+``--shm-dir`` path operators use (the handle names its directory and the client maps
+from it: client/kvbroker_client/handles.py, issue 10.1). ``shm_dir=None`` gives the
+daemon its own default, ``/dev/shm``, where its objects are named ``kvb-<daemon
+pid>-...`` so ``Daemon.shm_objects()`` still finds exactly this daemon's.
 
 Usage::
 
@@ -75,9 +74,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: ``shm_dir=PRIVATE_SHM``: a fresh directory under /dev/shm for this daemon's segments.
 PRIVATE_SHM = "private"
 _PRIVATE_PREFIX = "kvb-test-"
-#: ``shm_dir`` when a caller gives none: the daemon's own default (/dev/shm). Becomes
-#: ``PRIVATE_SHM`` once the client maps segments from the handle's ``shm_dir``.
-DEFAULT_SHM: str | None = None
+#: ``shm_dir`` when a caller gives none: a private directory (see the module docstring).
+DEFAULT_SHM: str | None = PRIVATE_SHM
 #: Seconds a start may take before it fails (a cold interpreter imports torch: seconds).
 READY_TIMEOUT_S = 60.0
 #: Seconds between SIGTERM and SIGKILL.
@@ -326,8 +324,8 @@ def start_daemon(
         host_capacity: ``--host-capacity`` (``"3GiB"``); default: the config's.
         metrics: serve ``/metrics`` on a free port (``Daemon.metrics_url``); off by default
             (``--metrics-listen ''``).
-        shm_dir: ``--shm-dir``; ``PRIVATE_SHM`` for a fresh directory under /dev/shm;
-            default ``DEFAULT_SHM``: the daemon's (/dev/shm). See the module docstring.
+        shm_dir: ``--shm-dir``; ``PRIVATE_SHM`` (the default, ``DEFAULT_SHM``) for a
+            fresh directory under /dev/shm; None for the daemon's default (/dev/shm).
         grace_seconds: ``--grace-seconds`` (in-flight calls at SIGTERM).
         env: extra environment variables (``OTEL_*``, ``KVBROKER_*``).
         inherit_settings: keep the caller's ``KVBROKER_*``/``OTEL_*`` variables.
