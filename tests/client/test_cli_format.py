@@ -150,7 +150,9 @@ def test_render_caches_rows_and_total_line() -> None:
 def test_render_defrag_says_what_moved_or_would() -> None:
     done = pb.DefragmentResponse(caches_moved=3, bytes_moved=24 * MiB, fragmentation_before=0.079,
                                  segments_freed=1, duration_seconds=0.0044)  # fmt: skip
-    assert render_defrag(done) == "moved 3 caches (24.0 MiB); fragmentation 7.9% -> 0.0%; 1 segment freed; took 4.4 ms"
+    text = render_defrag(done)
+    assert text.splitlines()[0] == "moved 3 caches (24.0 MiB); 1 segment freed (0 B back to the device); took 4.4 ms"
+    assert "fragmentation        7.9% -> 0.0%" in text
     plan = pb.DefragmentResponse(caches_moved=1, bytes_moved=KiB, dry_run=True)
     assert render_defrag(plan).startswith("dry run: would move 1 cache (1.00 KiB); ")
     assert "0 segments would be freed" in render_defrag(plan)
