@@ -23,7 +23,7 @@ import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kvbroker.v1 import broker_pb2 as pb
@@ -464,7 +464,9 @@ def test_garbled_bytes_get_invalid_argument(daemon, channel):
     @settings(max_examples=60, **FUZZ_SETTINGS)
     @given(st.sampled_from(list(METHODS.values())), garbled_bytes, metadata)
     def fuzz(method, payload, md):
-        assert not parses(method, payload)
+        # A few byte strings (b"\x00\x00", say) happen to parse as a valid message: they
+        # are not garbled, and the previous test covers what they get.
+        assume(not parses(method, payload))
         code, details = call_raw(channel, method, payload, md)
         codes.append((method.name, code, details))
 
