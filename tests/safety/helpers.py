@@ -8,35 +8,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
+from tests.support.wait import wait_until  # noqa: F401  (the suites import it from here)
 
 ROOT = Path(__file__).resolve().parents[2]
 KiB = 1 << 10
 MiB = 1 << 20
 SESSION_KEY = "kvbroker-session-id"
-
-
-def wait_until(
-    predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02,
-    detail: Callable[[], object] | None = None,
-) -> float:
-    """Poll ``predicate`` until it is true; fail naming ``what`` (and ``detail()``, the
-    state that was seen) after ``timeout`` seconds. Returns the seconds it took."""
-    started = time.monotonic()
-    while True:
-        if predicate():
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            seen = f"; seen: {detail()}" if detail is not None else ""
-            raise AssertionError(f"not met within {timeout} s: {what}{seen}")
-        time.sleep(interval)
 
 
 def child_env() -> dict[str, str]:

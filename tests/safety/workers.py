@@ -21,7 +21,6 @@ import json
 import random
 import sys
 import threading
-import time
 import traceback
 from collections import Counter
 
@@ -31,6 +30,8 @@ from kvbroker_client import (
     CacheNotFound,
     PreconditionFailed,
 )
+
+from tests.support.wait import WaitTimeout, wait_until
 
 KiB = 1 << 10
 SIZES = (4 * KiB, 12 * KiB, 64 * KiB, 200 * KiB, 1 << 20)
@@ -162,14 +163,16 @@ def mixed(target: str, index: int, threads: int, ops: int, seed: int) -> None:
     # Whatever the timing (on a loaded machine a process may run all its operations
     # before the others start), each process reads another's cache at least once: the
     # other processes' anchors appear within the deadline.
-    deadline = time.monotonic() + 60
     reader = BrokerClient(target)
     try:
-        while True:
-            others = [c for c in client.list_caches(pool="c") if c.cache_id.endswith("-anchor") and c.model_name != f"w{index}"]
-            if others or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)  # a poll interval, bounded by the deadline above
+        try:
+            others = wait_until(
+                lambda: [c for c in client.list_caches(pool="c")
+                         if c.cache_id.endswith("-anchor") and c.model_name != f"w{index}"],
+                60, "another process's anchor cache", interval=0.05,
+            )  # fmt: skip
+        except WaitTimeout:
+            others = []
         if others:
             other = reader.attach(others[0].cache_id)
             try:

@@ -39,7 +39,8 @@ class WaitTimeout(AssertionError):
 
 
 def wait_until(
-    predicate: Callable[[], T], timeout: float, what: str, *, interval: float = POLL_INTERVAL_S
+    predicate: Callable[[], T], timeout: float, what: str, *, interval: float = POLL_INTERVAL_S,
+    detail: Callable[[], object] | None = None,
 ) -> T:
     """Poll ``predicate()`` until it returns a truthy value; return that value.
 
@@ -49,6 +50,7 @@ def wait_until(
         timeout: seconds before giving up.
         what: the condition in words, for the failure ("the lease expired and the
             daemon freed the hung client's cache").
+        detail: called at the deadline, for the state seen then (in the message).
 
     Raises:
         WaitTimeout: not met within ``timeout``; the message has ``what``, the time
@@ -61,7 +63,8 @@ def wait_until(
             return value
         now = time.monotonic()
         if now >= deadline:
-            raise WaitTimeout(f"not met within {timeout:g} s: {what} (last value: {value!r})")
+            seen = f"; seen: {detail()}" if detail is not None else ""
+            raise WaitTimeout(f"not met within {timeout:g} s: {what} (last value: {value!r}){seen}")
         time.sleep(min(interval, deadline - now))
 
 
