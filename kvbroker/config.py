@@ -24,6 +24,7 @@ from typing import Any
 from kvbroker.core.eviction import POLICIES
 from kvbroker.core.types import GiB, MiB, Placement, pool_problems
 from kvbroker.security import AuthPolicy, parse_auth
+from kvbroker.wire import SIZE_UNITS
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_UNIX_SOCKET = "/tmp/kvbroker.sock"
@@ -34,12 +35,7 @@ ALL_DEVICES = "*"
 #: Size units, case-insensitive: ``K``/``KB``... are decimal (powers of 1000, as disk
 #: and network vendors use them); ``Ki``/``KiB``... binary (powers of 1024, as memory is
 #: sized). ``"2G"`` is 2,000,000,000 bytes; ``"2Gi"`` and ``"2GiB"`` are 2,147,483,648.
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-    "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-}
+_UNITS = SIZE_UNITS  # one table for the daemon's configuration and the client (kvbroker.wire)
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 #: The largest size accepted: what the wire's int64 byte counts can carry.
 MAX_SIZE = 2**63 - 1

@@ -35,6 +35,16 @@ SHM_NAME_PATTERN = re.compile(r"kvb-[A-Za-z0-9_.-]{1,200}")
 REF_COUNTER_NAME_PATTERN = re.compile(rb"/torch_\d+(?:_\d+){1,3}")
 
 
+#: Size units, as the configuration and the client accept them (case-insensitive): binary
+#: ``Ki``/``KiB``... are powers of 1024, decimal ``K``/``KB``... powers of 1000.
+SIZE_UNITS: dict[str, int] = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
+    "ti": 1024**4, "tib": 1024**4,
+}  # fmt: skip
+
+
 class WireDtype(NamedTuple):
     """One element type: its ``kvbroker.v1.Dtype`` value, torch-style name and width."""
 

@@ -27,6 +27,7 @@ import operator
 import re
 from typing import TypeAlias
 
+from kvbroker.wire import SIZE_UNITS
 from kvbroker_client.errors import InvalidRequest
 
 __all__ = ["MiB", "GiB", "PRIORITIES", "PriorityLike", "SizeLike", "parse_size", "priority_value", "request_bytes"]
@@ -40,12 +41,7 @@ PRIORITIES: dict[str, int] = {"low": -100, "normal": 0, "high": 100}
 SizeLike: TypeAlias = "int | str"
 PriorityLike: TypeAlias = "int | str | None"
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
-    "ti": 1024**4, "tib": 1024**4,
-}  # fmt: skip
+_UNITS = SIZE_UNITS  # the daemon's configuration reads the same table (kvbroker.wire)
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
 
 
