@@ -141,6 +141,28 @@ def for_bytes(layout: KvLayout, nbytes: int) -> Calculation:
     return Calculation(layout, blocks * layout.block_tokens, blocks, blocks * layout.bytes_per_block)
 
 
+def calculate(
+    *,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: str = "float16",
+    block_tokens: int = DEFAULT_BLOCK_TOKENS,
+    tokens: int | None = None,
+    nbytes: int | None = None,
+) -> Calculation:
+    """``kvbroker calc`` as a function: exactly one of ``tokens`` (what they cost) or
+    ``nbytes`` (what fits). The client library exports it as ``kvbroker_client.kv_calc``.
+
+    Raises ``ValueError`` naming the field for a bad layout or count, or when neither or
+    both of ``tokens`` and ``nbytes`` are given.
+    """
+    layout = KvLayout(layers, kv_heads, head_dim, dtype, block_tokens)
+    if (tokens is None) == (nbytes is None):
+        raise ValueError("give exactly one of tokens (what they cost) or nbytes (what fits)")
+    return for_tokens(layout, tokens) if tokens is not None else for_bytes(layout, nbytes)  # type: ignore[arg-type]
+
+
 def _check_count(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name}: must be a non-negative integer, got {value!r}")

@@ -21,7 +21,8 @@ that there is no import circle):
     sync.py     ``BrokerClient``: grpc channel, Watch and heartbeat threads
     aio.py      ``AsyncBrokerClient``: grpc.aio channel, Watch and heartbeat tasks
 
-Of the broker, only ``kvbroker.wire`` and the generated ``kvbroker.v1`` are imported,
+Of the broker, only ``kvbroker.wire``, ``kvbroker.kvlayout`` (the paged-KV arithmetic,
+exported as ``KvLayout`` and ``kv_calc``) and the generated ``kvbroker.v1`` are imported,
 never a server module. ``kvbroker_client.mapping`` and torch are imported on first view,
 so tools that only query the broker (the ``kvbroker`` CLI) start fast.
 """
@@ -29,6 +30,8 @@ so tools that only query the broker (the ``kvbroker`` CLI) start fast.
 from typing import TYPE_CHECKING, Any
 
 from kvbroker import __version__  # one version for the whole distribution
+from kvbroker.kvlayout import Calculation, KvLayout
+from kvbroker.kvlayout import calculate as kv_calc
 from kvbroker_client.aio import AsyncBrokerClient
 from kvbroker_client.cache import AsyncCache, Cache
 from kvbroker_client.calls import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, TARGET_ENV
@@ -65,6 +68,9 @@ __all__ = [
     "AllocationTimeout",
     "AsyncBrokerClient",
     "AsyncCache",
+    "Calculation",
+    "KvLayout",
+    "kv_calc",
     "BrokerClient",
     "BrokerUnavailable",
     "Cache",
