@@ -3,9 +3,9 @@
 Layouts are drawn in whole units (a cache is 1 to 6 units, a segment 4 to 24); each
 segment's caches are laid out with random gaps, some pinned. For every drawn request:
 
-* a plan is valid: its moves take movable caches from where they are to free space that
-  no other move uses, never overlapping any source; after the moves a free extent of
-  the requested size exists, as the plan's figures say;
+* a plan is valid: replayed in order, each move takes a movable cache from where it is
+  to bytes free at that moment (a run's slide may overlap its own source); after the
+  moves a free extent of the requested size exists, as the plan's figures say;
 * the plan moves no fewer bytes than the brute-force lower bound (every window start of
   every segment: the bytes of the caches it intersects, no pinned one), and exactly that
   many when free space outside is ample (a large empty segment: the cheapest window is
@@ -57,34 +57,27 @@ def lower_bound(segments: list[SegmentLayout], need: int) -> int | None:
 
 
 def check_valid(segments: list[SegmentLayout], layout, need: int) -> None:
+    """Replay the moves in order: each takes a movable cache from where it is (once) to
+    bytes that are free at that moment (its own source excepted: a slide); at the end a
+    free extent of ``need`` bytes exists and the plan's figures match."""
     by_id = {o.cache_id: (seg.segment_id, o) for seg in segments for o in seg.occupants}
-    occupied = {seg.segment_id: {(o.offset, o.nbytes) for o in seg.occupants} for seg in segments}
+    where = {o.cache_id: (sid, o.offset, o.nbytes) for sid, o in by_id.values()}
     sizes = {seg.segment_id: seg.nbytes for seg in segments}
-    free_before = {
-        seg.segment_id: [(h[0], h[0] + h[1]) for h in free_gaps(seg.nbytes, sorted(occupied[seg.segment_id]))]
-        for seg in segments
-    }
     moved = set()
-    used: list[tuple[int, int, int]] = []
     for move in layout.moves:
         sid, occ = by_id[move.cache_id]
         assert occ.movable, f"pinned {occ.cache_id} moved"
         assert move.cache_id not in moved
         moved.add(move.cache_id)
-        assert (move.source.segment_id, move.source.offset, move.source.nbytes) == (sid, occ.offset, occ.nbytes)
+        assert (move.source.segment_id, move.source.offset, move.source.nbytes) == where[move.cache_id]
         dst = move.destination
-        assert dst.nbytes == occ.nbytes
-        assert any(lo <= dst.offset and dst.end <= hi for lo, hi in free_before[dst.segment_id]), \
-            "destination not free before the plan"
-        for other in layout.moves:
-            src = other.source
-            assert src.segment_id != dst.segment_id or src.end <= dst.offset or dst.end <= src.offset
-        for seg_id, lo, hi in used:
-            assert seg_id != dst.segment_id or hi <= dst.offset or dst.end <= lo
-        used.append((dst.segment_id, dst.offset, dst.end))
-        occupied[sid].remove((occ.offset, occ.nbytes))
-        occupied[dst.segment_id].add((dst.offset, dst.nbytes))
-    after = [n for sid in occupied for _, n in free_gaps(sizes[sid], sorted(occupied[sid]))]
+        assert dst.nbytes == occ.nbytes and dst.end <= sizes[dst.segment_id]
+        for other, (osid, offset, nbytes) in where.items():
+            if other != move.cache_id and osid == dst.segment_id:
+                assert offset + nbytes <= dst.offset or dst.end <= offset, f"{move} lands on {other}"
+        where[move.cache_id] = (dst.segment_id, dst.offset, dst.nbytes)
+    occupied = {sid: sorted((o, n) for s, o, n in where.values() if s == sid) for sid in sizes}
+    after = [n for sid in sizes for _, n in free_gaps(sizes[sid], occupied[sid])]
     assert max(after, default=0) >= need, "the plan does not open the extent it promised"
     assert sorted(after) == sorted(layout.free_after)
 
@@ -99,7 +92,9 @@ def test_a_targeted_plan_is_valid_and_never_beats_the_lower_bound(segments, need
         assert layout is None
         return
     if layout is None:
-        return  # no window's caches fit the free space outside it (or chains were needed)
+        # No window's caches fit the free space outside it, and every run holds a pinned
+        # cache or too few free bytes.
+        return
     check_valid(segments, layout, need)
     moved = sum(m.destination.nbytes for m in layout.moves)
     assert moved >= bound
