@@ -1,5 +1,9 @@
 """Compaction planning: which caches to move where so that free space becomes contiguous.
 
+This is the full pack, what ``Defragment`` runs; the pressure path opens one extent for
+one request with the fewest bytes moved instead (``kvbroker.core.targeted``), and falls
+back to this only when that finds no plan.
+
 Pure: it reads a layout and returns moves; it copies nothing and changes no state. The
 broker commits a plan only after a backend copied the bytes (plan -> begin -> copy ->
 commit), so only the copy needs a device.
