@@ -157,3 +157,16 @@ def test_nothing_moves_when_the_extent_exists_and_none_for_an_oversized_request(
     seg = SegmentLayout(1, 8 * UNIT, (Occupant("a", 0, UNIT, True),))
     assert plan_target([seg], 7 * UNIT).moves == ()
     assert plan_target([seg], 9 * UNIT) is None
+
+
+def test_plan_compaction_target_bytes_must_be_a_positive_int() -> None:
+    import pytest
+
+    from kvbroker.core import Broker, DeviceSpec, InvalidArgument, PoolSpec
+
+    b = Broker([DeviceSpec("d0", 64 * UNIT)], [PoolSpec("p", ("d0",), block_bytes=UNIT, segment_bytes=64 * UNIT)])
+    for bad in (0, -1, 1.5, "1"):
+        with pytest.raises(InvalidArgument) as caught:
+            b.plan_compaction(target_bytes=bad)
+        assert caught.value.field == "target_bytes"
+    assert b.plan_compaction(target_bytes=10**30).moves == ()  # larger than any segment: nothing to move
