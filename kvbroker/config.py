@@ -126,6 +126,9 @@ class BrokerConfig:
     host_capacity_bytes: int = 1 * GiB
     cuda_memory_fraction: float = 0.9
     shm_dir: str = "/dev/shm"
+    #: Threads that copy one large range of a host compaction at once (0: the cores
+    #: available, at most 8; ``kvbroker.memory.parallel``).
+    copy_threads: int = 0
     grace_seconds: float = 5.0
     log_level: str = "INFO"
     lease_seconds: float = 10.0
@@ -152,7 +155,8 @@ _POOL_KEYS = {
 }
 _SECTIONS = {
     "server": {"listen": str, "unix_socket": str, "grace_seconds": float, "log_level": str},
-    "devices": {"kind": str, "host_capacity": "size", "cuda_memory_fraction": float, "shm_dir": str},
+    "devices": {"kind": str, "host_capacity": "size", "cuda_memory_fraction": float, "shm_dir": str,
+                "copy_threads": int},
     "telemetry": {"metrics_listen": str},
     "sessions": {"lease_seconds": float, "segment_idle_seconds": float},
     "tls": {"cert": str, "key": str, "client_ca": str},
@@ -164,6 +168,7 @@ _ENV = {
     "KVBROKER_HOST_CAPACITY": ("host_capacity_bytes", "size"),
     "KVBROKER_CUDA_MEMORY_FRACTION": ("cuda_memory_fraction", float),
     "KVBROKER_SHM_DIR": ("shm_dir", str),
+    "KVBROKER_COPY_THREADS": ("copy_threads", int),
     "KVBROKER_GRACE_SECONDS": ("grace_seconds", float),
     "KVBROKER_LOG_LEVEL": ("log_level", str),
     "KVBROKER_METRICS_LISTEN": ("metrics_listen", str),
@@ -306,6 +311,7 @@ def _validate(config: BrokerConfig, key_of: Mapping[str, str], skip: set[str], p
           f"must be one of {', '.join(DEVICE_KINDS)}, got {c.device_kind!r}")  # fmt: skip
     check("host_capacity_bytes", c.host_capacity_bytes >= 4096, f"must be at least 4096 bytes, got {c.host_capacity_bytes}")
     check("cuda_memory_fraction", 0 < c.cuda_memory_fraction <= 1, f"must be in (0, 1], got {c.cuda_memory_fraction}")
+    check("copy_threads", 0 <= c.copy_threads <= 64, f"must be 0 (automatic) to 64, got {c.copy_threads}")
     check("grace_seconds", 0 <= c.grace_seconds < math.inf, f"must be a finite number of seconds >= 0, got {c.grace_seconds}")
     check("lease_seconds", 0.1 <= c.lease_seconds <= 3600, f"must be in [0.1, 3600] seconds, got {c.lease_seconds}")
     check("segment_idle_seconds", 0 <= c.segment_idle_seconds < math.inf,

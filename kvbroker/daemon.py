@@ -143,7 +143,7 @@ def build_memories(devices: DevicePlan, instance_id: str, config: BrokerConfig) 
             stale = remove_stale_segments(config.shm_dir, instance_id=instance_id)
             if stale:
                 log.warning("removed %d shm objects left by a dead broker: %s", len(stale), ", ".join(stale))
-            memories[spec.device_id] = HostMemory(instance_id, shm_dir=config.shm_dir)
+            memories[spec.device_id] = HostMemory(instance_id, shm_dir=config.shm_dir, copy_threads=config.copy_threads)
         else:
             from kvbroker.memory.cuda import CudaMemory
 
@@ -297,6 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", choices=("auto", "host", "cuda"), help="which devices to serve")
     parser.add_argument("--host-capacity", help="bytes of host memory to serve, e.g. 2GiB")
     parser.add_argument("--shm-dir", help="where host segments live (default /dev/shm)")
+    parser.add_argument("--copy-threads", help="threads copying one large range of a host compaction (0: automatic)")
     parser.add_argument("--grace-seconds", type=float, help="grace period for in-flight calls at shutdown")
     parser.add_argument("--lease-seconds", type=float, help="a session without a call or heartbeat this long is ended")
     parser.add_argument("--segment-idle-seconds", type=float, help="an empty segment this idle goes back to the device")
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             "device_kind": args.devices,
             "host_capacity_bytes": args.host_capacity,
             "shm_dir": args.shm_dir,
+            "copy_threads": args.copy_threads,
             "grace_seconds": args.grace_seconds,
             "lease_seconds": args.lease_seconds,
             "segment_idle_seconds": args.segment_idle_seconds,

@@ -283,3 +283,18 @@ def test_serve_prints_every_problem_and_exits_2(tmp_path, capsys):
     assert err.startswith("kvbroker: 3 configuration errors:\n")
     for key in ("server.listen: port 99999", "pools[0].priority: must be a 32-bit integer", "--grace-seconds: must be"):
         assert f"\n  {key}" in err, err
+
+
+def test_copy_threads_from_file_environment_and_flag_and_its_bounds(tmp_path) -> None:
+    path = tmp_path / "k.toml"
+    path.write_text("[devices]\ncopy_threads = 3\n")
+    assert load_config(path=str(path)).copy_threads == 3
+    assert load_config(path=str(path), environ={"KVBROKER_COPY_THREADS": "5"}).copy_threads == 5
+    assert load_config(environ={"KVBROKER_COPY_THREADS": "5"}, overrides={"copy_threads": "2"}).copy_threads == 2
+    assert load_config().copy_threads == 0
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides={"copy_threads": "65"})
+    assert caught.value.key == "--copy-threads" and "0 (automatic) to 64" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={"KVBROKER_COPY_THREADS": "many"})
+    assert caught.value.key == "KVBROKER_COPY_THREADS"

@@ -8,14 +8,17 @@ from kvbroker.core import AllocationRequest, Broker, DeviceSpec, PoolSpec, Resou
 
 
 class CoreAllocator:
-    """The kvbroker core on one device, one pool, one segment."""
+    """The kvbroker core on one device, one pool, one segment. ``targeted``: the pressure
+    path opens one extent (the default); False packs the whole arena."""
 
     def __init__(
-        self, capacity: int, *, compaction: bool, check: bool = False, block: int = BLOCK
+        self, capacity: int, *, compaction: bool, check: bool = False, block: int = BLOCK,
+        targeted: bool = True,
     ) -> None:
         self.broker = Broker(
             [DeviceSpec("host", capacity)],
             [PoolSpec(POOL, ("host",), segment_bytes=capacity, block_bytes=block)],
+            targeted_compaction=targeted,
         )
         self.capacity = capacity
         self.compaction = compaction

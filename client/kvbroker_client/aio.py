@@ -155,9 +155,11 @@ class AsyncBrokerClient:
         """Like ``BrokerClient.sessions``."""
         return await self.drive(self._core.unary("Sessions", pb.SessionsRequest()))
 
-    async def defragment(self, device: str = "", pool: str = "", dry_run: bool = False) -> pb.DefragmentResponse:
+    async def defragment(
+        self, device: str = "", pool: str = "", dry_run: bool = False, target_bytes: int = 0,
+    ) -> pb.DefragmentResponse:
         """Like ``BrokerClient.defragment``."""
-        request = pb.DefragmentRequest(device=device, pool=pool, dry_run=dry_run)
+        request = pb.DefragmentRequest(device=device, pool=pool, dry_run=dry_run, target_bytes=target_bytes)
         return await self.drive(self._core.unary("Defragment", request))
 
     async def close(self) -> None:

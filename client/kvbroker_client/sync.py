@@ -205,9 +205,13 @@ class BrokerClient:
         right, else this principal's own)."""
         return self.drive(self._core.unary("Sessions", pb.SessionsRequest()))
 
-    def defragment(self, device: str = "", pool: str = "", dry_run: bool = False) -> pb.DefragmentResponse:
-        """Compact ``device``/``pool`` now (empty: all), or only plan it with ``dry_run``."""
-        request = pb.DefragmentRequest(device=device, pool=pool, dry_run=dry_run)
+    def defragment(
+        self, device: str = "", pool: str = "", dry_run: bool = False, target_bytes: int = 0,
+    ) -> pb.DefragmentResponse:
+        """Compact ``device``/``pool`` now (empty: all), or only plan it with ``dry_run``.
+        ``target_bytes``: only open a free extent that large per pool and device, with
+        the fewest bytes moved (0: pack everything)."""
+        request = pb.DefragmentRequest(device=device, pool=pool, dry_run=dry_run, target_bytes=target_bytes)
         return self.drive(self._core.unary("Defragment", request))
 
     def close(self) -> None:

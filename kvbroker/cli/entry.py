@@ -96,7 +96,8 @@ def _cmd_ls(client: BrokerClient, args: argparse.Namespace) -> str:
 
 
 def _cmd_defrag(client: BrokerClient, args: argparse.Namespace) -> str:
-    result = client.defragment(device=args.device, pool=args.pool, dry_run=args.dry_run)
+    result = client.defragment(device=args.device, pool=args.pool, dry_run=args.dry_run,
+                               target_bytes=args.target_bytes)  # fmt: skip
     return to_json(result) if args.json else render_defrag(result)
 
 
@@ -202,6 +203,9 @@ def _parser() -> argparse.ArgumentParser:
     defrag.add_argument("--device", default="", help='only this device ("host" or a GPU UUID)')
     defrag.add_argument("--pool", default="", help="only this pool")
     defrag.add_argument("--dry-run", action="store_true", help="plan only: report what would move")
+    defrag.add_argument("--target-bytes", type=size, default=0, metavar="SIZE",
+                        help='only open one free extent this large (e.g. "512MiB") per pool and device, '
+                             "moving the fewest bytes (default 0: pack everything)")
     defrag.set_defaults(run=_cmd_defrag)
 
     release = _command(commands, common, "release", "release (or free by force) a cache",

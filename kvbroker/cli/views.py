@@ -38,8 +38,9 @@ def total_usage(stats: pb.StatsResponse) -> pb.Usage:
 
 def render_stats(stats: pb.StatsResponse) -> str:
     """The ``kvbroker stats`` text: a header line, one usage table (the total, then each
-    device, then each pool), the pools' limits, policies and waiting allocations, and
-    the recent RPC latencies."""
+    device, then each pool), the pools' limits, policies and waiting allocations, the
+    fragmentation per device and pool split into what a compaction fixes (within
+    segments) and what it cannot (across segments), and the recent RPC latencies."""
     rows = [_usage_row("total", total_usage(stats))]
     rows += [_usage_row(f"device {d.device}", d.usage) for d in stats.devices]
     rows += [_usage_row(f"pool {p.pool}", p.usage) for p in stats.pools]
@@ -56,6 +57,15 @@ def render_stats(stats: pb.StatsResponse) -> str:
         ]  # fmt: skip
         headers = ("POOL", "MIN", "MAX", "PRIORITY", "POLICY", "PINNED", "IDLE RETAINED", "WAITING", "WAITED")
         parts += ["", render_table(headers, pool_rows, "lrrrlrrrr")]
+    split = [(f"device {d.device}", d.usage) for d in stats.devices] + [(f"pool {p.pool}", p.usage) for p in stats.pools]
+    if split:
+        frag_rows = [
+            [scope, format_ratio(u.fragmentation_ratio), format_ratio(u.fragmentation_within_segments_ratio),
+             format_ratio(u.fragmentation_across_segments_ratio)]
+            for scope, u in split
+        ]  # fmt: skip
+        headers = ("FRAGMENTATION", "TOTAL", "WITHIN SEGMENTS (compaction fixes)", "ACROSS SEGMENTS (segments going back fix)")
+        parts += ["", render_table(headers, frag_rows, "lrrr")]
     if any(m.calls for m in stats.methods):
         parts += ["", f"RPCs in the last {format_duration(stats.window_seconds)}:", render_methods(stats.methods)]
     return "\n".join(parts)

@@ -66,13 +66,15 @@ class Broker:
         clock: seconds, for access times and segment idleness (injectable for tests).
         id_prefix: prefix of generated cache ids (the daemon passes its instance id so
             ids stay unique across restarts).
+        targeted_compaction: False: the pressure ladder packs arenas (see ``targeted``).
     """
 
     def __init__(
         self, devices: Sequence[DeviceSpec], pools: Sequence[PoolSpec], *,
-        clock: Callable[[], float] = time.time, id_prefix: str = "c",
+        clock: Callable[[], float] = time.time, id_prefix: str = "c", targeted_compaction: bool = True,
     ) -> None:
         self._ledger = Ledger(devices, pools, clock, id_prefix)
+        self._ledger.targeted_compaction = targeted_compaction
         self.admin = PoolAdmin(self._ledger)  # operators' evictions and limits (``admin``)
         self._pools = self._ledger.pools  # read by benchmarks/fragmentation.py --check
 
@@ -98,8 +100,7 @@ class Broker:
     def caches(
         self, *, pool: str | None = None, model_name: str | None = None, state: CacheState | None = None,
     ) -> list[CacheInfo]:
-        """Every cache matching the filters, ordered by id. Cost: O(caches): for tests
-        and tools; the daemon pages with ``list_caches``."""
+        """Matching caches by id. O(caches): for tests and tools (the daemon pages)."""
         match = self._matcher(pool, model_name, state)
         return [rec.info() for rec in self._ledger.caches.in_order() if match(rec)]
 
@@ -147,8 +148,7 @@ class Broker:
         return events
 
     def drain_evictions(self) -> tuple[list[Eviction], int]:
-        """Return and clear the evictions since the last call, and how many older ones
-        were dropped meanwhile (see ``Ledger.drain_evictions``)."""
+        """Return and clear the evictions since the last call (``Ledger.drain_evictions``)."""
         return self._ledger.drain_evictions()
 
     # -- allocation -------------------------------------------------------------------
@@ -372,18 +372,19 @@ class Broker:
 
     # -- compaction -------------------------------------------------------------------
 
-    def plan_compaction(self, device: str | None = None, pool: str | None = None) -> CompactionPlan:
-        """Plan moves that pack the arenas of ``device``/``pool`` (all when None), except
-        arenas already compacting. Pure: nothing changes until ``begin_compaction``.
-        Pinned and PENDING caches never move."""
+    def plan_compaction(self, device: str | None = None, pool: str | None = None,
+                        target_bytes: int | None = None) -> CompactionPlan:
+        """Moves that pack the arenas of ``device``/``pool`` (all when None) not already
+        compacting, or open a ``target_bytes`` free extent in each (``targeted``). Pure
+        until ``begin_compaction``. Pinned and PENDING caches never move."""
         ledger = self._ledger
         if device and device not in ledger.devices:
             raise NotFound(f"device {echo(device)} does not exist")
         pools = [find_pool(ledger.pools, pool)] if pool else ledger.pools.values()
-        return ledger.plan_arenas(
+        return ledger.plan_arenas((
             arena for p in pools for dev, arena in p.arenas.items()
             if (not device or dev == device) and arena.compaction is None
-        )
+        ), target_bytes)
 
     def begin_compaction(self, plan: CompactionPlan) -> None:
         """Freeze the plan's arenas while its bytes are copied (see ``compacting``).
@@ -396,5 +397,4 @@ class Broker:
         return compacting.commit(self._ledger, plan, completed)
 
     def abort_compaction(self, plan: CompactionPlan) -> tuple[SegmentInfo, ...]:
-        """End a compaction whose copy failed before its first move: ``commit(plan, 0)``."""
-        return compacting.commit(self._ledger, plan, 0)
+        return compacting.commit(self._ledger, plan, 0)  # the copy failed before its first move

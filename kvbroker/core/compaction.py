@@ -1,5 +1,9 @@
 """Compaction planning: which caches to move where so that free space becomes contiguous.
 
+This is the full pack, what ``Defragment`` runs; the pressure path opens one extent for
+one request with the fewest bytes moved instead (``kvbroker.core.targeted``), and falls
+back to this only when that finds no plan.
+
 Pure: it reads a layout and returns moves; it copies nothing and changes no state. The
 broker commits a plan only after a backend copied the bytes (plan -> begin -> copy ->
 commit), so only the copy needs a device.
@@ -36,7 +40,7 @@ A plan reports both before and after (emptied segments count as free until they 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from kvbroker.core.types import CompactionPlan, Extent, Fragmentation, Move
@@ -95,7 +99,7 @@ def fragmentation_of(segments: Iterable[Sequence[int]]) -> Fragmentation:
     return Fragmentation(free, largest, (free - sum_of_largest) / free, (sum_of_largest - largest) / free)
 
 
-def _holes(size: int, occupied: list[tuple[int, int]]) -> list[list[int]]:
+def free_gaps(size: int, occupied: list[tuple[int, int]]) -> list[list[int]]:
     """Free gaps [start, nbytes] of a segment, given sorted (offset, nbytes) pairs."""
     holes, pos = [], 0
     for offset, nbytes in occupied:
@@ -129,7 +133,7 @@ def plan_layout(segments: Sequence[SegmentLayout]) -> Layout:
 
     for seg in segments:
         occupants = sorted(seg.occupants, key=lambda o: o.offset)
-        before.append(tuple(h[1] for h in _holes(seg.nbytes, [(o.offset, o.nbytes) for o in occupants])))
+        before.append(tuple(h[1] for h in free_gaps(seg.nbytes, [(o.offset, o.nbytes) for o in occupants])))
         holes: list[list[int]] = []
         pos = 0
         layout: list[tuple[int, int]] = []
@@ -194,7 +198,7 @@ def plan_layout(segments: Sequence[SegmentLayout]) -> Layout:
         # to empty another copies bytes for nothing (the empty one can be retired as is)
         # and shrinks the largest free extent.
         targets = [t for t in order[:index] if placed[t]]
-        holes_by_segment = {t: _holes(sizes[t], placed[t]) for t in targets}
+        holes_by_segment = {t: free_gaps(sizes[t], placed[t]) for t in targets}
         trial: list[tuple[int, int, int, str]] = []  # (segment, offset, nbytes, cache)
         for offset, nbytes, cache_id in sorted(movable_after[victim], key=lambda m: -m[1]):
             for target in targets:
@@ -221,7 +225,7 @@ def plan_layout(segments: Sequence[SegmentLayout]) -> Layout:
             movable_after[victim] = []
             emptied.append(victim)
 
-    after = [tuple(h[1] for h in _holes(sizes[sid], placed[sid])) for sid in order]
+    after = [tuple(h[1] for h in free_gaps(sizes[sid], placed[sid])) for sid in order]
     return Layout(
         moves=tuple(moves),
         segments_emptied=tuple(emptied),
@@ -232,15 +236,19 @@ def plan_layout(segments: Sequence[SegmentLayout]) -> Layout:
     )
 
 
-def plan_arenas(arenas: Iterable[Sequence[SegmentLayout]], token: int) -> CompactionPlan:
-    """One plan for several arenas (each a layout ``plan_layout`` packs on its own; a
-    cache never moves between arenas). ``token`` identifies the layout planned from."""
+def plan_arenas(
+    arenas: Iterable[Sequence[SegmentLayout]], token: int,
+    plan: Callable[[Sequence[SegmentLayout]], Layout] = plan_layout,
+) -> CompactionPlan:
+    """One plan for several arenas (each a layout ``plan`` plans on its own: the full
+    pack by default, ``targeted.opening`` for one extent; a cache never moves between
+    arenas). ``token`` identifies the layout planned from."""
     moves: list[Move] = []
     emptied: list[int] = []
     before: list[tuple[int, ...]] = []
     after: list[tuple[int, ...]] = []
     for segments in arenas:
-        layout = plan_layout(segments)
+        layout = plan(segments)
         moves.extend(layout.moves)
         emptied.extend(layout.segments_emptied)
         before.extend(layout.segment_free_before)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from kvbroker.core.arena import build, layout_of, new_segment_bytes, occupy, vacate
 from kvbroker.core.caches import CacheTable, Gone
 from kvbroker.core.compaction import plan_arenas
+from kvbroker.core.targeted import opening
 from kvbroker.core.freespace import address, segment_of
 from kvbroker.core.records import ArenaRecord, CacheRecord, Compaction, SegmentRecord
 from kvbroker.core.segments import SegmentTable
@@ -64,6 +65,9 @@ class Ledger:
         self.compactions: dict[int, Compaction] = {}
         self.allocation_count = 0
         self.eviction_count = 0
+        #: The pressure ladder opens one extent (``targeted``) rather than packing the
+        #: arena; off only to compare the two (benchmarks/compaction.py).
+        self.targeted_compaction = True
         self._changes = 0
 
     @property
@@ -245,9 +249,16 @@ class Ledger:
     def drain(self, segment: SegmentRecord, reason: str) -> None:
         self.segments.drain(segment, reason)
 
-    def plan(self, arena: ArenaRecord) -> CompactionPlan:
-        return self.plan_arenas([arena])
+    def plan(self, arena: ArenaRecord, need: int) -> CompactionPlan:
+        """The pressure ladder's plan: open ``need`` bytes in ``arena`` (targeted unless
+        ``targeted_compaction`` is off, then the full pack)."""
+        return self.plan_arenas([arena], need if self.targeted_compaction else None)
 
-    def plan_arenas(self, arenas: Iterable[ArenaRecord]) -> CompactionPlan:
-        """A compaction plan for ``arenas`` (pure). Cost: O(n log n) in their caches."""
-        return plan_arenas((layout_of(arena) for arena in arenas), self.version)
+    def plan_arenas(self, arenas: Iterable[ArenaRecord], target: int | None = None) -> CompactionPlan:
+        """A compaction plan for ``arenas`` (pure): the full pack, or with ``target``
+        the fewest moves that open ``target`` bytes per arena (``targeted``). Cost:
+        O(n log n) in their caches (plus the targeted planner's window tries)."""
+        layouts = (layout_of(arena) for arena in arenas)
+        if target is None:
+            return plan_arenas(layouts, self.version)
+        return plan_arenas(layouts, self.version, opening(target))

@@ -7,6 +7,8 @@ does not freeze:
    priority, in the pool's policy order: nobody is using them.
 2. If the arena's free bytes suffice but are fragmented, return a compaction plan (the
    daemon copies, commits and asks again): moving bytes loses nothing, evicting does.
+   The plan opens one extent of the request's size with the fewest bytes moved
+   (``kvbroker.core.targeted``), not a pack of the whole arena.
 3. Evict unpinned caches of equal or lower priority in the pool's policy order, checking
    after each eviction whether the request fits (or fits after compaction).
 4. Take whole segments from other pools on the same device (empty ones first, then
@@ -44,7 +46,7 @@ class Room(Protocol):
     def evict(self, rec: CacheRecord, reason: str, *, cause: str) -> None: ...
     def retire(self, segment: SegmentRecord) -> SegmentInfo: ...
     def drain(self, segment: SegmentRecord, reason: str) -> None: ...
-    def plan(self, arena: ArenaRecord) -> CompactionPlan: ...
+    def plan(self, arena: ArenaRecord, need: int) -> CompactionPlan: ...
 
 
 class RoomResult(NamedTuple):
@@ -90,7 +92,7 @@ def make_room(
         if not allow_compaction or plans >= MAX_PLANS or arena.free.free_bytes < reserved:
             return None
         plans += 1
-        plan = room.plan(arena)
+        plan = room.plan(arena, reserved)
         return plan if plan.moves and plan.largest_free_extent_after >= reserved else None
 
     if fits():

@@ -40,6 +40,7 @@ from kvbroker.memory import shm
 from kvbroker.memory.backend import CopyError, HostHandle, check_move, check_range
 from kvbroker.memory.chunks import STAGING, Place, run_moves, staging_needed
 from kvbroker.memory.owner import OwnerLock, remove_stale_segments
+from kvbroker.memory.parallel import ParallelCopier
 from kvbroker.wire import SHM_NAME_PATTERN
 
 __all__ = ["INSTANCE_ID_PATTERN", "HostMemory", "remove_stale_segments"]
@@ -81,6 +82,8 @@ class HostMemory:
             directory). The handles carry its absolute path.
         remove_stale: at start-up, remove the objects of dead broker instances in
             ``shm_dir`` (``stale_removed`` lists them).
+        copy_threads: threads that copy one large range at once (``copy``); 0: the
+            cores available, at most 8 (``kvbroker.memory.parallel``).
 
     Raises:
         FileExistsError: an instance with this id already runs in this process (or, with
@@ -94,7 +97,13 @@ class HostMemory:
     #: as used, unmapped when the copy returns).
     STAGING_BYTES = 64 * MiB
 
-    def __init__(self, instance_id: str, *, shm_dir: str = "/dev/shm", remove_stale: bool = True) -> None:
+    #: Ranges at least this large are copied by ``copy_threads`` threads at once.
+    PARALLEL_MIN_BYTES = 4 * MiB
+    PARALLEL_PIECE_ALIGN = 4096
+
+    def __init__(
+        self, instance_id: str, *, shm_dir: str = "/dev/shm", remove_stale: bool = True, copy_threads: int = 0,
+    ) -> None:
         if not INSTANCE_ID_PATTERN.fullmatch(instance_id):
             raise ValueError(
                 f"instance_id {instance_id!r} must be 1 to 64 characters of A-Z a-z 0-9 _ . -"
@@ -109,6 +118,9 @@ class HostMemory:
         self._segments: dict[int, _Segment] = {}
         self._creating: set[int] = set()
         self._closed = False
+        self._copier = ParallelCopier(
+            copy_threads, min_bytes=self.PARALLEL_MIN_BYTES, align=self.PARALLEL_PIECE_ALIGN
+        )
         # The lock first: from here on no clean-up (ours below included) takes this
         # instance for dead.
         self._owner = OwnerLock(self._shm_dir, f"{self._pid}-{instance_id}")
@@ -278,6 +290,7 @@ class HostMemory:
             self._idle.wait_for(lambda: all(seg.users == 0 for seg in segments))
         for seg in segments:
             self._discard(seg)
+        self._copier.close()
         self._owner.release()
 
     def __enter__(self) -> HostMemory:
@@ -316,8 +329,10 @@ class HostMemory:
 
         Every move is validated, and the staging buffer allocated, before the first byte
         moves, so a bad plan changes nothing. Cost: one ``memmove`` per move (per chunk of
-        an overlapping move) at memcpy bandwidth, GIL released; overlapping moves closer
-        than ``DIRECT_CHUNK_MIN_BYTES`` copy twice (through the staging buffer).
+        an overlapping move), GIL released; from ``PARALLEL_MIN_BYTES`` up, split into
+        pieces that ``copy_threads`` threads copy at once (``kvbroker.memory.parallel``);
+        overlapping moves closer than ``DIRECT_CHUNK_MIN_BYTES`` copy twice (through the
+        staging buffer).
 
         Raises:
             CopyError: see ``kvbroker.memory.backend.CopyError``.
@@ -337,7 +352,8 @@ class HostMemory:
                 addresses[STAGING] = staging
 
             def copy_range(source: Place, destination: Place, nbytes: int) -> None:
-                self._copy_range(
+                self._copier.copy(
+                    self._copy_range,
                     addresses[destination.segment_id] + destination.offset,
                     addresses[source.segment_id] + source.offset,
                     nbytes,

@@ -278,6 +278,8 @@ def usage_message(usage: Usage, allocation_count: int, eviction_count: int) -> p
         pending_caches=usage.pending_caches,
         pinned_caches=usage.pinned_caches,
         idle_retained_caches=usage.idle_retained_caches,
+        fragmentation_within_segments_ratio=usage.fragmentation_within_segments_ratio,
+        fragmentation_across_segments_ratio=usage.fragmentation_across_segments_ratio,
     )
 
 

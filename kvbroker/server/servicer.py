@@ -174,7 +174,8 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
         caller = await self._gate.caller(context)
         self._gate.operator(caller, Action.DEFRAGMENT)
         result = await self._engine.defragment(
-            device=request.device or None, pool=request.pool or None, dry_run=request.dry_run
+            device=request.device or None, pool=request.pool or None, dry_run=request.dry_run,
+            target_bytes=request.target_bytes or None,
         )
         return convert.defragment_message(result)
 

@@ -101,6 +101,12 @@ def _usage_gauges(scope: str) -> list[MetricSpec]:
          f"Largest contiguous free range of {of}: inside a segment or as a new segment."),
         ("fragmentation_ratio", "ratio",
          f"1 - largest free extent / free bytes, over the free space inside {of}'s segments."),
+        ("fragmentation_within_segments_ratio", "ratio",
+         f"Share of the free bytes inside {of}'s segments outside their own segment's largest free "
+         "range: what a compaction merges (fragmentation_ratio = within + across)."),
+        ("fragmentation_across_segments_ratio", "ratio",
+         f"Share of the free bytes inside {of}'s segments in other segments' largest free ranges: "
+         "split across segments, which no move merges (only segments going back to the device do)."),
         ("utilization_ratio", "ratio", f"Allocated / capacity of {of}."),
         ("caches", "", f"Live caches on {of}: resident, and pending (being backed)."),
         ("segments", "", f"Segments (device allocations) of {of}."),

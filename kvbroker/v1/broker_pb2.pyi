@@ -260,7 +260,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "reserved_bytes", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "segments", "allocation_count", "eviction_count", "pending_caches", "pinned_caches", "idle_retained_caches")
+    __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "reserved_bytes", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "segments", "allocation_count", "eviction_count", "pending_caches", "pinned_caches", "idle_retained_caches", "fragmentation_within_segments_ratio", "fragmentation_across_segments_ratio")
     TOTAL_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +276,8 @@ class Usage(_message.Message):
     PENDING_CACHES_FIELD_NUMBER: _ClassVar[int]
     PINNED_CACHES_FIELD_NUMBER: _ClassVar[int]
     IDLE_RETAINED_CACHES_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTATION_WITHIN_SEGMENTS_RATIO_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTATION_ACROSS_SEGMENTS_RATIO_FIELD_NUMBER: _ClassVar[int]
     total_capacity_bytes: int
     total_allocated_bytes: int
     reserved_bytes: int
@@ -291,7 +293,9 @@ class Usage(_message.Message):
     pending_caches: int
     pinned_caches: int
     idle_retained_caches: int
-    def __init__(self, total_capacity_bytes: _Optional[int] = ..., total_allocated_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., pinned_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_extent_bytes: _Optional[int] = ..., utilization_ratio: _Optional[float] = ..., fragmentation_ratio: _Optional[float] = ..., active_caches: _Optional[int] = ..., segments: _Optional[int] = ..., allocation_count: _Optional[int] = ..., eviction_count: _Optional[int] = ..., pending_caches: _Optional[int] = ..., pinned_caches: _Optional[int] = ..., idle_retained_caches: _Optional[int] = ...) -> None: ...
+    fragmentation_within_segments_ratio: float
+    fragmentation_across_segments_ratio: float
+    def __init__(self, total_capacity_bytes: _Optional[int] = ..., total_allocated_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., pinned_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_extent_bytes: _Optional[int] = ..., utilization_ratio: _Optional[float] = ..., fragmentation_ratio: _Optional[float] = ..., active_caches: _Optional[int] = ..., segments: _Optional[int] = ..., allocation_count: _Optional[int] = ..., eviction_count: _Optional[int] = ..., pending_caches: _Optional[int] = ..., pinned_caches: _Optional[int] = ..., idle_retained_caches: _Optional[int] = ..., fragmentation_within_segments_ratio: _Optional[float] = ..., fragmentation_across_segments_ratio: _Optional[float] = ...) -> None: ...
 
 class DeviceStats(_message.Message):
     __slots__ = ("device", "usage")
@@ -411,14 +415,16 @@ class ListCachesResponse(_message.Message):
     def __init__(self, caches: _Optional[_Iterable[_Union[Cache, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DefragmentRequest(_message.Message):
-    __slots__ = ("device", "pool", "dry_run")
+    __slots__ = ("device", "pool", "dry_run", "target_bytes")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    TARGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     device: str
     pool: str
     dry_run: bool
-    def __init__(self, device: _Optional[str] = ..., pool: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    target_bytes: int
+    def __init__(self, device: _Optional[str] = ..., pool: _Optional[str] = ..., dry_run: _Optional[bool] = ..., target_bytes: _Optional[int] = ...) -> None: ...
 
 class PlannedMove(_message.Message):
     __slots__ = ("cache_id", "pool", "device", "nbytes", "from_segment_id", "from_offset", "to_segment_id", "to_offset")

@@ -222,3 +222,19 @@ def test_defrag_shows_what_compaction_fixes_apart_from_what_it_cannot_and_the_mo
     assert "within segments    33.3% -> 0.0%   compaction fixes this" in text
     assert "across segments    16.7% -> 50.0%   only segments going back" in text
     assert "c1" in text and "1:1.00 MiB" in text and "(first 1 of 2 moves)" in text
+
+
+def test_stats_split_fragmentation_into_what_compaction_fixes_and_what_it_cannot():
+    from kvbroker.cli.views import render_stats
+
+    usage = pb.Usage(fragmentation_ratio=0.5, fragmentation_within_segments_ratio=0.2,
+                     fragmentation_across_segments_ratio=0.3)
+    stats = pb.StatsResponse(devices=[pb.DeviceStats(device="host", usage=usage)],
+                             pools=[pb.PoolStats(pool="p", usage=pb.Usage(fragmentation_ratio=0.25,
+                                                                           fragmentation_within_segments_ratio=0.25))])
+    text = render_stats(stats)
+    (header,) = [line for line in text.splitlines() if line.startswith("FRAGMENTATION")]
+    assert "WITHIN SEGMENTS (compaction fixes)" in header and "ACROSS SEGMENTS (segments going back fix)" in header
+    rows = {line.split()[1]: line.split()[2:] for line in text.splitlines()[text.splitlines().index(header) + 1:]
+            if line.startswith(("device", "pool"))}
+    assert rows == {"host": ["50.0%", "20.0%", "30.0%"], "p": ["25.0%", "25.0%", "0.0%"]}

@@ -218,7 +218,9 @@ def test_defrag_passes_its_flags(fake_broker, capsys) -> None:
     assert cli.main(argv) == 0
     assert capsys.readouterr().out.startswith("dry run: would move 2 caches (3.00 MiB)")
     (request,) = fake_broker.broker.requests("Defragment")
-    assert (request.device, request.pool, request.dry_run) == ("host", "p", True)
+    assert (request.device, request.pool, request.dry_run, request.target_bytes) == ("host", "p", True, 0)
+    assert cli.main(["defrag", "--target", fake_broker.target, "--target-bytes", "512MiB"]) == 0
+    assert fake_broker.broker.requests("Defragment")[-1].target_bytes == 512 * 1024 * 1024
 
 
 def test_unreachable_target_exits_1_and_names_it(capsys) -> None:

@@ -660,29 +660,42 @@ def _fragmented(pin_b: bool = False) -> Broker:
 
 
 def test_fragmented_free_space_yields_a_compaction_plan() -> None:
+    """The pressure path opens one extent with the fewest bytes moved: b (16K) goes to
+    the hole at 32K, which opens [0, 32K); the full pack would move b and d (32K)."""
     b = _fragmented()
     before = b.caches()
     r = b.allocate(req(32 * K, cache_id="big"))
     assert r.cache is None and r.evicted == ()
     plan = r.compaction
-    assert [(m.cache_id, m.source.offset, m.destination.offset) for m in plan.moves] == [
-        ("b", 16 * K, 0), ("d", 48 * K, 16 * K)
-    ]
+    assert [(m.cache_id, m.source.offset, m.destination.offset) for m in plan.moves] == [("b", 16 * K, 32 * K)]
     assert plan.fragmentation_before == pytest.approx(0.5) and plan.fragmentation_after == 0.0
     assert plan.largest_free_extent_after == 32 * K
-    assert (plan.bytes_moved, plan.caches_moved) == (32 * K, 2)
+    assert (plan.bytes_moved, plan.caches_moved) == (16 * K, 1)
+    assert b.plan_compaction().bytes_moved == 32 * K  # the full pack, for comparison
     assert b.caches() == before  # planning changed nothing
     assert b.commit(plan) == ()
-    assert extent(b, "b").offset == 0 and extent(b, "d").offset == 16 * K
-    assert b.get("b").epoch == 1 and b.get("d").epoch == 1
+    assert extent(b, "b").offset == 32 * K and extent(b, "d").offset == 48 * K
+    assert b.get("b").epoch == 1 and b.get("d").epoch == 0
     events = b.drain_events()
     assert [(e.kind, e.cache_id, e.epoch, e.recipients) for e in events] == [
         (EventKind.MOVED, "b", 1, frozenset({"s1"})),
-        (EventKind.MOVED, "d", 1, frozenset({"s1"})),
     ]
     audit(b)
     r = alloc(b, 32 * K, cache_id="big")
-    assert r.cache.extents[0].offset == 32 * K
+    assert r.cache.extents[0].offset == 0
+
+
+def test_full_pack_on_the_pressure_path_when_targeted_compaction_is_off() -> None:
+    b = _fragmented()
+    b._ledger.targeted_compaction = False  # what Broker(targeted_compaction=False) sets
+    plan = b.allocate(req(32 * K, cache_id="big")).compaction
+    assert [(m.cache_id, m.source.offset, m.destination.offset) for m in plan.moves] == [
+        ("b", 16 * K, 0), ("d", 48 * K, 16 * K)
+    ]
+    assert (plan.bytes_moved, plan.largest_free_extent_after) == (32 * K, 32 * K)
+    b.commit(plan)
+    audit(b)
+    assert alloc(b, 32 * K, cache_id="big").cache.extents[0].offset == 32 * K
 
 
 def test_compaction_never_moves_a_pinned_cache() -> None:

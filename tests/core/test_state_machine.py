@@ -31,7 +31,9 @@ must be zero. A compaction is begun, then the machine releases, ends sessions an
 allocates elsewhere, then it commits a random prefix of the plan (the backend copied
 those moves) or aborts it: frozen arenas are never placed in or evicted from, caches
 freed in them keep their bytes until the end, moving caches refuse attach and pin, and
-the byte replay of the committed prefix keeps every cache's bytes intact.
+the byte replay of the committed prefix keeps every cache's bytes intact. Targeted plans
+(the pressure path's, and ``compact_targeted``'s ``target_bytes``) open the free extent
+they promise, checked against the model's own layout after the commit.
 """
 
 from __future__ import annotations
@@ -545,7 +547,11 @@ class BrokerMachine(RuleBasedStateMachine):
                 # Learn the evictions made before the plan, then copy and commit.
                 self._learn_evictions(lambda c: c in evicted)
                 self._retired(result.retired_segments)
-                self._commit(result.compaction)
+                plan = result.compaction
+                arena = self._arena(plan.moves[0].source)
+                self._commit(plan)
+                assert plan.largest_free_extent_after >= reserved
+                assert self._largest_free(*arena) >= reserved, "the plan did not open the extent it promised"
                 continue
             break
         else:
@@ -845,6 +851,52 @@ class BrokerMachine(RuleBasedStateMachine):
                 event("compact: mapped segment emptied")
         self._commit(plan)
         self._settle()
+
+    @rule(device=st.sampled_from(["d0", "d1"]), pool=st.sampled_from(["a", "b", "c", "e"]),
+          want=st.integers(1, 96 * K), fragment=st.integers(0, 6), size=small_sizes)
+    def compact_targeted(self, device, pool, want, fragment, size) -> None:
+        """Defragment with ``target_bytes=want`` (the pressure path's planner): a plan
+        with moves promises a free extent of ``want`` bytes, which the model's layout has
+        after its commit; no pinned cache moved, every cache's bytes are intact
+        (``_commit``)."""
+        if device not in SPEC[pool].devices:
+            return
+        if fragment >= 2:
+            self.fill_and_punch(pool, fragment, size, device, "", 0, False)
+        if (pool, device) in self._frozen():
+            return
+        self._begin(set(SPEC), drain_ok=True)
+        plan = self.b.plan_compaction(device=device, pool=pool, target_bytes=want)
+        assert plan == self.b.plan_compaction(device=device, pool=pool, target_bytes=want)  # pure
+        assert plan.after.free_bytes == plan.before.free_bytes
+        for move in plan.moves:
+            assert self._arena(self.where[move.cache_id]) == (pool, device)
+        largest_before = self._largest_free(pool, device)
+        if not plan.moves:
+            event("compact_targeted: nothing to move")
+            return
+        assert largest_before < want <= plan.largest_free_extent_after, "a plan that opens nothing"
+        event("compact_targeted: moves")
+        self._commit(plan)
+        self._settle()
+        assert self._largest_free(pool, device) >= want, "the extent the plan promised is not free"
+
+    def _largest_free(self, pool: str, device: str) -> int:
+        """The model's largest free extent among the arena's placeable segments."""
+        largest = 0
+        for sid, info in self.segment_pool.items():
+            if (info.pool, info.device_id) != (pool, device) or sid in self.draining or sid in self.creating:
+                continue
+            if sid not in self.mem:
+                continue
+            taken = sorted((e.offset, e.end) for extents in (self.where, self.pending_at, self.deferred)
+                           for e in extents.values() if e.segment_id == sid)
+            pos = 0
+            for lo, hi in taken:
+                largest = max(largest, lo - pos)
+                pos = max(pos, hi)
+            largest = max(largest, len(self.mem[sid]) - pos)
+        return largest
 
     @rule(advance=st.sampled_from([0, 0, 5, 20]), idle_seconds=st.sampled_from([0, 10, 30, 10**9]))
     def retire_idle(self, advance, idle_seconds) -> None:

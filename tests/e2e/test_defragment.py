@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from kvbroker_client import BrokerClient
@@ -93,3 +94,45 @@ def test_defragment_moves_unpinned_caches_and_keeps_their_bytes(daemon):
         pinned.unpin()
         for cache in kept:
             cache.release(force=True)
+
+
+def test_defragment_with_target_bytes_opens_one_extent_moving_the_fewest_bytes(daemon):
+    """Pool "small" (one 16 MiB segment) full of 2 MiB caches, then three holes at 2, 6
+    and 12 MiB: to open 4 MiB one cache moves (the lowest window: the cache at 0, into
+    the hole at 6 MiB); the full pack would move four. The bytes stay, the request fits."""
+    with BrokerClient(daemon.target) as client:
+        caches = [client.allocate("small", size_bytes=2 * MiB, cache_id=f"target-{i}") for i in range(8)]
+        for i, cache in enumerate(caches):
+            t = cache.tensor()
+            t.copy_(torch.randint(0, 256, (t.numel(),), dtype=torch.uint8, generator=torch.Generator().manual_seed(100 + i)))
+        assert [c.handle.byte_offset for c in caches] == [i * 2 * MiB for i in range(8)]
+        for i in (1, 3, 6):
+            caches[i].release()
+        kept = [c for c in caches if not c.released]
+        expected = {c.cache_id: [int(c.tensor().to(torch.int64).sum()), int(c.tensor()[0]), int(c.tensor()[-1])] for c in kept}
+        usage = pool_usage(client, "small")
+        assert usage.largest_free_extent_bytes == 2 * MiB
+        assert usage.fragmentation_within_segments_ratio == pytest.approx(usage.fragmentation_ratio) == pytest.approx(2 / 3)
+        assert usage.fragmentation_across_segments_ratio == 0.0
+
+        full = client.defragment(pool="small", dry_run=True)
+        dry = client.defragment(pool="small", dry_run=True, target_bytes=4 * MiB)
+        assert (dry.caches_moved, dry.bytes_moved) == (1, 2 * MiB) and full.bytes_moved == 8 * MiB
+        ((move),) = dry.moves
+        assert (move.cache_id, move.from_offset, move.to_offset) == ("target-0", 0, 6 * MiB)
+        assert dry.largest_free_extent_after_bytes == 4 * MiB
+
+        result = client.defragment(pool="small", target_bytes=4 * MiB)
+        assert (result.caches_moved, result.bytes_moved, result.largest_free_extent_after_bytes) == (1, 2 * MiB, 4 * MiB)
+        after = read_in_fresh_process(daemon, list(expected))
+        for cache_id, sums in expected.items():
+            assert after[cache_id][:3] == sums, cache_id
+        assert after["target-0"][3] == 6 * MiB
+        assert pool_usage(client, "small").largest_free_extent_bytes == 4 * MiB
+        again = client.defragment(pool="small", target_bytes=4 * MiB)
+        assert again.caches_moved == 0, "the extent is there: nothing moves"
+        big = client.allocate("small", size_bytes=4 * MiB)
+        assert big.handle.byte_offset == 0
+        big.release()
+        for cache in kept:
+            cache.release()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import random
+import threading
 import uuid
 
 import pytest
@@ -50,12 +51,34 @@ class FaultyHost(HostMemory):
         super()._copy_range(destination, source, nbytes)
 
 
+class ParallelFaultyHost(FaultyHost):
+    """The same faults with ranges of 24 bytes and more split into pieces that four
+    threads copy at once: the k-th call (counted under a lock) is whichever piece comes
+    k-th, and the contract must hold all the same."""
+
+    PARALLEL_MIN_BYTES = 24
+    PARALLEL_PIECE_ALIGN = 8
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, copy_threads=4, **kwargs)
+        self._count_lock = threading.Lock()
+
+    def _copy_range(self, destination, source, nbytes):
+        with self._count_lock:
+            self.calls += 1
+            call = self.calls
+        if self.fail_at and (call == self.fail_at or (self.fail_after and call > self.fail_at)):
+            ctypes.memset(destination, 0xEE, int(nbytes * self.damage))
+            raise OSError(errno.EIO, f"injected failure of copy call {call}")
+        HostMemory._copy_range(self, destination, source, nbytes)
+
+
 def info(segment_id: int, nbytes: int) -> SegmentInfo:
     return SegmentInfo(segment_id=segment_id, generation=1, pool="p", device_id="host", nbytes=nbytes)
 
 
-def memory(shm_dir: str, **faults) -> FaultyHost:
-    mem = FaultyHost(f"f{uuid.uuid4().hex[:12]}", shm_dir=shm_dir, **faults)
+def memory(shm_dir: str, kind: type[FaultyHost] = FaultyHost, **faults) -> FaultyHost:
+    mem = kind(f"f{uuid.uuid4().hex[:12]}", shm_dir=shm_dir, **faults)
     for sid, n in SIZES.items():
         mem.create(info(sid, n))
     return mem
@@ -106,7 +129,8 @@ def random_moves(raw: list[tuple[int, ...]]) -> list[Move]:
     return moves
 
 
-def test_any_failing_copy_call_leaves_a_committable_prefix(shm_dir):
+@pytest.mark.parametrize("kind", [FaultyHost, ParallelFaultyHost])
+def test_any_failing_copy_call_leaves_a_committable_prefix(shm_dir, kind):
     @settings(max_examples=150, deadline=None)
     @given(
         seed=st.integers(0, 2**32),
@@ -116,14 +140,15 @@ def test_any_failing_copy_call_leaves_a_committable_prefix(shm_dir):
     )
     def check(seed, raw, fail_pick, damage):
         moves = random_moves(raw)
-        with memory(shm_dir) as clean:
-            fill(clean, seed)
+        with memory(shm_dir, kind) as clean:
+            model = fill(clean, seed)
             clean.copy(moves)
             total_calls = clean.calls
+            assert_prefix_state(clean, model, moves, len(moves))  # pieces or not: memmove
         if total_calls == 0:
             return
         fail_at = 1 + fail_pick % total_calls
-        with memory(shm_dir, fail_at=fail_at, damage=damage) as mem:
+        with memory(shm_dir, kind, fail_at=fail_at, damage=damage) as mem:
             model = fill(mem, seed)
             with pytest.raises(CopyError) as caught:
                 mem.copy(moves)
@@ -251,3 +276,17 @@ def test_a_failed_copy_leaves_no_segment_marked_in_use(shm_dir):
         mem.free(1)
         mem.free(2)
         assert mem.segment_ids() == []
+
+
+def test_a_large_range_is_copied_in_pieces_by_several_threads(shm_dir):
+    """300 bytes with four threads and pieces aligned to 8: four calls of 80, 80, 80, 60
+    bytes, the bytes as one memmove leaves them."""
+    move = Move("x", Extent(1, 0, 300), Extent(1, 350, 300))
+    with memory(shm_dir, ParallelFaultyHost) as mem:
+        model = fill(mem, 6)
+        mem.copy([move])
+        assert mem.calls == 4
+        assert_prefix_state(mem, model, [move], 1)
+    with memory(shm_dir) as mem:
+        mem.copy([move])
+        assert mem.calls == 1
