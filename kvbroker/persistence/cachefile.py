@@ -1,0 +1,181 @@
+"""One cache as one safetensors file, bound to its cache by id.
+
+The file holds the cache's bytes as one 1-D ``uint8`` tensor named ``bytes`` (so any
+dtype, bfloat16 included, round-trips bit for bit: the broker never reinterprets them),
+and its identity in the header's ``__metadata__`` (strings only, the format's rule):
+cache id, pool, model, dtype, shape, retain flag, priority, size. safetensors is the
+well-kept format for tensors on disk; it rejects a truncated file or trailing bytes, but
+a flipped bit loads silently (it has no checksum), so every file is also checked against
+the size and blake2b digest that the generation's manifest records (``store``).
+
+Writing (``write_cache_file``): ``safetensors.numpy.save_file`` straight from the staging
+buffer (no extra copy: safetensors 0.8 reads the array's memory), then fsync; the digest
+is the header read back from the file plus the staging buffer, i.e. exactly the file's
+bytes, without reading the data back. Reading (``read_cache_file``): the header is
+parsed and checked by ``safetensors.safe_open``, then the data is streamed in chunks
+into a sink (a segment of the device) while the whole file is hashed; the caller must
+discard what the sink got when this raises.
+
+Cost: write = one sequential write + fsync + one hash pass over memory; read = one
+sequential read + one hash pass + one copy per chunk into the sink.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT = "kvbroker-cache/1"
+TENSOR = "bytes"
+#: Chunk of a streamed read: large enough for sequential-read speed, small enough to
+#: keep the daemon's extra memory bounded whatever the cache's size.
+READ_CHUNK_BYTES = 16 * 2**20
+
+
+class CorruptFile(Exception):
+    """A cache file is not what its manifest says (size, digest, header, metadata)."""
+
+
+def new_digest() -> hashlib.blake2b:
+    return hashlib.blake2b(digest_size=32)
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """What a restored cache gets back besides its bytes."""
+
+    cache_id: str
+    pool: str
+    model_name: str
+    dtype: str
+    shape: tuple[int, ...]
+    retain: bool
+    priority: int
+    nbytes: int
+
+    def to_strings(self) -> dict[str, str]:
+        return {
+            "format": FORMAT, "cache_id": self.cache_id, "pool": self.pool, "model_name": self.model_name,
+            "dtype": self.dtype, "shape": json.dumps(list(self.shape)), "retain": "1" if self.retain else "0",
+            "priority": str(self.priority), "nbytes": str(self.nbytes),
+        }  # fmt: skip
+
+    def to_json(self) -> dict:
+        return {
+            "cache_id": self.cache_id, "pool": self.pool, "model_name": self.model_name, "dtype": self.dtype,
+            "shape": list(self.shape), "retain": self.retain, "priority": self.priority, "nbytes": self.nbytes,
+        }  # fmt: skip
+
+    @classmethod
+    def from_strings(cls, data: dict[str, str] | None) -> CacheMeta:
+        try:
+            if not data or data.get("format") != FORMAT:
+                raise CorruptFile(f"metadata is not {FORMAT}")
+            return cls(
+                data["cache_id"], data["pool"], data["model_name"], data["dtype"],
+                tuple(int(n) for n in json.loads(data["shape"])), data["retain"] == "1",
+                int(data["priority"]), int(data["nbytes"]),
+            )  # fmt: skip
+        except (KeyError, ValueError, TypeError) as err:
+            raise CorruptFile(f"bad metadata: {err!r}") from None
+
+    @classmethod
+    def from_json(cls, data: dict) -> CacheMeta:
+        try:
+            return cls(
+                str(data["cache_id"]), str(data["pool"]), str(data["model_name"]), str(data["dtype"]),
+                tuple(int(n) for n in data["shape"]), bool(data["retain"]), int(data["priority"]),
+                int(data["nbytes"]),
+            )  # fmt: skip
+        except (KeyError, ValueError, TypeError) as err:
+            raise CorruptFile(f"bad manifest entry: {err!r}") from None
+
+
+def write_cache_file(path: str, meta: CacheMeta, data: np.ndarray) -> tuple[int, str]:
+    """Write ``data`` (1-D uint8, ``meta.nbytes`` long) to ``path`` and fsync it.
+
+    Returns the file's size and blake2b hex digest. Raises ``OSError`` (ENOSPC...).
+    """
+    from safetensors.numpy import save_file
+
+    if data.dtype != np.uint8 or data.ndim != 1 or data.nbytes != meta.nbytes:
+        raise ValueError(f"cache {meta.cache_id}: expected {meta.nbytes} uint8 bytes, got {data.dtype} {data.shape}")
+    try:
+        save_file({TENSOR: data}, path, metadata=meta.to_strings())
+    except Exception as err:  # safetensors raises its own error for an I/O failure
+        if isinstance(err, OSError):
+            raise
+        raise OSError(getattr(err, "errno", None) or _errno_of(str(err)), f"writing {path}: {err}") from err
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+        (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        header = os.pread(fd, header_len, 8)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if size != 8 + header_len + data.nbytes:
+        raise OSError(f"{path}: wrote {size} bytes, expected {8 + header_len + data.nbytes}")
+    digest = new_digest()
+    digest.update(struct.pack("<Q", header_len))
+    digest.update(header)
+    digest.update(memoryview(data))
+    return size, digest.hexdigest()
+
+
+def _errno_of(message: str) -> int:
+    import errno
+
+    return errno.ENOSPC if "No space left" in message else errno.EIO
+
+
+def read_cache_file(
+    path: str, size: int, digest_hex: str, sink: Callable[[int, np.ndarray], None]
+) -> CacheMeta:
+    """Check ``path`` against ``size`` and ``digest_hex`` and stream its bytes to
+    ``sink(offset, chunk)``. Returns the file's metadata.
+
+    Raises ``CorruptFile`` on any mismatch (the sink may have received bytes by then:
+    the caller discards them) and ``OSError`` when the file cannot be read.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    actual = os.stat(path).st_size
+    if actual != size:
+        raise CorruptFile(f"{os.path.basename(path)}: {actual} bytes, the manifest says {size}")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = CacheMeta.from_strings(f.metadata())
+            keys = list(f.keys())
+            shape = f.get_slice(TENSOR).get_shape() if keys == [TENSOR] else None
+    except SafetensorError as err:
+        raise CorruptFile(f"{os.path.basename(path)}: not a valid safetensors file: {err}") from None
+    if shape != [meta.nbytes]:
+        raise CorruptFile(f"{os.path.basename(path)}: expected one tensor {TENSOR!r} of {meta.nbytes} bytes")
+    digest = new_digest()
+    buffer = np.empty(min(READ_CHUNK_BYTES, max(size, 1)), dtype=np.uint8)
+    with open(path, "rb", buffering=0) as f:
+        head = f.read(8)
+        (header_len,) = struct.unpack("<Q", head)
+        digest.update(head)
+        digest.update(f.read(header_len))
+        offset = 0
+        while offset < meta.nbytes:
+            n = f.readinto(memoryview(buffer)[: min(len(buffer), meta.nbytes - offset)])
+            if not n:
+                raise CorruptFile(f"{os.path.basename(path)}: ends after {offset} of {meta.nbytes} data bytes")
+            chunk = buffer[:n]
+            digest.update(memoryview(chunk))
+            sink(offset, chunk)
+            offset += n
+        if f.read(1):
+            raise CorruptFile(f"{os.path.basename(path)}: trailing bytes")
+    if digest.hexdigest() != digest_hex:
+        raise CorruptFile(f"{os.path.basename(path)}: blake2b digest differs from the manifest's")
+    return meta
