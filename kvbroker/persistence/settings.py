@@ -46,13 +46,19 @@ DEFAULT_RESTORE_GRACE_SECONDS = 60.0
 def problems(config: Any, key: Callable[[str], str], skip: set[str]) -> Iterable[tuple[str, str]]:
     """The rules of the persistence keys over a built ``BrokerConfig``: ``(key, message)``
     for each broken one. ``key(field)`` names the field as the operator set it."""
+    toml = {f: f"persistence.{k}" for k, f in FIELDS.items()}
+
+    def named(field: str) -> str:  # a key nobody set is named as the file names it
+        given = key(field)
+        return toml[field] if given == field else given
+
     for name in ("checkpoint_interval_seconds", "restore_grace_seconds"):
         value = getattr(config, name)
         if name not in skip and not (0 <= value < math.inf):
-            yield key(name), f"must be a finite number of seconds >= 0, got {value}"
+            yield named(name), f"must be a finite number of seconds >= 0, got {value}"
     persistent = [p.name for p in config.pools if p.persistent]
     if persistent and not config.persistence_dir and "persistence_dir" not in skip:
         yield (
-            key("persistence_dir"),
+            named("persistence_dir"),
             f"pools {', '.join(persistent)} are persistent: set persistence.dir (or KVBROKER_PERSISTENCE_DIR)",
         )

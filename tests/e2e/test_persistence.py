@@ -27,6 +27,7 @@ from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1.broker_pb2_grpc import CacheBrokerStub
 from kvbroker_client import BrokerClient
 from tests.support.daemon import ROOT, child_env, start_daemon
+from tests.support.tinyfs import tiny_filesystem
 from tests.support.wait import wait_until
 
 CONFIG = """
@@ -35,7 +36,7 @@ host_capacity = "128MiB"
 
 [persistence]
 dir = "{dir}"
-checkpoint_interval_seconds = 0
+checkpoint_interval_seconds = {interval}
 {extra}
 
 [[pools]]
@@ -56,8 +57,8 @@ CACHES = [
 ]
 
 
-def config(tmp_path: Path, extra: str = "") -> str:
-    return CONFIG.format(dir=tmp_path / "checkpoints", extra=extra)
+def config(tmp_path: Path, extra: str = "", interval: float = 0) -> str:
+    return CONFIG.format(dir=tmp_path / "checkpoints", extra=extra, interval=interval)
 
 
 def fill(client: BrokerClient, seed: int) -> dict[str, bytes]:
@@ -224,3 +225,57 @@ def test_a_checkpoint_beyond_the_budget_is_a_clear_error_and_a_metric(tmp_path):
             wait_until(lambda: "checkpoint (requested" in daemon.log(), 10, "the failure is logged")
     finally:
         daemon.stop()
+
+
+def test_a_full_disk_is_a_clear_error_and_a_metric_and_no_retry(tmp_path):
+    with tiny_filesystem(tmp_path) as tiny:
+        if tiny is None:
+            pytest.skip("this machine does not let a test mount a small tmpfs")
+        toml = CONFIG.format(dir=tiny / "checkpoints", extra="", interval=0)
+        daemon = start_daemon(tmp_path, config=toml, metrics=True)
+        try:
+            with BrokerClient(daemon.target) as client:
+                client.allocate("kept", size_bytes=1 << 20, retain=True)
+                with pytest.raises(grpc.RpcError) as caught:
+                    checkpoint(daemon)
+                assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "full" in caught.value.details()
+                assert metric(daemon, "kvbroker_checkpoints_total", '{outcome="disk_full"}') == 1
+                assert not list((tiny / "checkpoints").glob("gen-*")), "the partial generation is removed"
+                assert daemon.log().count("checkpoint (requested") == 1, "one failure, one line: no retry"
+        finally:
+            daemon.stop()
+
+
+def test_restored_caches_are_held_through_the_grace_then_the_usual_rules_apply(tmp_path):
+    toml = config(tmp_path, extra="restore_grace_seconds = 5", interval=0.5)
+    daemon = start_daemon(tmp_path, config=toml)
+    try:
+        with BrokerClient(daemon.target) as client:
+            written = fill(client, seed=6)
+            wanted = client.allocate("kept", size_bytes=8192).cache_id  # not retained
+            unwanted = client.allocate("kept", size_bytes=8192).cache_id  # not retained
+            wait_until(lambda: "checkpoint (periodic): generation" in daemon.log(), 30, "a periodic checkpoint")
+            assert daemon.stop() == 0
+    finally:
+        daemon.stop()
+
+    again = start_daemon(tmp_path, config=toml)
+    try:
+        with BrokerClient(again.target) as client:
+            held = client.attach(wanted)  # the client re-attaches within the grace
+            listed = {c.cache_id for c in client.list_caches()}
+            assert {wanted, unwanted} | set(written) <= listed
+
+            def unwanted_freed() -> bool:
+                return unwanted not in {c.cache_id for c in client.list_caches()}
+
+            wait_until(unwanted_freed, 60, "the grace ends and the unclaimed, unretained cache is freed")
+            left = {c.cache_id: c for c in client.list_caches()}
+            assert wanted in left and held.cache_id == wanted, "a re-attached cache stays"
+            retained = {cid for cid, (_, _, retain, _, _) in zip(written, CACHES) if retain}
+            assert retained <= set(left), "retained caches stay, as idle retained caches"
+            assert all("~restored" not in c.holders for c in left.values())
+        assert again.stop() == 0
+    finally:
+        again.stop()
