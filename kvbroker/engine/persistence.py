@@ -5,7 +5,8 @@ short core section) it pins the cache for the broker's own ``~checkpoint`` holde
 that no eviction, compaction or free touches its bytes; in a thread it copies them into
 a host staging buffer (memory or PCIe bandwidth); back on the loop it unpins and lets
 go; then, in a thread, the staging buffer is written to its file and fsync'd
-(``kvbroker.persistence``). Clients keep allocating, attaching and writing meanwhile;
+(``kvbroker.persistence``) while the next cache is staged (so at most two caches'
+bytes are held in staging buffers). Clients keep allocating, attaching and writing meanwhile;
 a cache that is PENDING or being moved is waited for first; one freed before its turn
 is skipped.
 
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_HOLDER = "~checkpoint"
 RESTORE_HOLDER = "~restored"
+#: Caches restored at once: one's segment is created while another's file is read.
+RESTORE_CONCURRENCY = 2
 
 
 @dataclass(frozen=True)
@@ -156,18 +159,24 @@ class Persistence:
         caches.sort(key=lambda c: (c.last_access_at, c.cache_id))
         writer = await asyncio.to_thread(self.store.begin, sum(c.nbytes for c in caches), len(caches))
         written = skipped = nbytes = 0
+        writing: asyncio.Future[int] | None = None  # the previous cache's file, written meanwhile
         try:
             for info in caches:
                 if deadline is not None and time.monotonic() > deadline:
                     raise PersistenceError(f"ran out of time after {written} of {len(caches)} caches")
-                staged = await self._stage(info.cache_id)
+                staged = await self._stage(info.cache_id)  # while the previous file is written
+                if writing is not None:
+                    nbytes, written, writing = nbytes + await writing, written + 1, None
                 if staged is None:
                     skipped += 1
                     continue
-                nbytes += await asyncio.to_thread(writer.write, *staged)
-                written += 1
+                writing = asyncio.ensure_future(asyncio.to_thread(writer.write, *staged))
+            if writing is not None:
+                nbytes, written, writing = nbytes + await writing, written + 1, None
             generation = await asyncio.to_thread(writer.publish)
         except BaseException:
+            if writing is not None:
+                await asyncio.gather(writing, return_exceptions=True)  # never remove a file being written
             await asyncio.to_thread(writer.abandon)
             raise
         return CheckpointResult(generation, written, nbytes, skipped, time.monotonic() - started)
@@ -233,51 +242,60 @@ class Persistence:
                 log.error("checkpoint generation %d is not loaded (falling back to the previous one): %s", number, err)
                 continue
             self.observer.caches_restored(restored)
-            log.info("restored %d caches (%d bytes) of checkpoint generation %d; %d not restored",
-                     restored, nbytes, number, len(missing))  # fmt: skip
+            seconds = time.monotonic() - started
+            log.info("restored %d caches (%d bytes) of checkpoint generation %d in %.3f s; %d not restored",
+                     restored, nbytes, number, seconds, len(missing))  # fmt: skip
             self._track(asyncio.get_running_loop().create_task(self._end_grace()))
-            return RestoreResult(number, restored, nbytes, tuple(rejected), tuple(missing), time.monotonic() - started)
+            return RestoreResult(number, restored, nbytes, tuple(rejected), tuple(missing), seconds)
         return RestoreResult(None, 0, 0, tuple(rejected), (), time.monotonic() - started)
 
     async def _restore(self, generation) -> tuple[int, int, list[str]]:
-        restored: list[str] = []
+        """Restore every entry, ``RESTORE_CONCURRENCY`` at a time (one cache's segment
+        is created while another's file is read); on any failure, release every cache
+        restored so far and raise."""
+        restored: list[CacheInfo] = []
         missing: list[str] = []
-        nbytes = 0
-        try:
-            for entry in generation.entries:
-                meta = entry.meta
-                if meta.pool not in self.pools:
-                    missing.append(f"{meta.cache_id}: pool {meta.pool!r} is not a persistent pool now")
-                    continue
-                request = AllocationRequest(
-                    pool=meta.pool, nbytes=meta.nbytes, holder=RESTORE_HOLDER, cache_id=meta.cache_id,
-                    model_name=meta.model_name, priority=meta.priority, retain=meta.retain,
-                    dtype=meta.dtype, shape=meta.shape,
-                )  # fmt: skip
-                try:
-                    info, _handle = await self._allocate(request, 0.0)
-                except BrokerError as err:
-                    missing.append(f"{meta.cache_id}: {err}")
-                    log.error("cache %s of checkpoint generation %d not restored: %s", meta.cache_id, generation.number, err)
-                    continue
-                restored.append(info.cache_id)
-                extent = info.extents[0]
-                memory = self._device.memory(info.device_id)
+        slots = asyncio.Semaphore(RESTORE_CONCURRENCY)
 
-                def sink(offset: int, chunk: np.ndarray, memory=memory, extent=extent) -> None:
-                    memory.write_from(extent.segment_id, extent.offset + offset, chunk)
+        async def one(entry) -> None:
+            async with slots:
+                await self._restore_one(generation, entry, restored, missing)
 
-                path = os.path.join(generation.path, entry.file)
-                found = await asyncio.to_thread(read_cache_file, path, entry.size, entry.blake2b, sink)
-                if found != meta:
-                    raise CorruptFile(f"{entry.file} belongs to cache {found.cache_id!r}, not to {meta.cache_id!r}")
-                nbytes += meta.nbytes
-        except BaseException:
-            for cache_id in restored:
-                self._broker.release(cache_id, RESTORE_HOLDER, force=True)
+        outcomes = await asyncio.gather(*(one(e) for e in generation.entries), return_exceptions=True)
+        failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failure is not None:
+            for info in restored:
+                self._broker.release(info.cache_id, RESTORE_HOLDER, force=True)
             self._settle((), True)
-            raise
-        return len(restored), nbytes, missing
+            raise failure
+        return len(restored), sum(info.nbytes for info in restored), missing
+
+    async def _restore_one(self, generation, entry, restored: list[CacheInfo], missing: list[str]) -> None:
+        meta = entry.meta
+        if meta.pool not in self.pools:
+            missing.append(f"{meta.cache_id}: pool {meta.pool!r} is not a persistent pool now")
+            return
+        request = AllocationRequest(
+            pool=meta.pool, nbytes=meta.nbytes, holder=RESTORE_HOLDER, cache_id=meta.cache_id,
+            model_name=meta.model_name, priority=meta.priority, retain=meta.retain, dtype=meta.dtype, shape=meta.shape,
+        )  # fmt: skip
+        try:
+            info, _handle = await self._allocate(request, 0.0)
+        except BrokerError as err:
+            missing.append(f"{meta.cache_id}: {err}")
+            log.error("cache %s of checkpoint generation %d not restored: %s", meta.cache_id, generation.number, err)
+            return
+        restored.append(info)
+        extent = info.extents[0]
+        memory = self._device.memory(info.device_id)
+
+        def sink(offset: int, chunk: np.ndarray) -> None:
+            memory.write_from(extent.segment_id, extent.offset + offset, chunk)
+
+        path = os.path.join(generation.path, entry.file)
+        found = await asyncio.to_thread(read_cache_file, path, entry.size, entry.blake2b, sink)
+        if found != meta:
+            raise CorruptFile(f"{entry.file} belongs to cache {found.cache_id!r}, not to {meta.cache_id!r}")
 
     async def _end_grace(self) -> None:
         await asyncio.sleep(self._grace)

@@ -10,14 +10,15 @@ the size and blake2b digest that the generation's manifest records (``store``).
 
 Writing (``write_cache_file``): ``safetensors.numpy.save_file`` straight from the staging
 buffer (no extra copy: safetensors 0.8 reads the array's memory), then fsync; the digest
-is the header read back from the file plus the staging buffer, i.e. exactly the file's
-bytes, without reading the data back. Reading (``read_cache_file``): the header is
-parsed and checked by ``safetensors.safe_open``, then the data is streamed in chunks
-into a sink (a segment of the device) while the whole file is hashed; the caller must
+(``file_digest``: blake2b of the header, blake2b of the data) covers exactly the file's
+bytes, the data's hashed from the staging buffer while the file is written, without
+reading it back. Reading (``read_cache_file``): the header is parsed and checked by
+``safetensors.safe_open``, then the data is streamed in chunks into a sink (a segment of
+the device), the next chunk read while this one is hashed and copied; the caller must
 discard what the sink got when this raises.
 
-Cost: write = one sequential write + fsync + one hash pass over memory; read = one
-sequential read + one hash pass + one copy per chunk into the sink.
+Cost: write = one sequential write + fsync, overlapped with one hash pass over memory;
+read = one sequential read, overlapped with one hash pass and one copy into the sink.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import os
 import struct
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,33 +102,50 @@ class CacheMeta:
 def write_cache_file(path: str, meta: CacheMeta, data: np.ndarray) -> tuple[int, str]:
     """Write ``data`` (1-D uint8, ``meta.nbytes`` long) to ``path`` and fsync it.
 
-    Returns the file's size and blake2b hex digest. Raises ``OSError`` (ENOSPC...).
+    Returns the file's size and its digest (``file_digest``). The data's hash runs in a
+    second thread while safetensors writes (both release the GIL), so the hash costs no
+    time when the disk is the slower of the two. Raises ``OSError`` (ENOSPC...).
     """
     from safetensors.numpy import save_file
 
     if data.dtype != np.uint8 or data.ndim != 1 or data.nbytes != meta.nbytes:
         raise ValueError(f"cache {meta.cache_id}: expected {meta.nbytes} uint8 bytes, got {data.dtype} {data.shape}")
-    try:
-        save_file({TENSOR: data}, path, metadata=meta.to_strings())
-    except Exception as err:  # safetensors raises its own error for an I/O failure
-        if isinstance(err, OSError):
-            raise
-        raise OSError(getattr(err, "errno", None) or _errno_of(str(err)), f"writing {path}: {err}") from err
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-        (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-        header = os.pread(fd, header_len, 8)
-        size = os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-    if size != 8 + header_len + data.nbytes:
-        raise OSError(f"{path}: wrote {size} bytes, expected {8 + header_len + data.nbytes}")
+    with ThreadPoolExecutor(1) as hasher:
+        data_digest = hasher.submit(_digest_of, data)
+        try:
+            save_file({TENSOR: data}, path, metadata=meta.to_strings())
+        except Exception as err:  # safetensors raises its own error for an I/O failure
+            if isinstance(err, OSError):
+                raise
+            raise OSError(getattr(err, "errno", None) or _errno_of(str(err)), f"writing {path}: {err}") from err
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+            (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            header = os.pread(fd, header_len, 8)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if size != 8 + header_len + data.nbytes:
+            raise OSError(f"{path}: wrote {size} bytes, expected {8 + header_len + data.nbytes}")
+        head = new_digest()
+        head.update(struct.pack("<Q", header_len))
+        head.update(header)
+        return size, file_digest(head.hexdigest(), data_digest.result())
+
+
+def _digest_of(data: np.ndarray) -> str:
     digest = new_digest()
-    digest.update(struct.pack("<Q", header_len))
-    digest.update(header)
     digest.update(memoryview(data))
-    return size, digest.hexdigest()
+    return digest.hexdigest()
+
+
+def file_digest(head_hex: str, data_hex: str) -> str:
+    """A file's digest as the manifest records it: ``<blake2b of the 8-byte length and
+    the JSON header>:<blake2b of the data>``. Two digests rather than one over the whole
+    file so that the data's can be computed while the file is written and read (every
+    byte of the file is still covered)."""
+    return f"{head_hex}:{data_hex}"
 
 
 def _errno_of(message: str) -> int:
@@ -158,24 +177,36 @@ def read_cache_file(
         raise CorruptFile(f"{os.path.basename(path)}: not a valid safetensors file: {err}") from None
     if shape != [meta.nbytes]:
         raise CorruptFile(f"{os.path.basename(path)}: expected one tensor {TENSOR!r} of {meta.nbytes} bytes")
-    digest = new_digest()
-    buffer = np.empty(min(READ_CHUNK_BYTES, max(size, 1)), dtype=np.uint8)
-    with open(path, "rb", buffering=0) as f:
-        head = f.read(8)
-        (header_len,) = struct.unpack("<Q", head)
-        digest.update(head)
-        digest.update(f.read(header_len))
-        offset = 0
-        while offset < meta.nbytes:
+    head = new_digest()
+    data_digest = new_digest()
+    buffers = [np.empty(min(READ_CHUNK_BYTES, max(meta.nbytes, 1)), dtype=np.uint8) for _ in range(2)]
+    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(2) as pool:
+        raw = f.read(8)
+        (header_len,) = struct.unpack("<Q", raw)
+        head.update(raw)
+        head.update(f.read(header_len))
+
+        def read(buffer: np.ndarray, offset: int) -> np.ndarray:
             n = f.readinto(memoryview(buffer)[: min(len(buffer), meta.nbytes - offset)])
-            if not n:
+            return buffer[:n]
+
+        # Double buffering: the next chunk is read while this one is hashed (one thread)
+        # and copied to the sink (this thread).
+        offset, turn = 0, 0
+        pending = pool.submit(read, buffers[0], 0) if meta.nbytes else None
+        while pending is not None:
+            chunk = pending.result()
+            if not chunk.nbytes:
                 raise CorruptFile(f"{os.path.basename(path)}: ends after {offset} of {meta.nbytes} data bytes")
-            chunk = buffer[:n]
-            digest.update(memoryview(chunk))
+            following = offset + chunk.nbytes
+            turn = 1 - turn
+            pending = pool.submit(read, buffers[turn], following) if following < meta.nbytes else None
+            hashed = pool.submit(data_digest.update, memoryview(chunk))
             sink(offset, chunk)
-            offset += n
+            hashed.result()
+            offset = following
         if f.read(1):
             raise CorruptFile(f"{os.path.basename(path)}: trailing bytes")
-    if digest.hexdigest() != digest_hex:
+    if file_digest(head.hexdigest(), data_digest.hexdigest()) != digest_hex:
         raise CorruptFile(f"{os.path.basename(path)}: blake2b digest differs from the manifest's")
     return meta
