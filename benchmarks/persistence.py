@@ -168,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             daemon.stop()
     finally:
-        if not args.dir:
-            import shutil
+        import shutil
 
+        shutil.rmtree(workdir, ignore_errors=True)
+        if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     gib = total / harness.GiB

@@ -215,7 +215,10 @@ async def restore_persistent_pools(config: BrokerConfig, engine: Engine, observe
         return None
     from kvbroker.persistence import Store
 
-    store = Store(config.persistence_dir, config.persistence_max_bytes or None)
+    try:
+        store = Store(config.persistence_dir, config.persistence_max_bytes or None)
+    except OSError as err:
+        raise ConfigError("persistence.dir", f"cannot create {config.persistence_dir}: {err.strerror or err}") from None
     persistence = engine.persist(
         store, pools, restore_grace_seconds=config.restore_grace_seconds,
         observer=observer if hasattr(observer, "checkpoint_finished") else None,

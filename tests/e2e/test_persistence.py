@@ -279,3 +279,33 @@ def test_restored_caches_are_held_through_the_grace_then_the_usual_rules_apply(t
         assert again.stop() == 0
     finally:
         again.stop()
+
+
+def test_checkpoint_without_a_persistent_pool_says_so(tmp_path):
+    daemon = start_daemon(tmp_path, config='[[pools]]\nname = "default"\n')
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            checkpoint(daemon)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no pool is persistent" in caught.value.details()
+    finally:
+        daemon.stop()
+
+
+def test_an_unusable_directory_stops_the_start_with_its_key(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    done = subprocess.run(
+        [sys.executable, "-m", "kvbroker", "serve", "--devices", "host", "--listen", "", "--metrics-listen", "",
+         "--unix-socket", str(tmp_path / "s.sock"), "--persistence-dir", str(blocker / "sub"), "--config",
+         str(_write(tmp_path, '[[pools]]\nname = "kept"\npersistent = true\n'))],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "persistence.dir: cannot create" in done.stderr
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "kvbroker.toml"
+    path.write_text(text)
+    return path
