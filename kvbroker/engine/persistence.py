@@ -158,19 +158,24 @@ class Persistence:
         ]
         caches.sort(key=lambda c: (c.last_access_at, c.cache_id))
         writer = await asyncio.to_thread(self.store.begin, sum(c.nbytes for c in caches), len(caches))
-        written = skipped = nbytes = 0
+        # Two staging buffers, used in turn (one written while the next cache is staged),
+        # sized for the largest cache: fresh ones per cache would fault in every page again.
+        largest = max((c.nbytes for c in caches), default=0)
+        buffers = [np.empty(largest, dtype=np.uint8) for _ in range(2 if len(caches) > 1 else 1)]
+        written = skipped = nbytes = free = 0
         writing: asyncio.Future[int] | None = None  # the previous cache's file, written meanwhile
         try:
             for info in caches:
                 if deadline is not None and time.monotonic() > deadline:
                     raise PersistenceError(f"ran out of time after {written} of {len(caches)} caches")
-                staged = await self._stage(info.cache_id)  # while the previous file is written
+                staged = await self._stage(info.cache_id, buffers[free])  # the one no write uses
                 if writing is not None:
                     nbytes, written, writing = nbytes + await writing, written + 1, None
                 if staged is None:
                     skipped += 1
                     continue
                 writing = asyncio.ensure_future(asyncio.to_thread(writer.write, *staged))
+                free = (free + 1) % len(buffers)
             if writing is not None:
                 nbytes, written, writing = nbytes + await writing, written + 1, None
             generation = await asyncio.to_thread(writer.publish)
@@ -181,8 +186,9 @@ class Persistence:
             raise
         return CheckpointResult(generation, written, nbytes, skipped, time.monotonic() - started)
 
-    async def _stage(self, cache_id: str) -> tuple[CacheMeta, np.ndarray] | None:
-        """The cache's metadata and a copy of its bytes, or None when it is gone."""
+    async def _stage(self, cache_id: str, buffer: np.ndarray) -> tuple[CacheMeta, np.ndarray] | None:
+        """The cache's metadata and a copy of its bytes in ``buffer``, or None when it is
+        gone. Runs while the previous cache's file is written (from the other buffer)."""
         await self._until_settled(cache_id)
         broker = self._broker
         try:
@@ -191,7 +197,8 @@ class Persistence:
             return None  # freed, evicted or moving again since the list was taken
         try:
             extent = info.extents[0]
-            staging = np.empty(info.nbytes, dtype=np.uint8)
+            # A cache made again under the same id since the list was taken may be larger.
+            staging = buffer[: info.nbytes] if info.nbytes <= buffer.nbytes else np.empty(info.nbytes, np.uint8)
             memory = self._device.memory(info.device_id)
             await asyncio.to_thread(memory.read_into, extent.segment_id, extent.offset, staging)
         finally:
