@@ -13,9 +13,10 @@ metadata) the same way; fsync the directory; then ``CURRENT`` the same way (temp
 rename, fsync the directory): that rename is the commit point. Before it, a crash
 leaves the previous ``CURRENT`` (and its generation) in charge; after it, the new one.
 ``CURRENT`` records the manifest's own digest and the previous generation's, so both
-manifests are checked too. Two generations are kept: the current and the previous one;
-older ones, and unpublished ones a crash left, are removed when the next checkpoint
-starts (before writing, so the budget counts the two kept and the new one's bytes).
+manifests are checked too. Between checkpoints two generations are on disk, the current
+and the previous one; a checkpoint starts by removing every other generation (the
+previous, and unpublished ones a crash left), so the budget counts the current one and
+the new one, and publishing makes the old current the previous.
 
 Reading (``Store.candidates`` and ``Store.open``): the current generation, then the
 previous; one is accepted only when its manifest matches its digest, lists exactly the
@@ -169,7 +170,10 @@ class Store:
         out = [(int(current["generation"]), str(current["manifest_blake2b"]))]
         previous = current.get("previous")
         if isinstance(previous, dict) and "generation" in previous:
-            out.append((int(previous["generation"]), str(previous.get("manifest_blake2b"))))
+            number = int(previous["generation"])
+            # Pruned by a checkpoint that then failed: gone on purpose, not torn.
+            if os.path.isdir(os.path.join(self.directory, _name(number))):
+                out.append((number, str(previous.get("manifest_blake2b"))))
         return out
 
     def open(self, number: int, manifest_digest: str | None) -> Generation:
