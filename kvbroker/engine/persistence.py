@@ -5,18 +5,18 @@ short core section) it pins the cache for the broker's own ``~checkpoint`` holde
 that no eviction, compaction or free touches its bytes; in a thread it copies them into
 a host staging buffer (memory or PCIe bandwidth); back on the loop it unpins and lets
 go; then, in a thread, the staging buffer is written to its file and fsync'd
-(``kvbroker.persistence``) while the next cache is staged (so at most two caches'
-bytes are held in staging buffers). Clients keep allocating, attaching and writing meanwhile;
-a cache that is PENDING or being moved is waited for first; one freed before its turn
-is skipped.
+(``kvbroker.persistence``) while the next cache is staged (two staging buffers, each the
+size of the largest cache). Clients keep allocating, attaching and writing meanwhile; a
+cache that is PENDING or being moved is waited for first; one freed before its turn is
+skipped.
 
 **Consistency guarantee.** Each cache is captured as of its copy into the staging
-buffer: a cache nobody writes during that copy (a few milliseconds per hundred MiB) is
-saved byte for byte; a cache a client writes during it is saved with any mix of old and
-new bytes of that write. Caches are captured one after the other, not at one instant.
-A client that wants a cache consistent with others should not write it while a
-checkpoint runs (or pin it and write before the checkpoint, which waits for no pin).
-Pinning counts as a use for the eviction policy: caches are captured in ascending order
+buffer: a cache nobody writes during that copy (tens of milliseconds per hundred MiB on
+the host device, measured on the shared dev box) is saved byte for byte; a cache a
+client writes during it is saved with any mix of old and new bytes of that write.
+Caches are captured one after the other, not at one instant, and a client's pin does not
+hold a checkpoint back (pinned caches are captured like the others). The checkpoint's
+own pin counts as a use for the eviction policy: caches are captured in ascending order
 of last access, so the policy's order among them is kept.
 
 **Restore** (before the daemon serves): the current generation, else the previous one
@@ -281,6 +281,8 @@ class Persistence:
         meta = entry.meta
         if meta.pool not in self.pools:
             missing.append(f"{meta.cache_id}: pool {meta.pool!r} is not a persistent pool now")
+            log.error("cache %s of checkpoint generation %d not restored: pool %r is not a persistent pool now",
+                      meta.cache_id, generation.number, meta.pool)  # fmt: skip
             return
         request = AllocationRequest(
             pool=meta.pool, nbytes=meta.nbytes, holder=RESTORE_HOLDER, cache_id=meta.cache_id,
