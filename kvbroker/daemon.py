@@ -260,12 +260,13 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
         tick_seconds=min(0.25, config.lease_seconds / 4),
     )
     engine = Engine(broker, memories, instance_id, settings, observer=telemetry.observer)
-    persistence = await restore_persistent_pools(config, engine, telemetry.observer)
+    persistence: Persistence | None = None
     server: BrokerServer | None = None
     peers = PeerRegistry()
     handshake = PeerHandshakeServer(config.unix_socket + PEER_SOCKET_SUFFIX, peers) if config.unix_socket else None
     tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
     try:
+        persistence = await restore_persistent_pools(config, engine, telemetry.observer)
         if config.unix_socket:
             _clear_stale_socket(config.unix_socket)
         server = await create_server(
