@@ -23,6 +23,7 @@ from typing import Any
 
 from kvbroker.core.eviction import POLICIES
 from kvbroker.core.types import GiB, MiB, Placement, pool_problems
+from kvbroker.persistence import settings as persistence
 from kvbroker.security import AuthPolicy, parse_auth
 from kvbroker.wire import SIZE_UNITS
 
@@ -116,6 +117,8 @@ class PoolConfig:
     placement: Placement = Placement.LEAST_LOADED
     #: Zero reused bytes before handing them out. Off only for single-tenant deployments.
     scrub: bool = True
+    #: Checkpoint this pool's caches and restore them at start (``[persistence]``).
+    persistent: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,12 +149,17 @@ class BrokerConfig:
     #: Serve a non-loopback TCP address with authorization off. Off by default: anyone who
     #: reaches the port could then read and free every tenant's caches.
     allow_unauthenticated_listen: bool = False
+    #: ``[persistence]`` (``kvbroker.persistence.settings``); max_bytes 0: the disk's limit.
+    persistence_dir: str = ""
+    persistence_max_bytes: int = 0
+    checkpoint_interval_seconds: float = persistence.DEFAULT_INTERVAL_SECONDS
+    restore_grace_seconds: float = persistence.DEFAULT_RESTORE_GRACE_SECONDS
 
 
 _POOL_KEYS = {
     "name": str, "devices": list, "min_bytes": "size", "max_bytes": "size", "priority": int,
     "eviction_policy": str, "gc_threshold": float, "block_bytes": "size", "segment_bytes": "size",
-    "default_cache_bytes": "size", "placement": str, "scrub": bool,
+    "default_cache_bytes": "size", "placement": str, "scrub": bool, **persistence.POOL_KEYS,
 }
 _SECTIONS = {
     "server": {"listen": str, "unix_socket": str, "grace_seconds": float, "log_level": str},
@@ -160,6 +168,7 @@ _SECTIONS = {
     "telemetry": {"metrics_listen": str},
     "sessions": {"lease_seconds": float, "segment_idle_seconds": float},
     "tls": {"cert": str, "key": str, "client_ca": str},
+    "persistence": persistence.SECTION,
 }
 _ENV = {
     "KVBROKER_LISTEN": ("listen", str),
@@ -177,10 +186,12 @@ _ENV = {
     "KVBROKER_TLS_CERT": ("tls_cert", str),
     "KVBROKER_TLS_KEY": ("tls_key", str),
     "KVBROKER_TLS_CLIENT_CA": ("tls_client_ca", str),
+    **persistence.ENV,
 }
 _SECTION_FIELD = {
     ("devices", "kind"): "device_kind", ("devices", "host_capacity"): "host_capacity_bytes",
     ("tls", "cert"): "tls_cert", ("tls", "key"): "tls_key", ("tls", "client_ca"): "tls_client_ca",
+    **{("persistence", k): f for k, f in persistence.FIELDS.items()},
 }
 
 
@@ -333,6 +344,8 @@ def _validate(config: BrokerConfig, key_of: Mapping[str, str], skip: set[str], p
         path = getattr(c, name)
         check(name, not path or os.access(path, os.R_OK), f"cannot read {path}")
     check("pools", bool(c.pools), "at least one pool is required")
+    for problem in persistence.problems(c, key, skip):
+        problems.add(*problem)
 
 
 def load_config(

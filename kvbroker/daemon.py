@@ -32,7 +32,7 @@ from kvbroker.config import ALL_DEVICES, BrokerConfig, ConfigError, load_config
 from kvbroker.core import Broker, DeviceSpec, PoolSpec
 from kvbroker.core.errors import InvalidArgument, amount
 from kvbroker.core.types import KiB
-from kvbroker.engine import Engine, EngineSettings
+from kvbroker.engine import Engine, EngineSettings, Persistence
 from kvbroker.memory.backend import SegmentMemory
 from kvbroker.memory.cuda import CUDA_MIN_SEGMENT_BYTES, CUDA_SEGMENT_ALIGNMENT_BYTES
 from kvbroker.security import PeerHandshakeServer, PeerRegistry
@@ -207,6 +207,36 @@ def check_exposure(config: BrokerConfig) -> None:
             log.warning("bearer tokens travel in clear text on %s: configure --tls-cert/--tls-key", config.listen)
 
 
+async def restore_persistent_pools(config: BrokerConfig, engine: Engine, observer: object) -> Persistence | None:
+    """Restore the persistent pools' caches from the newest checkpoint that passes its
+    checks (before serving); None when no pool is persistent."""
+    pools = frozenset(p.name for p in config.pools if p.persistent)
+    if not pools:
+        return None
+    from kvbroker.persistence import Store
+
+    try:
+        store = Store(config.persistence_dir, config.persistence_max_bytes or None)
+    except OSError as err:
+        raise ConfigError("persistence.dir", f"cannot create {config.persistence_dir}: {err.strerror or err}") from None
+    persistence = engine.persist(
+        store, pools, restore_grace_seconds=config.restore_grace_seconds,
+        observer=observer if hasattr(observer, "checkpoint_finished") else None,
+    )  # fmt: skip
+    await persistence.restore()
+    return persistence
+
+
+async def checkpoint_at_exit(persistence: Persistence, grace_seconds: float) -> None:
+    """The SIGTERM checkpoint: within ``grace_seconds``, else abandoned between two caches
+    (the previous generation stays current). Failures are logged and counted, not raised."""
+    loop = asyncio.get_running_loop()
+    try:
+        await persistence.checkpoint("shutdown", deadline=loop.time() + grace_seconds)
+    except Exception:  # noqa: BLE001 - Persistence.checkpoint logged and counted it
+        pass
+
+
 async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT (or until the task is cancelled)."""
     check_exposure(config)
@@ -230,11 +260,13 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
         tick_seconds=min(0.25, config.lease_seconds / 4),
     )
     engine = Engine(broker, memories, instance_id, settings, observer=telemetry.observer)
+    persistence: Persistence | None = None
     server: BrokerServer | None = None
     peers = PeerRegistry()
     handshake = PeerHandshakeServer(config.unix_socket + PEER_SOCKET_SUFFIX, peers) if config.unix_socket else None
     tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
     try:
+        persistence = await restore_persistent_pools(config, engine, telemetry.observer)
         if config.unix_socket:
             _clear_stale_socket(config.unix_socket)
         server = await create_server(
@@ -246,6 +278,8 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
         await telemetry.start(engine)
         await server.start()
         engine.start()
+        if persistence is not None:
+            persistence.start_periodic(config.checkpoint_interval_seconds)
         telemetry.serving = True
         if config.unix_socket:
             os.chmod(config.unix_socket, 0o660)
@@ -271,12 +305,16 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
         log.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", config.grace_seconds)
         telemetry.serving = False
         await server.enter_shutdown()
+        if persistence is not None:
+            await checkpoint_at_exit(persistence, config.grace_seconds)
         await engine.shutting_down()
         await server.stop(config.grace_seconds)
     finally:
         if handshake is not None:
             await handshake.stop()
         await telemetry.stop()
+        if persistence is not None:
+            await persistence.stop()
         await engine.close()
         if config.unix_socket and server is not None:
             try:
@@ -308,6 +346,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates that chain to it (mutual TLS)")
     parser.add_argument("--allow-unauthenticated-listen", action="store_true", default=None,
                         help="serve a non-loopback --listen address with authorization off (a trusted network only)")
+    parser.add_argument("--persistence-dir", help="where persistent pools' checkpoints live ([persistence] dir)")
+    parser.add_argument("--checkpoint-interval-seconds", type=float,
+                        help="seconds between periodic checkpoints (default 300; 0: only at SIGTERM and on demand)")
     parser.add_argument("--version", action="version", version=f"kvbroker {__version__}")
     return parser
 
@@ -332,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             "tls_key": args.tls_key,
             "tls_client_ca": args.tls_client_ca,
             "allow_unauthenticated_listen": args.allow_unauthenticated_listen,
+            "persistence_dir": args.persistence_dir,
+            "checkpoint_interval_seconds": args.checkpoint_interval_seconds,
         }
         config = load_config(path=args.config, environ=os.environ, overrides=overrides)
     except ConfigError as err:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from kvbroker import __version__
 from kvbroker.cli import acting, caches, calc, top
+from kvbroker.cli import checkpoint as checkpoint_command
 from kvbroker.cli.formatting import dumps, to_json
 from kvbroker.cli.views import render_defrag, render_sessions, render_stats
 from kvbroker.v1 import broker_pb2 as pb
@@ -24,7 +25,7 @@ ENV_TARGET = "KVBROKER_TARGET"
 _STATES = {"resident": pb.CACHE_STATE_RESIDENT, "evicted": pb.CACHE_STATE_EVICTED, "pending": pb.CACHE_STATE_PENDING}
 #: ListCaches page size the CLI asks for (the broker's maximum): fewer round trips.
 PAGE_SIZE = 1000
-COMMANDS = ("serve", "stats", "ls", "sessions", "top", "ping", "defrag", "release", "evict", "pool", "calc")
+COMMANDS = ("serve", "stats", "ls", "sessions", "top", "ping", "defrag", "release", "evict", "pool", "checkpoint", "calc")
 
 
 # -- argument types: each refuses a bad value with a message naming what is expected -----
@@ -241,6 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     pool_set.add_argument("--priority", type=int32, metavar="N", help="the pool's priority (its caches' default)")
     pool_set.add_argument("--dry-run", action="store_true", help="report what the change would evict; change nothing")
     pool_set.set_defaults(run=acting.cmd_pool_set)
+    checkpoint_command.add_command(commands, common)
 
     calc.add_parser(commands, positive_int, size)
     return parser

@@ -15,11 +15,12 @@ from kvbroker.engine.engine import (
     SessionView,
 )
 from kvbroker.engine.handles import CacheHandle
+from kvbroker.engine.persistence import CheckpointResult, Persistence, PersistenceObserver, RestoreResult
 from kvbroker.engine.ports import LiveFigures, MethodStats, NullObserver, Observer, RpcStats, Span
 from kvbroker.engine.sessions import SessionEnded, SessionEvent, SessionOpened
 
 __all__ = [
     "MAX_LISTED_MOVES", "CacheHandle", "CachePage", "DefragmentResult", "Engine", "EngineSettings",
     "EngineStatus", "LiveFigures", "MoveView", "MethodStats", "NullObserver", "Observer", "RpcStats", "SessionEnded", "SessionEvent",
-    "SessionOpened", "SessionView", "Span",
+    "SessionOpened", "SessionView", "Span", "CheckpointResult", "Persistence", "PersistenceObserver", "RestoreResult",
 ]

@@ -57,10 +57,12 @@ from kvbroker.engine.background import Background, EngineSettings
 from kvbroker.engine.compaction import Compactions
 from kvbroker.engine.devicework import DeviceWork
 from kvbroker.engine.handles import CacheHandle, HandleCache
+from kvbroker.engine.persistence import Persistence, PersistenceObserver
 from kvbroker.engine.ports import LiveFigures, NullObserver, Observer, RpcStats
 from kvbroker.engine.sessions import SessionEvent, SessionOpened, SessionRegistry
 from kvbroker.security import PeerIdentity
 from kvbroker.memory.backend import SegmentMemory
+from kvbroker.persistence import Store
 from kvbroker.wire import SessionEndReason
 
 log = logging.getLogger(__name__)
@@ -173,6 +175,7 @@ class Engine:
         self._allocator = Allocator(broker, self._device, self._handles, self._compactions, self._observer, self._settle)
         self._background = Background(broker, self._sessions, self.settings, self._end_session_now, self._settle)
         self._closed = False
+        self.checkpoints: Persistence | None = None  # set by ``persist``
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -200,6 +203,15 @@ class Engine:
         """Until no device work (creation, zeroing, copy, free, abandoned allocation)
         is in flight."""
         await self._device.idle()
+
+    def persist(self, store: Store, pools: frozenset[str], *, restore_grace_seconds: float,
+                observer: PersistenceObserver | None = None) -> Persistence:  # fmt: skip
+        """Checkpoint and restore ``pools``' caches in ``store`` (``kvbroker.engine.persistence``)."""
+        self.checkpoints = Persistence(
+            self.broker, self._device, self._allocator.allocate, self._settle, self._until_settled, store, pools,
+            restore_grace_seconds=restore_grace_seconds, observer=observer,
+        )  # fmt: skip
+        return self.checkpoints
 
     # -- allocation, holders and pins -------------------------------------------------
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from kvbroker.core.types import Extent, Move, SegmentInfo
 
@@ -175,6 +175,22 @@ class SegmentMemory(Protocol):
             KeyError: unknown segment.
             ValueError: the range falls outside the segment.
         """
+        ...
+
+
+class ByteAccess(Protocol):
+    """Reading and writing a cache's bytes from the daemon itself: checkpoints copy a
+    cache into a host staging buffer (``read_into``) and restores copy a file's bytes
+    back (``write_from``). Blocking (memory or PCIe bandwidth): called off the event
+    loop, like ``copy``. Both raise ``KeyError`` for an unknown segment and
+    ``ValueError`` for a range outside it."""
+
+    def read_into(self, segment_id: int, offset: int, out: Any) -> None:
+        """Copy ``len(out)`` bytes at ``offset`` into ``out`` (a writable uint8 numpy array)."""
+        ...
+
+    def write_from(self, segment_id: int, offset: int, data: Any) -> None:
+        """Copy ``data`` (a uint8 numpy array) to ``offset``."""
         ...
 
 

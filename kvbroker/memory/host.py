@@ -33,6 +33,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from kvbroker.core.errors import ResourceExhausted, amount
 from kvbroker.core.types import MiB, Move, SegmentInfo
@@ -391,6 +392,22 @@ class HostMemory:
     def _memset(self, address: int, nbytes: int) -> None:
         """Zero ``nbytes`` at ``address`` (a seam: tests override it to hold a zero in flight)."""
         ctypes.memset(address, 0, nbytes)
+
+    def read_into(self, segment_id: int, offset: int, out: Any) -> None:
+        """Copy bytes of a segment into ``out`` (``ByteAccess``): one memmove, GIL released."""
+        with self._using((segment_id,)) as segments:
+            seg = segments[segment_id]
+            check_range(segment_id, seg.info.nbytes, offset, out.nbytes)
+            if out.nbytes:
+                ctypes.memmove(out.ctypes.data, seg.address + offset, out.nbytes)
+
+    def write_from(self, segment_id: int, offset: int, data: Any) -> None:
+        """Copy ``data`` into a segment (``ByteAccess``): one memmove, GIL released."""
+        with self._using((segment_id,)) as segments:
+            seg = segments[segment_id]
+            check_range(segment_id, seg.info.nbytes, offset, data.nbytes)
+            if data.nbytes:
+                ctypes.memmove(seg.address + offset, data.ctypes.data, data.nbytes)
 
     def _get(self, segment_id: int) -> _Segment:
         try:

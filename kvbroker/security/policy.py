@@ -61,6 +61,7 @@ class Action(enum.Enum):
     FORCE_RELEASE = "force_release"  # free a cache other holders hold
     DEFRAGMENT = "defragment"
     SET_LIMITS = "set_limits"
+    CHECKPOINT = "checkpoint"  # write persistent pools' caches to disk now
 
 
 POOL_ACTIONS = frozenset({Action.ALLOCATE, Action.ATTACH, Action.RELEASE})

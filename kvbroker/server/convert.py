@@ -44,6 +44,7 @@ from kvbroker.engine import (
     SessionView,
 )
 from kvbroker.memory.backend import CudaHandle, HostHandle
+from kvbroker.persistence import BudgetExceeded, DiskFull, PersistenceError
 from kvbroker.security import PermissionDenied, Unauthenticated
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.wire import DTYPE_BY_NAME, DTYPE_BY_VALUE
@@ -59,6 +60,9 @@ STATUS_FOR_ERROR: dict[type[BrokerError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    PersistenceError: grpc.StatusCode.ABORTED,  # the previous checkpoint generation stays current
+    BudgetExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DiskFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 _STATE_TO_PB = {

@@ -204,3 +204,16 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
         caller = await self._gate.caller(context)
         only = None if caller.principal.may(Action.LIST) else caller.principal.name
         return pb.SessionsResponse(sessions=[convert.session_message(v) for v in self._engine.sessions(only)])
+
+    @_translate_errors
+    async def Checkpoint(self, request: pb.CheckpointRequest, context) -> pb.CheckpointResponse:
+        caller = await self._gate.caller(context)
+        self._gate.operator(caller, Action.CHECKPOINT)
+        checkpoints = self._engine.checkpoints
+        if checkpoints is None:
+            raise convert.FailedPrecondition("no pool is persistent: there is nothing to checkpoint")
+        result = await checkpoints.checkpoint(f"requested by {caller.principal.name or 'an operator'}")
+        return pb.CheckpointResponse(
+            generation=result.generation, caches=result.caches, skipped=result.skipped,
+            written_bytes=result.nbytes, duration_seconds=result.seconds, directory=checkpoints.store.directory,
+        )  # fmt: skip

@@ -49,6 +49,8 @@ RPC_BUCKETS = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Checkpoints write whole pools: milliseconds for a few MiB to minutes for many GiB.
+CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 COMPACTION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -165,6 +167,19 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("kvbroker_rpc_errors_total", Kind.COUNTER, "",
                "RPCs that ended with a status other than OK, by service, method and code.",
                ("service", "method", "code")),
+    # Persistence (issue 13): checkpoints of persistent pools and their restore at start.
+    MetricSpec("kvbroker_checkpoints_total", Kind.COUNTER, "",
+               "Checkpoints by outcome: ok, budget_exceeded (persistence.max_bytes), disk_full, "
+               "error; a failed one leaves the previous generation current.", ("outcome",)),
+    MetricSpec("kvbroker_checkpoint_written_bytes_total", Kind.COUNTER, "bytes",
+               "Bytes of cache files written by published checkpoints."),
+    MetricSpec("kvbroker_checkpoint_duration_seconds", Kind.HISTOGRAM, "seconds",
+               "Time one checkpoint took, whatever its outcome.", (), CHECKPOINT_BUCKETS),
+    MetricSpec("kvbroker_checkpoint_generations_rejected_total", Kind.COUNTER, "",
+               "Checkpoint generations not loaded at start because a manifest or file failed its "
+               "size, digest or binding check (the previous generation is tried next)."),
+    MetricSpec("kvbroker_restored_caches_total", Kind.COUNTER, "",
+               "Caches restored from a checkpoint at start."),
     MetricSpec("kvbroker_build_info", Kind.INFO, "",
                "Always 1; the labels give the running kvbroker version and Python version.",
                ("version", "python")),

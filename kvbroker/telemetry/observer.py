@@ -28,6 +28,9 @@ class TelemetryObserver:
         self.compaction_copied = recorder.compaction_copied
         self.session_opened = recorder.session_opened
         self.session_reclaimed = recorder.session_reclaimed
+        self.checkpoint_finished = recorder.checkpoint_finished  # kvbroker.engine.PersistenceObserver
+        self.generation_rejected = recorder.generation_rejected
+        self.caches_restored = recorder.caches_restored
         if tracer is None:
             self.span = NullObserver().span
 

@@ -51,7 +51,7 @@ OUTCOMES = ("ok", *(outcome for _, outcome in _OUTCOMES), "error")
 #: exported at 0 for each of them and each CacheBroker method from the start.
 ERROR_CODES = (
     "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-    "DEADLINE_EXCEEDED", "UNAUTHENTICATED", "PERMISSION_DENIED", "INTERNAL",
+    "DEADLINE_EXCEEDED", "UNAUTHENTICATED", "PERMISSION_DENIED", "INTERNAL", "ABORTED",
 )  # fmt: skip
 
 _ALLOCATIONS = BY_NAME["kvbroker_allocations_total"].name
@@ -60,6 +60,12 @@ _COMPACTION = BY_NAME["kvbroker_compaction_duration_seconds"]
 _RPC = BY_NAME["kvbroker_rpc_duration_seconds"]
 _OPENED = BY_NAME["kvbroker_sessions_opened_total"].name
 _RECLAIMED = BY_NAME["kvbroker_sessions_reclaimed_total"].name
+_CHECKPOINTS = BY_NAME["kvbroker_checkpoints_total"].name
+_CHECKPOINT_BYTES = BY_NAME["kvbroker_checkpoint_written_bytes_total"].name
+_CHECKPOINT_TIME = BY_NAME["kvbroker_checkpoint_duration_seconds"]
+_REJECTED = BY_NAME["kvbroker_checkpoint_generations_rejected_total"].name
+_RESTORED = BY_NAME["kvbroker_restored_caches_total"].name
+CHECKPOINT_OUTCOMES = ("ok", "budget_exceeded", "disk_full", "error")
 
 
 def outcome_of(error: BaseException | None) -> str:
@@ -109,8 +115,12 @@ class Recorder:
             _ALLOCATIONS: {(pool, outcome): 0 for pool in pools for outcome in OUTCOMES},
             _OPENED: {(): 0},
             _RECLAIMED: {(reason,): 0 for reason in (*(r.value for r in SessionEndReason), OTHER_REASON)},
+            _CHECKPOINTS: {(outcome,): 0 for outcome in CHECKPOINT_OUTCOMES},
+            _CHECKPOINT_BYTES: {(): 0}, _REJECTED: {(): 0}, _RESTORED: {(): 0},
         }
-        self._histograms: dict[str, dict[tuple[str, ...], Histogram]] = {_WAIT.name: {}, _COMPACTION.name: {}}
+        self._histograms: dict[str, dict[tuple[str, ...], Histogram]] = {
+            _WAIT.name: {}, _COMPACTION.name: {}, _CHECKPOINT_TIME.name: {},
+        }
         self._rpcs: dict[tuple[str, str, str], _RpcSeries] = {}
         self._window_shape = Window(0)  # every RPC window has this shape: it gives the span
 
@@ -135,6 +145,22 @@ class Recorder:
         key = (reason.value if isinstance(reason, SessionEndReason) else OTHER_REASON,)
         series = self._counters[_RECLAIMED]
         series[key] = series.get(key, 0) + 1
+
+    def checkpoint_finished(self, outcome: str, nbytes: int, seconds: float) -> None:
+        """One checkpoint ended (``kvbroker.engine.persistence``)."""
+        self._add(_CHECKPOINTS, (outcome if outcome in CHECKPOINT_OUTCOMES else "error",), 1)
+        self._add(_CHECKPOINT_BYTES, (), nbytes)
+        self._observe(_CHECKPOINT_TIME.name, (), _CHECKPOINT_TIME.buckets, seconds)
+
+    def generation_rejected(self) -> None:
+        self._add(_REJECTED, (), 1)
+
+    def caches_restored(self, count: int) -> None:
+        self._add(_RESTORED, (), count)
+
+    def _add(self, name: str, key: tuple[str, ...], n: int) -> None:
+        series = self._counters[name]
+        series[key] = series.get(key, 0) + n
 
     def rpc_finished(self, service: str, method: str, code: str, seconds: float) -> None:
         """One RPC ended with status ``code`` (a ``grpc.StatusCode`` name) after

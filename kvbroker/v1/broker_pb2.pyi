@@ -655,3 +655,23 @@ class SetPoolLimitsResponse(_message.Message):
     bytes_draining: int
     dry_run: bool
     def __init__(self, pool: _Optional[str] = ..., before: _Optional[_Union[PoolLimits, _Mapping]] = ..., after: _Optional[_Union[PoolLimits, _Mapping]] = ..., caches_evicted: _Optional[int] = ..., bytes_evicted: _Optional[int] = ..., cache_ids: _Optional[_Iterable[str]] = ..., segments_retired: _Optional[int] = ..., bytes_retired: _Optional[int] = ..., segments_draining: _Optional[int] = ..., bytes_draining: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("generation", "caches", "skipped", "written_bytes", "duration_seconds", "directory")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    CACHES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    caches: int
+    skipped: int
+    written_bytes: int
+    duration_seconds: float
+    directory: str
+    def __init__(self, generation: _Optional[int] = ..., caches: _Optional[int] = ..., skipped: _Optional[int] = ..., written_bytes: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., directory: _Optional[str] = ...) -> None: ...

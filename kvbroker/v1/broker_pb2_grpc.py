@@ -105,6 +105,11 @@ class CacheBrokerStub:
                 request_serializer=kvbroker_dot_v1_dot_broker__pb2.SetPoolLimitsRequest.SerializeToString,
                 response_deserializer=kvbroker_dot_v1_dot_broker__pb2.SetPoolLimitsResponse.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/kvbroker.v1.CacheBroker/Checkpoint',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class CacheBrokerServicer:
@@ -215,6 +220,15 @@ class CacheBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Writes a checkpoint of the persistent pools' caches now and returns when it is
+        published (FAILED_PRECONDITION when no pool is persistent, RESOURCE_EXHAUSTED when
+        the disk budget or the disk is full). Operators only (checkpoint right).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -287,6 +301,11 @@ def add_CacheBrokerServicer_to_server(servicer, server):
                     servicer.SetPoolLimits,
                     request_deserializer=kvbroker_dot_v1_dot_broker__pb2.SetPoolLimitsRequest.FromString,
                     response_serializer=kvbroker_dot_v1_dot_broker__pb2.SetPoolLimitsResponse.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.CheckpointRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.CheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -668,6 +687,33 @@ class CacheBroker:
             '/kvbroker.v1.CacheBroker/SetPoolLimits',
             kvbroker_dot_v1_dot_broker__pb2.SetPoolLimitsRequest.SerializeToString,
             kvbroker_dot_v1_dot_broker__pb2.SetPoolLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/Checkpoint',
+            kvbroker_dot_v1_dot_broker__pb2.CheckpointRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.CheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

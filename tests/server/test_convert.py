@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from kvbroker.persistence import BudgetExceeded, DiskFull, PersistenceError
 from kvbroker.security import PermissionDenied, Unauthenticated
 import pytest
 
@@ -25,6 +26,9 @@ def test_every_domain_error_has_a_status_code():
         errors.DeadlineExceeded("x"): grpc.StatusCode.DEADLINE_EXCEEDED,
         Unauthenticated("x"): grpc.StatusCode.UNAUTHENTICATED,
         PermissionDenied("x"): grpc.StatusCode.PERMISSION_DENIED,
+        PersistenceError("x"): grpc.StatusCode.ABORTED,
+        BudgetExceeded("x"): grpc.StatusCode.RESOURCE_EXHAUSTED,
+        DiskFull("x"): grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
     for err, code in expected.items():
         assert convert.status_for(err) is code

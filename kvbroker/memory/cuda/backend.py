@@ -293,6 +293,30 @@ class CudaMemory:
                 seg.tensor[offset : offset + nbytes].zero_()
                 self._stream.synchronize()
 
+    def read_into(self, segment_id: int, offset: int, out: Any) -> None:
+        """Copy bytes of a segment into ``out``, a host numpy array (``ByteAccess``):
+        one device-to-host copy on the backend's stream, then a synchronize."""
+        self._transfer(segment_id, offset, out, to_device=False)
+
+    def write_from(self, segment_id: int, offset: int, data: Any) -> None:
+        """Copy ``data``, a host numpy array, into a segment (``ByteAccess``)."""
+        self._transfer(segment_id, offset, data, to_device=True)
+
+    def _transfer(self, segment_id: int, offset: int, host: Any, *, to_device: bool) -> None:
+        torch = self._torch
+        with self._lock:
+            seg = self._get(segment_id)
+            check_range(segment_id, seg.info.nbytes, offset, host.nbytes)
+            if not host.nbytes:
+                return
+            view = seg.tensor[offset : offset + host.nbytes]
+            with torch.cuda.device(self._index), torch.cuda.stream(self._stream):
+                if to_device:
+                    view.copy_(torch.from_numpy(host))
+                else:
+                    torch.from_numpy(host).copy_(view)
+                self._stream.synchronize()
+
     def _get(self, segment_id: int) -> _CudaSegment:
         try:
             return self._segments[segment_id]
