@@ -395,11 +395,10 @@ class Engine:
     async def defragment(
         self, *, device: str | None, pool: str | None, dry_run: bool, target_bytes: int | None = None,
     ) -> DefragmentResult:
-        """Compact now: plan (the full pack, or with ``target_bytes`` the fewest moves
-        that open a free extent that large per arena), copy in threads, commit, free
-        emptied segments. Waits for compactions already in flight first. Raises the
-        copy's error after committing the moves that completed (so a result always
-        describes the whole plan)."""
+        """Compact now: plan (the full pack, or with ``target_bytes`` the fewest moves that
+        open a free extent that large per arena), copy in threads, commit, free emptied
+        segments; waits for compactions in flight first. Raises the copy's error after
+        committing the completed moves (a result always describes the whole plan)."""
         started = time.perf_counter()
         await self._compactions.quiet()
         plan = self.broker.plan_compaction(device=device, pool=pool, target_bytes=target_bytes)
