@@ -47,7 +47,9 @@ def test_greedy_tokens_are_those_of_dynamic_cache(client, device, batch):
         assert cache.storage is not None and cache.storage.device.type == device
         assert [c.cache_id for c in client.list_caches()] == [cache.cache_id]
     assert tokens == expected
-    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5)
+    # Strided views against contiguous tensors: the host computes the same bits here;
+    # a GPU may pick another attention kernel for them (float32 throughout).
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5 if device == "cpu" else 1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
