@@ -285,7 +285,8 @@ def run(repeats: int, extra: int, threads: int, log: Any) -> dict[str, Any]:
             target=producer_main, args=(broker.target, socket_path, requests, deliveries, repeats, threads)
         )
         worker = ctx.Process(
-            target=worker_main, args=(broker.target, socket_path, requests, deliveries, results, repeats, extra, threads)
+            target=worker_main,
+            args=(broker.target, socket_path, requests, deliveries, results, repeats, extra, threads),
         )
         producer.start()
         worker.start()

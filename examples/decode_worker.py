@@ -23,7 +23,7 @@ def main(target: str | None) -> None:
     exported = json.loads(sys.stdin.readline())
     with BrokerClient(target) as client:
         start = time.perf_counter()
-        with BrokerCache.attach(client, exported) as cache:  # zero-copy; freed on exit
+        with BrokerCache.attach(client, exported, model.config) as cache:  # zero-copy; freed on exit
             print(f"decode worker: attached {cache.get_seq_length()} cached tokens from {exported['cache_id']}")
             out = model.generate(prompt, cache=cache, max_new_tokens=NEW_TOKENS, do_sample=False)
         tokens = out[0, prompt.shape[1] :].tolist()

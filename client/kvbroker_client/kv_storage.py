@@ -236,7 +236,9 @@ class KVStorage:
         """
         self._writable()
         if not self._cache.info.retain:
-            raise PreconditionFailed(f"cache {self.cache_id} is not retained: create it with retain=True to hand it off")
+            raise PreconditionFailed(
+                f"cache {self.cache_id} is not retained: create it with retain=True to hand it off"
+            )
         if len(lengths) != self._shape[0] or not all(0 <= n <= self.capacity for n in lengths):
             raise ValueError(f"lengths {list(lengths)} do not fit {self._shape[0]} layers of capacity {self.capacity}")
         if self._kv.is_cuda:

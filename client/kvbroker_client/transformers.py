@@ -183,16 +183,20 @@ class BrokerCache(Cache):
         super().__init__(layers=[BrokerLayer(self, i) for i in range(layers)])
 
     @classmethod
-    def attach(cls, client: Any, exported: Mapping[str, Any]) -> BrokerCache:
+    def attach(cls, client: Any, exported: Mapping[str, Any], config: Any = None) -> BrokerCache:
         """The cache another process exported (``export()``), ready to continue decoding:
         held, pinned, each layer as long as the sender left it. This process owns it now
-        (``close()`` frees it). No K/V byte is copied.
+        (``close()`` frees it). No K/V byte is copied. With ``config`` (the model's), the
+        export must have its number of layers.
 
         Raises:
             InvalidRequest: ``exported`` is malformed; CacheNotFound, CacheEvicted: gone.
+            ValueError: the export's layers are not ``config``'s.
         """
         _, shape, _, lengths = parse_export(exported)
-        cache = cls(client, num_layers=shape[0])
+        cache = cls(client, config, num_layers=shape[0] if config is None else None)
+        if len(cache.layers) != shape[0]:
+            raise ValueError(f"the export has {shape[0]} layers, the model {len(cache.layers)}")
         cache.storage = KVStorage.attach(client, exported)
         for layer, length in zip(cache.layers, lengths):
             layer._length = length

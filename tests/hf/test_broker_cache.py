@@ -120,9 +120,17 @@ def test_the_hand_off_refuses_what_it_cannot_honour(client):
             BrokerCache.attach(client, broken)
     with pytest.raises(CacheNotFound):
         BrokerCache.attach(client, {**exported, "cache_id": "no-such-cache"})
+    with pytest.raises(ValueError, match="layers"):
+        BrokerCache.attach(client, exported, tiny_model_config(num_hidden_layers=3))
     with BrokerCache.attach(client, exported) as received:
         assert received.get_seq_length() == ids.shape[1] - 1
     assert client.list_caches() == [], "the receiver's close freed it"
+
+
+def tiny_model_config(**changes):
+    config = model_on("cpu").config.to_dict()
+    config.update(changes)
+    return type(model_on("cpu").config).from_dict(config)
 
 
 def test_layers_other_than_full_attention_are_refused(client):

@@ -49,23 +49,33 @@ def test_decode_in_another_process_continues_the_prefill(broker, device, batch, 
 
     with BrokerClient(broker.target) as operator:
         sender = worker("prefill", broker.target, batch, device, *(["--stay"] if sender_end == "sigkill" else []))
-        exported_line = Lines(sender.stdout, "prefill worker").next(CHILD_TIMEOUT_S, "the export")
-        assert exported_line, sender.stderr.read()
-        exported = json.loads(exported_line)
-        assert exported["lengths"] == [ids.shape[1] - 1] * 2
-        if sender_end == "sigkill":
-            sender.send_signal(signal.SIGKILL)
-        assert sender.wait(CHILD_TIMEOUT_S) == (-signal.SIGKILL if sender_end == "sigkill" else 0), sender.stderr.read()
-        # The sender's session is over (its hold is gone); the retained cache is not.
-        wait_until(
-            lambda: [(c.cache_id, c.holder_count) for c in operator.list_caches()] == [(exported["cache_id"], 0)],
-            30, "the sender's hold ended and the retained cache stayed",
-        )  # fmt: skip
-
+        # Started at once so that its imports overlap the sender's; it reads the export
+        # from stdin, written only once the sender is gone.
         receiver = worker("decode", broker.target, batch, device)
-        out, err = receiver.communicate(exported_line + "\n", timeout=CHILD_TIMEOUT_S)
-        assert receiver.returncode == 0, err
-        decoded = json.loads(out)
-        assert decoded["tokens"] == expected
-        torch.testing.assert_close(torch.tensor(decoded["logits"]), expected_logits, rtol=0, atol=LOGITS_ATOL[device])
-        assert operator.list_caches() == [], "the receiver's close freed the cache"
+        try:
+            exported_line = Lines(sender.stdout, "prefill worker").next(CHILD_TIMEOUT_S, "the export")
+            assert exported_line, sender.stderr.read()
+            exported = json.loads(exported_line)
+            assert exported["lengths"] == [ids.shape[1] - 1] * 2
+            if sender_end == "sigkill":
+                sender.send_signal(signal.SIGKILL)
+            expected_exit = -signal.SIGKILL if sender_end == "sigkill" else 0
+            assert sender.wait(CHILD_TIMEOUT_S) == expected_exit, sender.stderr.read()
+            # The sender's session is over (its hold is gone); the retained cache is not.
+            wait_until(
+                lambda: [(c.cache_id, c.holder_count) for c in operator.list_caches()] == [(exported["cache_id"], 0)],
+                30, "the sender's hold ended and the retained cache stayed",
+            )  # fmt: skip
+
+            out, err = receiver.communicate(exported_line + "\n", timeout=CHILD_TIMEOUT_S)
+            assert receiver.returncode == 0, err
+            decoded = json.loads(out)
+            assert decoded["tokens"] == expected
+            logits = torch.tensor(decoded["logits"])
+            torch.testing.assert_close(logits, expected_logits, rtol=0, atol=LOGITS_ATOL[device])
+            assert operator.list_caches() == [], "the receiver's close freed the cache"
+        finally:
+            for process in (sender, receiver):
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
