@@ -97,8 +97,7 @@ class BrokerLayer(CacheLayerMixin):
         storage.check_fits(self._index, value_states)
         start = self._length
         end = start + key_states.shape[-2]
-        storage.ensure_capacity(end, filled=self._owner.filled())
-        storage = self._owner.storage_for(key_states)
+        storage.ensure_capacity(end, filled=self._owner.filled())  # may swap the cache under it
         storage.write(self._index, start, key_states, value_states)
         self._length = end
         return storage.keys(self._index, end), storage.values(self._index, end)
