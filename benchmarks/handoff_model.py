@@ -17,7 +17,10 @@ computed and held by the producer) until the first token is known:
    ``DynamicCache``, then the same forward.
 
 After each first token the worker decodes ``--continue`` more greedily (not timed);
-``tokens_identical`` is true when every path decoded the same tokens. The broker's TTFT
+``tokens_identical`` is true when every path decoded the same tokens, and
+``max_first_logits_diff`` is the largest difference of a path's first-token logits from
+the recomputed ones (a random-weight model soon repeats one token, so the logits are
+the sharper check). The broker's TTFT
 is also measured for a 256- and an 8,192-token prompt (target: flat, since attaching is
 a mapping; what grows is the forward itself, which reads every cached token, so the
 attach alone is printed too). Each timing is the median of ``--repeats`` rounds: a
@@ -190,6 +193,7 @@ def worker_main(target: str, socket_path: str, requests: Any, deliveries: Any, r
     params = sum(p.numel() for p in model.parameters())
     out: dict[str, Any] = {"producer_prefill_s": producer_s, "kv_bytes": {}, "params": params}
     tokens: dict[str, list[int]] = {}
+    first_logits: dict[str, Any] = {}  # of the 2,048-token prompt's first token, per path
     ttft: dict[str, list[float]] = {}
     attach_ms: dict[int, list[float]] = {}
     ready: dict[str, list[float]] = {}  # until the cache is usable (TTFT minus the forward)
@@ -207,13 +211,14 @@ def worker_main(target: str, socket_path: str, requests: Any, deliveries: Any, r
             start = clock()
             cache = BrokerCache.attach(client, exports[length])
             attached = clock()
-            token, _ = first_token(model, prompt(length)[:, -1:], length - 1, cache)
+            token, logits = first_token(model, prompt(length)[:, -1:], length - 1, cache)
             done = clock()
             ttft.setdefault(f"broker_{length}", []).append(done - start)
             attach_ms.setdefault(length, []).append((attached - start) * 1e3)
             out["kv_bytes"][length] = cache.storage.tensor.nbytes
             if decode:
                 tokens["broker"] = continue_greedy(model, token, length - 1, cache, extra)
+                first_logits["broker"] = logits
             if last_round:
                 cache.close()  # frees it
             else:
@@ -235,6 +240,7 @@ def worker_main(target: str, socket_path: str, requests: Any, deliveries: Any, r
                 tokens["recompute"] = continue_greedy(
                     model, int(logits[0, -1].argmax()), MAIN_LENGTH - 1, recomputed, extra
                 )
+                first_logits["recompute"] = logits[0, -1]
 
             for length in LENGTHS:
                 broker_round(length, last, decode=last and length == MAIN_LENGTH)
@@ -249,9 +255,10 @@ def worker_main(target: str, socket_path: str, requests: Any, deliveries: Any, r
             )
             cache = dynamic_cache_of(received)
             ready.setdefault("grpc", []).append(clock() - start)
-            token, _ = first_token(model, ids[:, -1:], MAIN_LENGTH - 1, cache)
+            token, logits = first_token(model, ids[:, -1:], MAIN_LENGTH - 1, cache)
             ttft.setdefault("grpc", []).append(clock() - start)
             if last:
+                first_logits["grpc"] = logits
                 tokens["grpc"] = continue_greedy(model, token, MAIN_LENGTH - 1, cache, extra)
 
             start = clock()
@@ -259,9 +266,10 @@ def worker_main(target: str, socket_path: str, requests: Any, deliveries: Any, r
             _, _, shared, _ = deliveries.get()
             cache = dynamic_cache_of(shared)
             ready.setdefault("queue", []).append(clock() - start)
-            token, _ = first_token(model, ids[:, -1:], MAIN_LENGTH - 1, cache)
+            token, logits = first_token(model, ids[:, -1:], MAIN_LENGTH - 1, cache)
             ttft.setdefault("queue", []).append(clock() - start)
             if last:
+                first_logits["queue"] = logits
                 tokens["queue"] = continue_greedy(model, token, MAIN_LENGTH - 1, cache, extra)
             del shared, cache
     requests.put("stop")
@@ -270,6 +278,11 @@ def worker_main(target: str, socket_path: str, requests: Any, deliveries: Any, r
     out["attach_ms"] = {k: statistics.median(v) for k, v in attach_ms.items()}
     out["ready_ms"] = {k: statistics.median(v) * 1e3 for k, v in ready.items()}
     out["tokens"] = tokens
+    # A random-weight model soon repeats one token, so equal tokens alone prove little:
+    # the first token's logits of every path are compared with the recomputed ones too.
+    out["max_first_logits_diff"] = max(
+        float((logits - first_logits["recompute"]).abs().max()) for logits in first_logits.values()
+    )
     results.put(out)
 
 
@@ -336,6 +349,7 @@ def summarize(out: dict[str, Any], repeats: int, threads: int) -> tuple[dict[str
         "grpc_kv_ready_ms": out["ready_ms"]["grpc"],
         "queue_kv_ready_ms": out["ready_ms"]["queue"],
         "tokens_identical": all(t == reference for t in out["tokens"].values()),
+        "max_first_logits_diff": out["max_first_logits_diff"],
         "tokens": out["tokens"],
         "producer_prefill_s": out["producer_prefill_s"],
         "daemon_exit_code": out["daemon_exit_code"],
@@ -354,7 +368,8 @@ def summarize(out: dict[str, Any], repeats: int, threads: int) -> tuple[dict[str
         f"  (K/V usable after {out['ready_ms']['queue']:.1f} ms)",
         "broker TTFT (attach alone) by prompt length: "
         + ", ".join(f"{n}: {ms[f'broker_{n}']:.1f} ms ({out['attach_ms'][n]:.2f} ms)" for n in LENGTHS),
-        f"tokens identical on every path: {result['tokens_identical']}",
+        f"tokens identical on every path: {result['tokens_identical']}; first-token logits within "
+        f"{result['max_first_logits_diff']:.2e} of the recomputed ones",
     ])  # fmt: skip
     return result, table
 
