@@ -19,6 +19,7 @@ def demo_model() -> LlamaForCausalLM:
         vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
         eos_token_id=None, bos_token_id=None, pad_token_id=0,
+        initializer_range=0.1,  # wider than the default 0.02, whose random model repeats one token
     )  # fmt: skip
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
