@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Install kvbroker with its dev tools into .venv, then run every check CI runs:
+# Install kvbroker with its dev tools (and the transformers extra, for tests/hf) into .venv, then run every check CI runs:
 # generated protobuf code up to date, import layering, and the whole pytest suite.
 # Extra arguments go to pytest.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-KVBROKER_EXTRAS=dev source "$root/scripts/bootstrap.sh"
+KVBROKER_EXTRAS=dev,transformers source "$root/scripts/bootstrap.sh"
 cd "$root"
 # tests/telemetry run a real Prometheus server and promtool: Debian's prometheus package
 # has both (the package's service is not started; the tests start their own).

@@ -21,6 +21,13 @@ that there is no import circle):
     sync.py     ``BrokerClient``: grpc channel, Watch and heartbeat threads
     aio.py      ``AsyncBrokerClient``: grpc.aio channel, Watch and heartbeat tasks
 
+Not imported here (each on demand, by its users):
+
+    kv_storage.py    ``KVStorage``: every layer's K/V in one broker cache (imports torch)
+    transformers.py  ``BrokerCache``, a transformers ``Cache`` on ``KVStorage``, and the
+                     prefill/decode hand-off (the ``transformers`` extra; nothing else of
+                     the client imports transformers: an import-linter contract)
+
 Of the broker, only ``kvbroker.wire``, ``kvbroker.kvlayout`` (the paged-KV arithmetic,
 exported as ``KvLayout`` and ``kv_calc``) and the generated ``kvbroker.v1`` are imported,
 never a server module. ``kvbroker_client.mapping`` and torch are imported on first view,
