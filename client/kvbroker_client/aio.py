@@ -23,7 +23,7 @@ from kvbroker_client.calls import DEFAULT_TIMEOUT_S, Plan, channel_options, list
 from kvbroker_client.credentials import Credentials
 from kvbroker_client.core import UNMAP_POLL_SECONDS, ClientCore, Phase
 from kvbroker_client.dtypes import DTypeLike
-from kvbroker_client.errors import from_rpc_error
+from kvbroker_client.errors import BrokerUnavailable, from_rpc_error
 from kvbroker_client.handles import check_handle
 from kvbroker_client.summary import summarize
 from kvbroker_client.units import PriorityLike, SizeLike
@@ -84,14 +84,18 @@ class AsyncBrokerClient:
             call = next(plan)
             while True:
                 metadata = call.metadata
-                if metadata and self._core.phase is Phase.CONNECTING:
-                    # The core's wait blocks: in a thread, so the session task can run.
-                    metadata = await asyncio.to_thread(self._core.metadata_when_open, call, call.timeout or DEFAULT_TIMEOUT_S)
                 try:
+                    if metadata and self._core.phase is Phase.CONNECTING:
+                        # The core's wait blocks: in a thread, so the session task can run.
+                        metadata = await asyncio.to_thread(
+                            self._core.metadata_when_open, call, call.timeout or DEFAULT_TIMEOUT_S
+                        )
                     response = await getattr(self._stub, call.method)(call.request, timeout=call.timeout, metadata=metadata)
                 except grpc.RpcError as err:
                     error = from_rpc_error(err, target=self._core.target)
                     call = plan.throw(error)
+                except BrokerUnavailable as unsent:  # no session opened in time: not sent
+                    call = plan.throw(unsent)
                 else:
                     call = plan.send(response)
         except StopIteration as stop:
@@ -199,7 +203,8 @@ class _AsyncSession:
             call = core.watch_call()
             if call is None:
                 return
-            self._stream = stream = self._stub.Watch(call.request, metadata=call.metadata)
+            waits = core.watch_waits_for_ready()
+            self._stream = stream = self._stub.Watch(call.request, metadata=call.metadata, wait_for_ready=waits)
             lost_before, detail = core.sessions_lost, "the broker ended it"
             try:
                 async for event in stream:

@@ -146,7 +146,7 @@ class _CacheBase:
             resolved = torch_dtype_of(self._dtype)
             if shape is None:
                 shape = self._shape
-        return process_mapper().view(self._held.handle, resolved, shape)
+        return process_mapper().view(self._held.handle, resolved, shape, owner=self._core)
 
     def __repr__(self) -> str:
         state = self._core.state(self._held)

@@ -27,6 +27,7 @@ __all__ = [
     "AllocationTimeout",
     "BrokerUnavailable",
     "CacheAlreadyExists",
+    "CacheLost",
     "CacheEvicted",
     "CacheExhausted",
     "CacheNotFound",
@@ -110,6 +111,19 @@ class SessionLost(PreconditionFailed):
     therefore never builds another view of them. The client itself carries on under a
     new session: allocate or attach again. A retained cache is re-attached by its next
     ``tensor()``/``pin()`` instead (``kvbroker_client.cache``)."""
+
+
+class CacheLost(SessionLost, CacheEvicted):
+    """A cache this client held did not survive the end of its session (raised by the
+    stub itself, on the cache's next use): the broker freed it when the session ended
+    (it was not retained), or the broker restarted without it (it was not persistent),
+    or its id now names another cache. Its bytes are gone for this client, and the views
+    it built of them no longer reach the broker's memory (they were re-mapped to private
+    memory: kvbroker_client/revoke.py). Allocate it again.
+
+    Both a ``SessionLost`` and a ``CacheEvicted``, so handlers of either see it. A cache
+    that did survive (retained, or persistent across a restart) is re-attached instead,
+    with the same id, by its next ``tensor()``/``pin()``/``refresh()``."""
 
 
 class AllocationTimeout(KvBrokerError, TimeoutError):

@@ -7,9 +7,12 @@ backoff, whenever one is lost), one sends what ``core.due()`` says is due (heart
 a third of the lease, ``ReportUnmapped`` for retired segments no view uses any more).
 
 Cost: one RPC per call, except ``list_caches`` (one per page); two threads per client
-with a session, nothing on the call path. Channels connect lazily and calls fail fast (no
-wait-for-ready) while the broker is down; the channel retries its connection at most
-every 2 s (``kvbroker_client.calls.CHANNEL_OPTIONS``), so a restarted broker is found again within seconds.
+with a session, nothing on the call path. Channels connect lazily and unary calls fail
+fast (no wait-for-ready) while the broker is down; the Watch that opens a session waits
+for the broker (gRPC's ``wait_for_ready``, after a first attempt that fails fast so the
+constructor returns at once), and the channel retries its connection at most every 2 s
+(``kvbroker_client.calls.CHANNEL_OPTIONS``), so a client created before the broker, or
+across its restart, opens its session within seconds of the broker being up.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from kvbroker_client.calls import DEFAULT_TIMEOUT_S, Plan, channel_options, list
 from kvbroker_client.credentials import Credentials
 from kvbroker_client.core import UNMAP_POLL_SECONDS, ClientCore, Phase
 from kvbroker_client.dtypes import DTypeLike
-from kvbroker_client.errors import from_rpc_error
+from kvbroker_client.errors import BrokerUnavailable, from_rpc_error
 from kvbroker_client.handles import check_handle
 from kvbroker_client.summary import summarize
 from kvbroker_client.units import PriorityLike, SizeLike
@@ -108,13 +111,15 @@ class BrokerClient:
             call = next(plan)
             while True:
                 metadata = call.metadata
-                if metadata and self._core.phase is Phase.CONNECTING:
-                    metadata = self._core.metadata_when_open(call, call.timeout or DEFAULT_TIMEOUT_S)
                 try:
+                    if metadata and self._core.phase is Phase.CONNECTING:
+                        metadata = self._core.metadata_when_open(call, call.timeout or DEFAULT_TIMEOUT_S)
                     response = getattr(self._stub, call.method)(call.request, timeout=call.timeout, metadata=metadata)
                 except grpc.RpcError as err:
                     error = from_rpc_error(err, target=self._core.target)
                     call = plan.throw(error)
+                except BrokerUnavailable as unsent:  # no session opened in time: not sent
+                    call = plan.throw(unsent)
                 else:
                     call = plan.send(response)
         except StopIteration as stop:
@@ -256,7 +261,7 @@ class _Session:
             call = core.watch_call()
             if call is None:
                 return
-            stream = self._stub.Watch(call.request, metadata=call.metadata)
+            stream = self._stub.Watch(call.request, metadata=call.metadata, wait_for_ready=core.watch_waits_for_ready())
             with self._lock:
                 if self._stop.is_set():
                     stream.cancel()
