@@ -338,6 +338,8 @@ class ClientCore(SessionRules):
         if state is HeldState.RELEASED:
             raise PreconditionFailed(f"cache {held.cache_id!r} was released by this client")
         if state is HeldState.EVICTED:
+            if held.gone:
+                raise CacheLost(held.gone)
             raise CacheEvicted(f"cache {held.cache_id!r} was evicted by the broker; its bytes are gone")
         if state is HeldState.LOST and not (held.info.retain or self._restarted_since(held)):
             if self._awaits_session(held):
@@ -380,7 +382,8 @@ class ClientCore(SessionRules):
         except (CacheNotFound, CacheEvicted) as err:
             held.evicted = True
             why = "the broker restarted without it" if self._restarted_since(held) else err.message
-            raise CacheLost(f"cache {held.cache_id!r} is gone from the broker: {why}", err.code) from err
+            held.gone = f"cache {held.cache_id!r} is gone from the broker: {why}"
+            raise CacheLost(held.gone, err.code) from err
         restarted = response.handle.instance_id != held.handle.instance_id  # the transport waited for the session
         if not _same_cache(held.info, response.cache, restarted):
             try:
@@ -388,7 +391,8 @@ class ClientCore(SessionRules):
             except KvBrokerError:
                 pass
             held.evicted = True
-            raise CacheLost(f"cache {held.cache_id!r} was freed; its id now names another cache")
+            held.gone = f"cache {held.cache_id!r} was freed; its id now names another cache"
+            raise CacheLost(held.gone)
         self._update(held, response.cache, response.handle, call.generation)
 
     def _adopt(self, info: pb.Cache, handle: pb.Handle, generation: int) -> Held:

@@ -1,0 +1,183 @@
+"""Issue 13: clients that ride through a daemon that is not up yet, or that restarts.
+
+Real daemons (``tests/client/daemon.py``), real worker processes (``worker.py``), real
+restarts on the same socket (SIGTERM then start, SIGKILL then start). The user makes no
+call but using its caches: the client opens its session when the daemon comes up, opens
+a new one after a restart, re-attaches what survived by id, raises ``CacheLost`` for
+what did not, and never lets an old view write into bytes the broker gave to another
+client (they are re-mapped to private memory when the hold ends).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvbroker_client import BrokerClient, CacheLost, SessionLost
+from kvbroker_client.core import Phase
+from tests.support.daemon import ROOT, child_env
+
+from .daemon import MiB, Daemon, start_daemon, wait_until
+
+OPEN_TIMEOUT_S = 20.0  # the channel retries every 2 s at most; generous for a loaded machine
+
+
+class Worker:
+    """``tests/client/worker.py`` in its own process: its own client and session."""
+
+    def __init__(self, target: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.client.worker", target], cwd=ROOT, text=True, env=child_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def __call__(self, op: str, **command: object) -> dict:
+        self.process.stdin.write(json.dumps({"op": op, **command}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        assert line, f"worker died: {self.process.stderr.read()[-4000:]}"
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def sock() -> Iterator[Path]:
+    """A socket path that outlives one daemon (pytest's tmp_path can be too long)."""
+    directory = tempfile.mkdtemp(prefix="kvb-restart-", dir="/tmp")
+    yield Path(directory) / "kvb.sock"
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_an_old_view_never_writes_into_the_next_tenants_bytes(tmp_path):
+    """The issue's bug: a worker's session ends (here its lease lapses, as when it never
+    opened), the broker hands the same bytes to another client, and the worker keeps
+    writing through the view it kept. The second client's bytes must stay its own."""
+    daemon = start_daemon(tmp_path / "d", "--lease-seconds", "1")
+    worker = Worker(daemon.target)
+    try:
+        mine = worker("allocate", size_bytes=MiB, value=1)["ok"]
+        assert "lease_expired" in worker("lapse")["ok"]
+        with BrokerClient(daemon.target) as second:
+            theirs = second.allocate(size_bytes=MiB)
+            place = [theirs.handle.segment_id, theirs.handle.segment_generation, theirs.handle.byte_offset]
+            assert place == mine["place"], "the broker gave the freed bytes to the second client"
+            theirs.tensor().fill_(7)
+
+            assert worker("write_old", cache_id=mine["cache_id"], value=3) == {"ok": True}, "no crash"
+            assert sorted({int(b) for b in theirs.tensor().unique()}) == [7], "the first wrote into them"
+            assert worker("read_old", cache_id=mine["cache_id"]) == {"ok": [3]}, "its own private copy"
+            used = worker("use", cache_id=mine["cache_id"])
+            assert used["error"] == "CacheLost" and "lease_expired" in used["message"]
+    finally:
+        worker.close()
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_a_client_created_before_the_daemon_opens_its_session_when_it_comes_up(tmp_path, sock):
+    client = BrokerClient(f"unix://{sock}", timeout_s=10)
+    daemon: Daemon | None = None
+    try:
+        assert client.core.phase is Phase.CONNECTING, "the constructor did not wait for a daemon"
+        daemon = start_daemon(tmp_path / "d", "--lease-seconds", "1", socket_path=sock)
+        wait_until(lambda: client.core.phase is Phase.OPEN, OPEN_TIMEOUT_S, "session open, no call made")
+        cache = client.allocate(size_bytes=MiB)
+        cache.tensor().fill_(4)
+
+        with BrokerClient(daemon.target, session_id="") as operator:
+            def ours():
+                return next((s for s in operator.sessions().sessions if s.session_id == client.session_id), None)
+
+            # Three leases later the session is the same one, still watched and holding.
+            wait_until(lambda: (s := ours()) is not None and s.age_seconds > 3.0, 30.0, "three leases")
+            session = ours()
+            assert session.watching and session.holds == 1
+        assert client.core.sessions_lost == 0 and not cache.lost
+        assert sorted({int(b) for b in cache.tensor().unique()}) == [4]
+    finally:
+        client.close()
+        if daemon is not None:
+            assert daemon.stop() == 0, daemon.log()
+
+
+def _clean_after_kill(daemon: Daemon) -> None:
+    """A SIGKILLed daemon leaves its segments in its private shm directory."""
+    for name in daemon.shm_objects():
+        os.unlink(os.path.join(daemon.shm_dir, name))
+    daemon.stop()
+    shutil.rmtree(daemon.shm_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_a_client_rides_through_a_daemon_restart(tmp_path, sock, signal_name):
+    daemon = start_daemon(tmp_path / "first", "--lease-seconds", "2", socket_path=sock)
+    client = BrokerClient(daemon.target, timeout_s=10)
+    restarted: Daemon | None = None
+    try:
+        plain = client.allocate(size_bytes=MiB)
+        kept = client.allocate(size_bytes=2 * MiB, retain=True, model_name="m")
+        survivor = client.allocate(size_bytes=MiB, retain=True, model_name="m")
+        old_view = plain.tensor()
+        old_view.fill_(9)
+        survivor.tensor().fill_(9)
+        old_instance = plain.handle.instance_id
+
+        if signal_name == "SIGTERM":
+            assert daemon.stop() == 0, daemon.log()
+        else:
+            daemon.process.kill()
+            daemon.process.wait()
+        wait_until(lambda: client.core.sessions_lost == 1, 15.0, "session lost")
+        assert sorted({int(b) for b in old_view.unique()}) == [0], "the view no longer reaches the segment"
+        with pytest.raises(SessionLost, match="no new session is open yet"):
+            plain.tensor()  # the daemon is down: whether it survived is not known yet
+
+        restarted = start_daemon(tmp_path / "second", "--lease-seconds", "2", socket_path=sock)
+        wait_until(
+            lambda: client.core.phase is Phase.OPEN and client.core.instance_id not in ("", old_instance),
+            OPEN_TIMEOUT_S, "session open on the new daemon, no call made",
+        )  # fmt: skip
+
+        # What a persistent pool would bring back (same id, same kind of cache, retained,
+        # nobody holding it): here created by an operator on the new daemon.
+        with BrokerClient(restarted.target, session_id="") as operator:
+            back = operator.allocate(size_bytes=MiB, retain=True, model_name="m", cache_id=survivor.cache_id)
+            back.tensor().fill_(5)
+            back.release()
+
+        for gone in (plain, kept):
+            with pytest.raises(CacheLost, match="restarted without it"):
+                gone.tensor()
+            with pytest.raises(CacheLost):
+                gone.tensor()  # and stays lost, without another call
+        view = survivor.tensor()  # re-attached by id and re-mapped on the new daemon
+        assert survivor.handle.instance_id == client.core.instance_id != old_instance
+        assert sorted({int(b) for b in view.unique()}) == [5] and not survivor.lost
+        holders = {c.cache_id: list(c.holders) for c in client.list_caches()}
+        assert holders == {survivor.cache_id: [client.session_id]}
+
+        fresh = client.allocate(size_bytes=MiB)
+        assert sorted({int(b) for b in fresh.tensor().unique()}) == [0]
+        assert survivor.release(force=True) is True
+    finally:
+        client.close()
+        if restarted is not None:
+            assert restarted.stop() == 0, restarted.log()
+        if signal_name == "SIGKILL":
+            _clean_after_kill(daemon)
+        daemon.stop()
