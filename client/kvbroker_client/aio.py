@@ -159,6 +159,13 @@ class AsyncBrokerClient:
         """Like ``BrokerClient.sessions``."""
         return await self.drive(self._core.unary("Sessions", pb.SessionsRequest()))
 
+    async def end_sessions(
+        self, *, older_than_seconds: float = 0.0, session_ids: Sequence[str] = (), dry_run: bool = False
+    ) -> pb.EndSessionsResponse:
+        """Like ``BrokerClient.end_sessions``."""
+        request = pb.EndSessionsRequest(older_than_seconds=older_than_seconds, session_ids=session_ids, dry_run=dry_run)
+        return await self.drive(self._core.unary("EndSessions", request))
+
     async def defragment(self, device: str = "", pool: str = "", dry_run: bool = False) -> pb.DefragmentResponse:
         """Like ``BrokerClient.defragment``."""
         request = pb.DefragmentRequest(device=device, pool=pool, dry_run=dry_run)

@@ -210,6 +210,15 @@ class BrokerClient:
         right, else this principal's own)."""
         return self.drive(self._core.unary("Sessions", pb.SessionsRequest()))
 
+    def end_sessions(
+        self, *, older_than_seconds: float = 0.0, session_ids: Sequence[str] = (), dry_run: bool = False
+    ) -> pb.EndSessionsResponse:
+        """End every session opened at least ``older_than_seconds`` ago (and among
+        ``session_ids``, when given), as a lapsed lease would; ``dry_run`` only lists
+        them. Operators only (the force_release right). Seed 004's ``cleanup_sessions``."""
+        request = pb.EndSessionsRequest(older_than_seconds=older_than_seconds, session_ids=session_ids, dry_run=dry_run)
+        return self.drive(self._core.unary("EndSessions", request))
+
     def defragment(self, device: str = "", pool: str = "", dry_run: bool = False) -> pb.DefragmentResponse:
         """Compact ``device``/``pool`` now (empty: all), or only plan it with ``dry_run``."""
         request = pb.DefragmentRequest(device=device, pool=pool, dry_run=dry_run)
