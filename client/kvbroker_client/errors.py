@@ -108,9 +108,11 @@ class SessionLost(PreconditionFailed):
     by the stub itself): its lease lapsed, the broker stopped or restarted, or the Watch
     stream broke. The broker dropped the session's holds and pins and freed its
     non-retained caches, so the bytes may already belong to another tenant; the stub
-    therefore never builds another view of them. The client itself carries on under a
-    new session: allocate or attach again. A retained cache is re-attached by its next
-    ``tensor()``/``pin()`` instead (``kvbroker_client.cache``)."""
+    therefore never builds another view of them, and re-maps the views it built to
+    private memory. The client itself carries on under a new session. Raised as such
+    while no new session is open yet; once one is, a cache that survived (retained, or
+    restored by a restarted broker) is re-attached by its next ``tensor()``/``pin()``,
+    and one that did not raises ``CacheLost`` (a subclass)."""
 
 
 class CacheLost(SessionLost, CacheEvicted):

@@ -226,7 +226,8 @@ class BrokerClient:
 
     def close(self) -> None:
         """Release every cache this client still holds (best effort), end the session,
-        close the channel. Idempotent. Views already built stay mapped."""
+        close the channel. Idempotent. Views already built are re-mapped to private
+        memory as each cache is released (``kvbroker_client/revoke.py``)."""
         if self._core.closed:
             return
         self.drive(self._core.close())

@@ -144,7 +144,9 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
             events = await self._open_session(request, context)
             opened = await anext(events)
         except BrokerError as err:
-            await context.abort(convert.status_for(err), convert.error_details(err))
+            code, details = convert.status_for(err), convert.error_details(err)
+            self.errors.add("Watch", code.name, details)
+            await context.abort(code, details)
         async with contextlib.aclosing(events):
             # The secret also travels in the initial metadata, as for a session that a
             # unary call opened: one place for a client to read it.

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -13,7 +16,8 @@ from kvbroker.cli.ending import age
 from kvbroker.config import ConfigError, load_config
 from kvbroker_client import BrokerClient, CacheLost, InvalidRequest
 from kvbroker_client.core import Phase
-from tests.support.daemon import running_daemon
+from tests.support.daemon import ROOT, child_env, running_daemon
+from tests.test_readme import section, shell_lines
 from tests.support.wait import wait_until
 
 from .test_commands import kvbroker
@@ -107,3 +111,18 @@ def test_the_number_of_recent_errors_is_configured_like_every_key(tmp_path):
     assert load_config(path=str(tmp_path / "k.toml"), environ={}).recent_errors == 9
     with pytest.raises(ConfigError, match=r"RECENT_ERRORS: must be in \[0, 100000\]"):
         load_config(environ={"KVBROKER_RECENT_ERRORS": "-1"})  # the message names the variable
+
+
+def test_the_readme_operator_commands_run_as_written(tmp_path):
+    """The ``sh`` block of the README's section on restarts and clean-up, against a
+    daemon with the default configuration."""
+    lines = shell_lines(section("Restarts, lost sessions and clean-up"))
+    assert any("--end-older-than 1h" in line for line in lines)
+    with running_daemon(tmp_path / "d", host_capacity="64MiB") as daemon:
+        env = child_env({"KVBROKER_TARGET": daemon.target})
+        for line in lines:
+            words = shlex.split(line)
+            assert words[0] == "kvbroker"
+            done = subprocess.run([sys.executable, "-m", "kvbroker", *words[1:]], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert done.returncode == 0, f"{line}:\n{done.stdout}\n{done.stderr}"
