@@ -67,8 +67,10 @@ def sock() -> Iterator[Path]:
 def test_an_old_view_never_writes_into_the_next_tenants_bytes(tmp_path):
     """The issue's bug: a worker's session ends (here its lease lapses, as when it never
     opened), the broker hands the same bytes to another client, and the worker keeps
-    writing through the view it kept. The second client's bytes must stay its own."""
-    daemon = start_daemon(tmp_path / "d", "--lease-seconds", "1")
+    writing through the view it kept. The second client's bytes must stay its own. (A
+    3 s lease: short for the test, long enough that the busy test process's own client
+    keeps its session on a loaded machine.)"""
+    daemon = start_daemon(tmp_path / "d", "--lease-seconds", "3")
     worker = Worker(daemon.target)
     try:
         mine = worker("allocate", size_bytes=MiB, value=1)["ok"]
@@ -94,7 +96,7 @@ def test_a_client_created_before_the_daemon_opens_its_session_when_it_comes_up(t
     daemon: Daemon | None = None
     try:
         assert client.core.phase is Phase.CONNECTING, "the constructor did not wait for a daemon"
-        daemon = start_daemon(tmp_path / "d", "--lease-seconds", "1", socket_path=sock)
+        daemon = start_daemon(tmp_path / "d", "--lease-seconds", "2", socket_path=sock)
         wait_until(lambda: client.core.phase is Phase.OPEN, OPEN_TIMEOUT_S, "session open, no call made")
         cache = client.allocate(size_bytes=MiB)
         cache.tensor().fill_(4)
@@ -103,8 +105,8 @@ def test_a_client_created_before_the_daemon_opens_its_session_when_it_comes_up(t
             def ours():
                 return next((s for s in operator.sessions().sessions if s.session_id == client.session_id), None)
 
-            # Three leases later the session is the same one, still watched and holding.
-            wait_until(lambda: (s := ours()) is not None and s.age_seconds > 3.0, 30.0, "three leases")
+            # Two and a half leases later the session is the same one, watched and holding.
+            wait_until(lambda: (s := ours()) is not None and s.age_seconds > 5.0, 30.0, "2.5 leases")
             session = ours()
             assert session.watching and session.holds == 1
         assert client.core.sessions_lost == 0 and not cache.lost
@@ -125,7 +127,7 @@ def _clean_after_kill(daemon: Daemon) -> None:
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
 def test_a_client_rides_through_a_daemon_restart(tmp_path, sock, signal_name):
-    daemon = start_daemon(tmp_path / "first", "--lease-seconds", "2", socket_path=sock)
+    daemon = start_daemon(tmp_path / "first", socket_path=sock)
     client = BrokerClient(daemon.target, timeout_s=10)
     restarted: Daemon | None = None
     try:
@@ -147,7 +149,7 @@ def test_a_client_rides_through_a_daemon_restart(tmp_path, sock, signal_name):
         with pytest.raises(SessionLost, match="no new session is open yet"):
             plain.tensor()  # the daemon is down: whether it survived is not known yet
 
-        restarted = start_daemon(tmp_path / "second", "--lease-seconds", "2", socket_path=sock)
+        restarted = start_daemon(tmp_path / "second", socket_path=sock)
         wait_until(
             lambda: client.core.phase is Phase.OPEN and client.core.instance_id not in ("", old_instance),
             OPEN_TIMEOUT_S, "session open on the new daemon, no call made",
@@ -180,4 +182,57 @@ def test_a_client_rides_through_a_daemon_restart(tmp_path, sock, signal_name):
             assert restarted.stop() == 0, restarted.log()
         if signal_name == "SIGKILL":
             _clean_after_kill(daemon)
+        daemon.stop()
+
+
+async def _until(predicate, timeout: float, what: str) -> None:
+    """``wait_until`` for a coroutine: polls ``predicate`` while the loop runs the
+    client's session tasks; fails after ``timeout`` seconds."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_an_asyncio_client_rides_through_a_restart_too(tmp_path, sock):
+    """The asyncio transport: the same rules; ``tensor()`` cannot call, ``refresh()`` does.
+    Daemons are stopped and started on the main thread (their death signal follows the
+    thread that started them), blocking the loop meanwhile."""
+    import asyncio
+
+    from kvbroker_client import AsyncBrokerClient
+
+    daemon = start_daemon(tmp_path / "first", socket_path=sock)
+    restarted: list[Daemon] = []
+
+    async def scenario() -> None:
+        async with AsyncBrokerClient(daemon.target, timeout_s=10) as client:
+            plain = await client.allocate(size_bytes=MiB)
+            kept = await client.allocate(size_bytes=MiB, retain=True)
+            old_view = plain.tensor()
+            old_view.fill_(9)
+            old_instance = plain.handle.instance_id
+            assert daemon.stop() == 0, daemon.log()
+            await _until(lambda: client.core.sessions_lost == 1, 15.0, "session lost")
+            assert sorted({int(b) for b in old_view.unique()}) == [0]
+            restarted.append(start_daemon(tmp_path / "second", socket_path=sock))
+            await _until(lambda: client.core.phase is Phase.OPEN and client.core.instance_id != old_instance,
+                         OPEN_TIMEOUT_S, "session open on the new daemon")  # fmt: skip
+            with pytest.raises(SessionLost, match="refresh"):
+                kept.tensor()  # no call from tensor(): it says how
+            with pytest.raises(CacheLost, match="restarted without it"):
+                await kept.refresh()
+            with pytest.raises(CacheLost, match="restarted without it"):
+                await plain.refresh()
+            fresh = await client.allocate(size_bytes=MiB)
+            assert fresh.handle.instance_id == client.core.instance_id
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for again in restarted:
+            assert again.stop() == 0, again.log()
         daemon.stop()
