@@ -23,8 +23,11 @@ working. A retained record may have survived in the broker and is re-attached on
 
 Restarts (issue 13): a new session that opens on another broker instance means the
 broker restarted. Every record of an earlier session may then have survived (a
-persistent pool brings its caches back with the same ids), so its next use re-attaches
-it by id, whatever its retain flag; one the broker does not have raises ``CacheLost``.
+persistent pool brings its caches back with the same ids), so it is re-attached by id,
+whatever its retain flag, at once, in the background, when the new session opens (the
+transports drive ``view`` on each of ``stranded()``, so a restored cache is held again
+before anything evicts it; a use meanwhile re-attaches it itself); one the broker does
+not have raises ``CacheLost`` on its next use.
 A non-retained record whose session ended on a broker that is still the same instance
 was freed: ``CacheLost`` at once, without a call. While no session is open after a loss
 that may be a restart (the broker stopped, or the stream broke), which it is cannot be
@@ -104,6 +107,7 @@ class ClientCore(SessionRules):
         self._client = (os.path.basename(sys.argv[0] or "python")[:128], os.getpid(), socket.gethostname()[:256])
         self._suspended = False
         self._watch_attempted = False  # the first Watch fails fast; later ones wait for the broker
+        self._stranded: dict[str, Held] = {}  # records of ended sessions not re-attached yet
         self._maybe_restarted = False  # the last loss may be a restart (not ended by a live broker)
         self.lease_seconds = 10.0
         self.instance_id = ""

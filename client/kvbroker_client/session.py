@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 from kvbroker_client.calls import Call, new_session_id
-from kvbroker_client.held import Held, Phase
+from kvbroker_client.held import Held, HeldState, Phase
 from kvbroker.v1 import broker_pb2 as pb
 
 __all__ = ["RECONNECT_FIRST_S", "RECONNECT_MAX_S", "STABLE_SESSION_S", "UNMAP_POLL_SECONDS", "SessionRules", "loaded_mapper"]
@@ -45,6 +45,7 @@ class SessionRules:
     _client: tuple[str, int, str]
     _suspended: bool
     _watch_attempted: bool
+    _stranded: dict[str, Held]
     _maybe_restarted: bool
     lease_seconds: float
     instance_id: str
@@ -58,6 +59,12 @@ class SessionRules:
         raise NotImplementedError  # ClientCore's
 
     def _revoke(self, held: Held) -> None:
+        raise NotImplementedError  # ClientCore's
+
+    def state(self, held: Held) -> HeldState:
+        raise NotImplementedError  # ClientCore's
+
+    def _restarted_since(self, held: Held) -> bool:
         raise NotImplementedError  # ClientCore's
 
 
@@ -119,17 +126,31 @@ class SessionRules:
         self.lease_seconds = event.lease_seconds or self.lease_seconds
         self._secret = event.session_secret
         self._phase, self._opened_at, self._last_beat = Phase.OPEN, now, now
-        self._notify_phase()
         if self.instance_id and event.instance_id != self.instance_id:
             # Another broker process: holds of this generation taken from the old one
             # (between its end and this stream) are gone, and so are its segments.
             for held in self._held.values():
                 if held.handle.instance_id != event.instance_id and held.generation == self._generation:
                     held.lost = "the broker restarted"
+                    self._stranded[held.cache_id] = held
             mapper = loaded_mapper()
             if mapper is not None:
                 mapper.drop_instance(self.instance_id)
         self.instance_id = event.instance_id
+        self._notify_phase()  # after instance_id: a waiting call must see which broker this is
+
+    def stranded(self) -> list[Held]:
+        """Once a new session is open on a restarted broker: the records of ended
+        sessions taken from an earlier instance and not held again yet, for the
+        transport to re-attach at once (``view`` on each), so that a cache the broker
+        restored (a persistent pool: same id, retained, nobody holding it) is held again
+        before anything evicts it. Each record is returned once. On the same broker a
+        retained record is re-attached on its next use, as before."""
+        with self._lock:
+            if self._phase is not Phase.OPEN:
+                return []
+            records, self._stranded = list(self._stranded.values()), {}
+            return [h for h in records if self.state(h) is HeldState.LOST and self._restarted_since(h)]
 
     def on_stream_end(self, generation: int, detail: str, now: float) -> str | None:
         """The stream opened for ``generation`` ended (``detail`` says how). Returns why the
@@ -148,14 +169,15 @@ class SessionRules:
     def _lose(self, reason: str, now: float, *, maybe_restart: bool = True) -> None:
         """The current session is over: mark its records, revoke their views, and move
         to a new id. ``maybe_restart``: False when a live broker ended the session (its
-        non-retained caches are freed, whatever comes next). Caller holds the lock."""
-        self.sessions_lost += 1
+        non-retained caches are freed, whatever comes next). Caller holds the lock.
+        ``sessions_lost`` is counted last: whoever sees it grow sees the views revoked."""
         self.last_loss = reason
         self._maybe_restarted = maybe_restart
         for cache_id, held in list(self._held.items()):
             if held.generation == self._generation:
                 held.lost = reason
                 self._revoke(held)
+                self._stranded[cache_id] = held
                 if not held.info.retain:
                     del self._held[cache_id]  # its ``Cache`` keeps the record for its next use
         healthy = self._opened_at is not None and now - self._opened_at >= STABLE_SESSION_S
@@ -165,6 +187,7 @@ class SessionRules:
         self._secret = ""
         self._pending_unmaps.clear()
         self._phase, self._opened_at = Phase.CONNECTING, None
+        self.sessions_lost += 1
 
     def due(self, now: float, *, heartbeat: bool = True) -> list[Call]:
         """The calls the schedule wants now: a ``ReportUnmapped`` for each retired segment

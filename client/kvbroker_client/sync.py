@@ -32,7 +32,7 @@ from kvbroker_client.calls import DEFAULT_TIMEOUT_S, Plan, channel_options, list
 from kvbroker_client.credentials import Credentials
 from kvbroker_client.core import UNMAP_POLL_SECONDS, ClientCore, Phase
 from kvbroker_client.dtypes import DTypeLike
-from kvbroker_client.errors import BrokerUnavailable, from_rpc_error
+from kvbroker_client.errors import BrokerUnavailable, KvBrokerError, from_rpc_error
 from kvbroker_client.handles import check_handle
 from kvbroker_client.summary import summarize
 from kvbroker_client.units import PriorityLike, SizeLike
@@ -82,7 +82,7 @@ class BrokerClient:
         self._stub = broker_pb2_grpc.CacheBrokerStub(self._channel)
         self._session: _Session | None = None
         if self._core.phase is not Phase.ANONYMOUS:
-            self._session = _Session(self._core, self._stub)
+            self._session = _Session(self._core, self._stub, self._recover)
             # Calls made before the session is open would hold caches under a lease-only
             # session; wait for the first attempt's outcome (fails fast if the broker is down).
             self._session.first_attempt.wait(timeout_s)
@@ -124,6 +124,16 @@ class BrokerClient:
                     call = plan.send(response)
         except StopIteration as stop:
             return stop.value
+
+    def _recover(self) -> None:
+        """Re-attach what may have survived the last lost session (``core.stranded``),
+        each by its own Attach; what did not survive raises ``CacheLost`` on next use.
+        Run by the session in a thread of its own once a new session is open."""
+        for held in self._core.stranded():
+            try:
+                self.drive(self._core.view(held))
+            except KvBrokerError as err:
+                log.info("kvbroker cache %s not re-attached: %s", held.cache_id, err.message)
 
     def allocate(
         self,
@@ -248,9 +258,10 @@ class BrokerClient:
 class _Session:
     """The session's two daemon threads: the Watch loop and the schedule."""
 
-    def __init__(self, core: ClientCore, stub: Any) -> None:
+    def __init__(self, core: ClientCore, stub: Any, recover: Any) -> None:
         self._core = core
         self._stub = stub
+        self._recover = recover  # re-attaches the stranded records (BrokerClient._recover)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._stream: Any = None
@@ -283,6 +294,8 @@ class _Session:
                     alive = core.on_event(event, call.generation, time.monotonic())
                     if core.phase is Phase.OPEN:
                         self.first_attempt.set()
+                    if event.kind == pb.EVENT_KIND_SESSION_OPENED and core.sessions_lost:
+                        threading.Thread(target=self._recover, name="kvbroker-reattach", daemon=True).start()
                     if not alive:
                         break
             except grpc.RpcError as err:

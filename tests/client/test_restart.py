@@ -125,10 +125,23 @@ def _clean_after_kill(daemon: Daemon) -> None:
     shutil.rmtree(daemon.shm_dir, ignore_errors=True)
 
 
+def _point(link: Path, socket_path: Path) -> None:
+    """Make ``link`` (the path the client dials) lead to ``socket_path``, atomically."""
+    temporary = link.with_name(link.name + ".new")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(socket_path)
+    os.replace(temporary, link)
+
+
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
 def test_a_client_rides_through_a_daemon_restart(tmp_path, sock, signal_name):
-    daemon = start_daemon(tmp_path / "first", socket_path=sock)
-    client = BrokerClient(daemon.target, timeout_s=10)
+    """The client dials a symlink to the daemon's socket, so the restarted daemon can be
+    given, before the client reaches it, what a persistent pool would have restored: a
+    cache of the same id, retained, held by nobody (an operator creates it)."""
+    link = sock.with_name("dial.sock")
+    _point(link, sock.with_name("first.sock"))
+    daemon = start_daemon(tmp_path / "first", socket_path=sock.with_name("first.sock"))
+    client = BrokerClient(f"unix://{link}", timeout_s=10)
     restarted: Daemon | None = None
     try:
         plain = client.allocate(size_bytes=MiB)
@@ -149,29 +162,29 @@ def test_a_client_rides_through_a_daemon_restart(tmp_path, sock, signal_name):
         with pytest.raises(SessionLost, match="no new session is open yet"):
             plain.tensor()  # the daemon is down: whether it survived is not known yet
 
-        restarted = start_daemon(tmp_path / "second", socket_path=sock)
-        wait_until(
-            lambda: client.core.phase is Phase.OPEN and client.core.instance_id not in ("", old_instance),
-            OPEN_TIMEOUT_S, "session open on the new daemon, no call made",
-        )  # fmt: skip
-
-        # What a persistent pool would bring back (same id, same kind of cache, retained,
-        # nobody holding it): here created by an operator on the new daemon.
-        with BrokerClient(restarted.target, session_id="") as operator:
+        restarted = start_daemon(tmp_path / "second", socket_path=sock.with_name("second.sock"))
+        with BrokerClient(restarted.target, session_id="", timeout_s=30) as operator:
             back = operator.allocate(size_bytes=MiB, retain=True, model_name="m", cache_id=survivor.cache_id)
             back.tensor().fill_(5)
             back.release()
+            _point(link, sock.with_name("second.sock"))
+            wait_until(
+                lambda: client.core.phase is Phase.OPEN and client.core.instance_id not in ("", old_instance),
+                OPEN_TIMEOUT_S, "session open on the new daemon, no call made",
+            )  # fmt: skip
 
+            # Held again at once, in the background, with no call by the user.
+            def holders() -> dict[str, list[str]]:
+                return {c.cache_id: list(c.holders) for c in operator.list_caches()}
+
+            wait_until(lambda: holders() == {survivor.cache_id: [client.session_id]}, 15.0, "re-attached")
+        assert not survivor.lost and survivor.handle.instance_id == client.core.instance_id
+        assert sorted({int(b) for b in survivor.tensor().unique()}) == [5], "re-mapped on the new daemon"
         for gone in (plain, kept):
             with pytest.raises(CacheLost, match="restarted without it"):
                 gone.tensor()
             with pytest.raises(CacheLost):
                 gone.tensor()  # and stays lost, without another call
-        view = survivor.tensor()  # re-attached by id and re-mapped on the new daemon
-        assert survivor.handle.instance_id == client.core.instance_id != old_instance
-        assert sorted({int(b) for b in view.unique()}) == [5] and not survivor.lost
-        holders = {c.cache_id: list(c.holders) for c in client.list_caches()}
-        assert holders == {survivor.cache_id: [client.session_id]}
 
         fresh = client.allocate(size_bytes=MiB)
         assert sorted({int(b) for b in fresh.tensor().unique()}) == [0]
@@ -182,6 +195,35 @@ def test_a_client_rides_through_a_daemon_restart(tmp_path, sock, signal_name):
             assert restarted.stop() == 0, restarted.log()
         if signal_name == "SIGKILL":
             _clean_after_kill(daemon)
+        daemon.stop()
+
+
+def test_a_cache_the_background_reattach_did_not_find_stays_lost(tmp_path, sock):
+    """What the re-attach at the new session's opening found stands: a cache of that id
+    created on the restarted daemon afterwards is another cache for this object
+    (``CacheLost``), which the worker may attach by id itself."""
+    daemon = start_daemon(tmp_path / "first", socket_path=sock)
+    client = BrokerClient(daemon.target, timeout_s=10)
+    restarted: Daemon | None = None
+    try:
+        survivor = client.allocate(size_bytes=MiB, retain=True, model_name="m")
+        old_instance = survivor.handle.instance_id
+        assert daemon.stop() == 0, daemon.log()
+        restarted = start_daemon(tmp_path / "second", socket_path=sock)
+        wait_until(lambda: client.core.phase is Phase.OPEN and client.core.instance_id != old_instance,
+                   OPEN_TIMEOUT_S, "session open on the new daemon")  # fmt: skip
+        wait_until(lambda: survivor.evicted, 15.0, "the background re-attach found nothing")
+        with BrokerClient(restarted.target, session_id="", timeout_s=30) as operator:
+            operator.allocate(size_bytes=MiB, retain=True, model_name="m", cache_id=survivor.cache_id).release()
+        with pytest.raises(CacheLost, match="restarted without it"):
+            survivor.tensor()  # what the background attempt found stands: no second guess
+        again = client.attach(survivor.cache_id)  # the worker may attach it by id itself
+        assert again.handle.instance_id == client.core.instance_id
+        assert again.release(force=True) is True
+    finally:
+        client.close()
+        if restarted is not None:
+            assert restarted.stop() == 0, restarted.log()
         daemon.stop()
 
 
@@ -221,8 +263,9 @@ def test_an_asyncio_client_rides_through_a_restart_too(tmp_path, sock):
             restarted.append(start_daemon(tmp_path / "second", socket_path=sock))
             await _until(lambda: client.core.phase is Phase.OPEN and client.core.instance_id != old_instance,
                          OPEN_TIMEOUT_S, "session open on the new daemon")  # fmt: skip
-            with pytest.raises(SessionLost, match="refresh"):
-                kept.tensor()  # no call from tensor(): it says how
+            await _until(lambda: kept.evicted, 15.0, "the background re-attach found nothing")
+            with pytest.raises(CacheLost, match="restarted without it"):
+                kept.tensor()  # no call from tensor()
             with pytest.raises(CacheLost, match="restarted without it"):
                 await kept.refresh()
             with pytest.raises(CacheLost, match="restarted without it"):
