@@ -250,7 +250,10 @@ def test_after_a_restart_every_record_is_reattached_by_id_or_lost() -> None:
         run(core.view(plain))
     assert not isinstance(raised.value, CacheLost), "not known yet: it may come back"
 
+    assert core.stranded() == [], "no session open: nothing to re-attach yet"
     opened(core, now=6.0, instance="new")  # another broker instance: a restart
+    assert {h.cache_id for h in core.stranded()} == {"p", "k", "o"}, "each re-attached in the background"
+    assert core.stranded() == [], "once"
     restored = cache("p", retain=True, created=555.0, instance="new")  # its checkpoint's copy
     methods, _ = run(core.view(plain), pb.AttachResponse(cache=restored.cache, handle=restored.handle))
     assert methods == ["Attach"] and core.state(plain) is HeldState.LIVE, "not retained, yet restored"
@@ -274,6 +277,8 @@ def test_a_session_ended_by_a_live_broker_loses_what_was_not_retained_at_once() 
     assert core.phase is Phase.CONNECTING
     with pytest.raises(CacheLost, match="ended_by_operator"):
         run(core.view(plain))  # no restart is possible: freed, no call
+    opened(core, now=10.0)
+    assert core.stranded() == [], "the same broker: nothing is re-attached in the background"
 
 
 def test_the_first_watch_fails_fast_and_later_ones_wait_for_the_broker() -> None:
