@@ -136,6 +136,8 @@ class BrokerConfig:
     log_level: str = "INFO"
     lease_seconds: float = 10.0
     segment_idle_seconds: float = 30.0
+    #: Failed calls kept for ``kvbroker stats`` (``kvbroker/server/errorlog.py``).
+    recent_errors: int = 100
     #: Prometheus ``/metrics`` address (host:port); "" serves no metrics.
     metrics_listen: str = DEFAULT_METRICS_LISTEN
     pools: tuple[PoolConfig, ...] = field(default_factory=lambda: (PoolConfig("default"),))
@@ -162,7 +164,7 @@ _POOL_KEYS = {
     "default_cache_bytes": "size", "placement": str, "scrub": bool, **persistence.POOL_KEYS,
 }
 _SECTIONS = {
-    "server": {"listen": str, "unix_socket": str, "grace_seconds": float, "log_level": str},
+    "server": {"listen": str, "unix_socket": str, "grace_seconds": float, "log_level": str, "recent_errors": int},
     "devices": {"kind": str, "host_capacity": "size", "cuda_memory_fraction": float, "shm_dir": str,
                 "copy_threads": int},
     "telemetry": {"metrics_listen": str},
@@ -183,6 +185,7 @@ _ENV = {
     "KVBROKER_METRICS_LISTEN": ("metrics_listen", str),
     "KVBROKER_LEASE_SECONDS": ("lease_seconds", float),
     "KVBROKER_SEGMENT_IDLE_SECONDS": ("segment_idle_seconds", float),
+    "KVBROKER_RECENT_ERRORS": ("recent_errors", int),
     "KVBROKER_TLS_CERT": ("tls_cert", str),
     "KVBROKER_TLS_KEY": ("tls_key", str),
     "KVBROKER_TLS_CLIENT_CA": ("tls_client_ca", str),
@@ -327,6 +330,7 @@ def _validate(config: BrokerConfig, key_of: Mapping[str, str], skip: set[str], p
     check("lease_seconds", 0.1 <= c.lease_seconds <= 3600, f"must be in [0.1, 3600] seconds, got {c.lease_seconds}")
     check("segment_idle_seconds", 0 <= c.segment_idle_seconds < math.inf,
           f"must be a finite number of seconds >= 0, got {c.segment_idle_seconds}")  # fmt: skip
+    check("recent_errors", 0 <= c.recent_errors <= 100_000, f"must be in [0, 100000], got {c.recent_errors}")
     check("log_level", c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
           "must be one of DEBUG, INFO, WARNING, ERROR")  # fmt: skip
     if not {"listen", "unix_socket"} & skip:

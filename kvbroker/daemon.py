@@ -272,6 +272,7 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
         server = await create_server(
             engine, listen=config.listen or None, unix_socket=config.unix_socket or None,
             interceptors=telemetry.interceptors, policy=config.auth, peers=peers, tls=tls,
+            recent_errors=config.recent_errors,
         )  # fmt: skip
         if handshake is not None:
             await handshake.start()
@@ -340,6 +341,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lease-seconds", type=float, help="a session without a call or heartbeat this long is ended")
     parser.add_argument("--segment-idle-seconds", type=float, help="an empty segment this idle goes back to the device")
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--recent-errors", type=int, help="failed calls kept for `kvbroker stats` (default 100)")
     parser.add_argument("--metrics-listen", help="Prometheus /metrics address host:port (default 127.0.0.1:9464; '' disables)")
     parser.add_argument("--tls-cert", help="PEM certificate chain for the TCP listener (TLS)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -367,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             "grace_seconds": args.grace_seconds,
             "lease_seconds": args.lease_seconds,
             "segment_idle_seconds": args.segment_idle_seconds,
+            "recent_errors": args.recent_errors,
             "log_level": args.log_level,
             "metrics_listen": args.metrics_listen,
             "tls_cert": args.tls_cert,

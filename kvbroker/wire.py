@@ -79,6 +79,7 @@ class SessionEndReason(enum.Enum):
     STREAM_CLOSED = "stream_closed"
     LEASE_EXPIRED = "lease_expired"
     BROKER_STOPPING = "broker_stopping"
+    ENDED_BY_OPERATOR = "ended_by_operator"  # EndSessions (``kvbroker sessions --end-older-than``)
 
 #: Request metadata carrying a peer token from the Unix handshake socket (the path of the
 #: gRPC Unix socket plus ``PEER_SOCKET_SUFFIX``): it tells the broker the caller's uid/pid.

@@ -10,8 +10,16 @@ from __future__ import annotations
 import os
 import sys
 
-import pytest
-from hypothesis import settings
+# Tests start daemons and workers (subprocess.Popen with a preexec_fn: fork, then exec)
+# while this process's clients have calls in flight (a Watch waiting for a restarted
+# daemon). gRPC's fork handlers then restart its poller in the child between fork and
+# exec, where Popen has closed its epoll fd, and the child aborts ("epoll_wait error: Bad
+# file descriptor", grpc/grpc#43055). Nothing here uses gRPC across a fork: turn them off
+# before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):

@@ -9,13 +9,15 @@
 Layout (each module imports only those above it; ``tests/client/test_layout.py`` checks
 that there is no import circle):
 
-    errors.py   typed exceptions, one per gRPC status, and ``SessionLost``
+    errors.py   typed exceptions, one per gRPC status, ``SessionLost`` and ``CacheLost``
     dtypes.py   dtype names <-> wire values <-> torch dtypes (``kvbroker.wire.DTYPES``)
     units.py    sizes ("512MiB", size_mb=) and priority names ("high") to the wire's
     calls.py    target, channel options, ``Call``, request builders (validation)
     summary.py  Stats as the kvcached guide's statistics dict (GiB, percent)
     handles.py  host handles checked without torch: path, identity, ``HandleError``
+    session.py  the sans-IO session rules: Watch, events, losses, heartbeats
     core.py     the sans-IO core: held caches, the session, plans; no I/O
+    revoke.py   re-mapping a released range of views to private memory (libc mmap)
     mapping.py  ``SegmentMapper``: handles -> mapped segments -> views (imports torch)
     cache.py    ``Cache`` and ``AsyncCache``: a ``Held`` record and its client's ``drive``
     sync.py     ``BrokerClient``: grpc channel, Watch and heartbeat threads
@@ -48,6 +50,7 @@ from kvbroker_client.errors import (
     CacheAlreadyExists,
     CacheEvicted,
     CacheExhausted,
+    CacheLost,
     CacheNotFound,
     InvalidRequest,
     KvBrokerError,
@@ -84,6 +87,7 @@ __all__ = [
     "CacheAlreadyExists",
     "CacheEvicted",
     "CacheExhausted",
+    "CacheLost",
     "NotAuthenticated",
     "PermissionDenied",
     "CacheNotFound",

@@ -23,7 +23,7 @@ from kvbroker_client.calls import DEFAULT_TIMEOUT_S, Plan, channel_options, list
 from kvbroker_client.credentials import Credentials
 from kvbroker_client.core import UNMAP_POLL_SECONDS, ClientCore, Phase
 from kvbroker_client.dtypes import DTypeLike
-from kvbroker_client.errors import from_rpc_error
+from kvbroker_client.errors import BrokerUnavailable, KvBrokerError, from_rpc_error
 from kvbroker_client.handles import check_handle
 from kvbroker_client.summary import summarize
 from kvbroker_client.units import PriorityLike, SizeLike
@@ -75,7 +75,7 @@ class AsyncBrokerClient:
     def _start_session(self) -> None:
         # The session's tasks need the running loop: started on first use.
         if self._session is None and self._core.phase is Phase.CONNECTING:
-            self._session = _AsyncSession(self._core, self._stub)
+            self._session = _AsyncSession(self._core, self._stub, self._recover)
 
     async def drive(self, plan: Plan[T]) -> T:
         """Like ``BrokerClient.drive``, awaiting each call."""
@@ -84,18 +84,31 @@ class AsyncBrokerClient:
             call = next(plan)
             while True:
                 metadata = call.metadata
-                if metadata and self._core.phase is Phase.CONNECTING:
-                    # The core's wait blocks: in a thread, so the session task can run.
-                    metadata = await asyncio.to_thread(self._core.metadata_when_open, call, call.timeout or DEFAULT_TIMEOUT_S)
                 try:
+                    if metadata and self._core.phase is Phase.CONNECTING:
+                        # The core's wait blocks: in a thread, so the session task can run.
+                        metadata = await asyncio.to_thread(
+                            self._core.metadata_when_open, call, call.timeout or DEFAULT_TIMEOUT_S
+                        )
                     response = await getattr(self._stub, call.method)(call.request, timeout=call.timeout, metadata=metadata)
                 except grpc.RpcError as err:
                     error = from_rpc_error(err, target=self._core.target)
                     call = plan.throw(error)
+                except BrokerUnavailable as unsent:  # no session opened in time: not sent
+                    call = plan.throw(unsent)
                 else:
                     call = plan.send(response)
         except StopIteration as stop:
             return stop.value
+
+    async def _recover(self) -> None:
+        """Like ``BrokerClient._recover``: a task the session starts once a new session
+        is open."""
+        for held in self._core.stranded():
+            try:
+                await self.drive(self._core.view(held))
+            except KvBrokerError as err:
+                log.info("kvbroker cache %s not re-attached: %s", held.cache_id, err.message)
 
     async def allocate(
         self,
@@ -155,6 +168,13 @@ class AsyncBrokerClient:
         """Like ``BrokerClient.sessions``."""
         return await self.drive(self._core.unary("Sessions", pb.SessionsRequest()))
 
+    async def end_sessions(
+        self, *, older_than_seconds: float = 0.0, session_ids: Sequence[str] = (), dry_run: bool = False
+    ) -> pb.EndSessionsResponse:
+        """Like ``BrokerClient.end_sessions``."""
+        request = pb.EndSessionsRequest(older_than_seconds=older_than_seconds, session_ids=session_ids, dry_run=dry_run)
+        return await self.drive(self._core.unary("EndSessions", request))
+
     async def defragment(
         self, device: str = "", pool: str = "", dry_run: bool = False, target_bytes: int = 0,
     ) -> pb.DefragmentResponse:
@@ -185,9 +205,11 @@ class AsyncBrokerClient:
 class _AsyncSession:
     """The session's two tasks: the Watch loop and the schedule."""
 
-    def __init__(self, core: ClientCore, stub: Any) -> None:
+    def __init__(self, core: ClientCore, stub: Any, recover: Any) -> None:
         self._core = core
         self._stub = stub
+        self._recover = recover  # a coroutine function: re-attaches the stranded records
+        self._recovering: set[asyncio.Task] = set()
         self._stream: Any = None
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch_loop()), loop.create_task(self._schedule_loop())]
@@ -201,11 +223,17 @@ class _AsyncSession:
             call = core.watch_call()
             if call is None:
                 return
-            self._stream = stream = self._stub.Watch(call.request, metadata=call.metadata)
+            waits = core.watch_waits_for_ready()
+            self._stream = stream = self._stub.Watch(call.request, metadata=call.metadata, wait_for_ready=waits)
             lost_before, detail = core.sessions_lost, "the broker ended it"
             try:
                 async for event in stream:
-                    if not core.on_event(event, call.generation, time.monotonic()):
+                    alive = core.on_event(event, call.generation, time.monotonic())
+                    if event.kind == pb.EVENT_KIND_SESSION_OPENED and core.sessions_lost:
+                        task = asyncio.get_running_loop().create_task(self._recover())
+                        self._recovering.add(task)
+                        task.add_done_callback(self._recovering.discard)
+                    if not alive:
                         break
             except grpc.RpcError as err:
                 detail = f"{err.code().name}: {err.details()}"

@@ -14,9 +14,12 @@ Invariants:
     * A view is valid for the handle's epoch. The broker bumps the epoch when it moves
       or evicts an unpinned cache; ``pin()`` (and ``pinned()``) fetch a fresh handle, so
       ``with cache.pinned() as t:`` is the safe way to touch an unpinned cache.
-    * ``release()`` is idempotent; once released, ``tensor()`` refuses, and the views
-      already built keep their memory mapped (the broker never unmaps a client) but no
-      longer hold the cache, so the broker may reuse those bytes.
+    * ``release()`` is idempotent; once released, ``tensor()`` refuses.
+    * A view already built never reaches bytes this client no longer holds once it knows
+      it: when it releases the cache, or learns that the broker evicted or moved it or
+      ended its session, the view's pages are re-mapped to private zero-filled memory
+      (``kvbroker_client/revoke.py``). The view stays a valid tensor; writes through it
+      go nowhere shared. (Host memory only; a CUDA view cannot be re-mapped.)
 
 Not thread-safe per object: share the client across threads, not one ``Cache``.
 """
@@ -146,7 +149,7 @@ class _CacheBase:
             resolved = torch_dtype_of(self._dtype)
             if shape is None:
                 shape = self._shape
-        return process_mapper().view(self._held.handle, resolved, shape)
+        return process_mapper().view(self._held.handle, resolved, shape, owner=self._core)
 
     def __repr__(self) -> str:
         state = self._core.state(self._held)
@@ -170,13 +173,17 @@ class Cache(_CacheBase):
         """A zero-copy view of the cache's bytes.
 
         Every call checks that the client's session still holds the cache, and follows a
-        move (one Attach) before building the view. A view already built cannot be
-        revoked: if the cache is later moved, evicted, or its session ends (the lease
-        lapsed, the broker restarted), that tensor still points at the old bytes, which
-        the broker may have given to another tenant, and writes through it land in that
-        tenant's cache. So do not keep views across uses: build one per use, inside
-        ``with cache.pinned() as t:`` (pinned bytes are never moved or evicted, and the
-        block fails with ``SessionLost`` if the session ended during it).
+        move (one Attach) before building the view; a cache of a lost session is
+        re-attached by id if it survived (retained, or brought back by a restarted
+        broker), else ``CacheLost``. A view already built is taken back when the client
+        learns that it no longer holds the bytes (moved, evicted, session over): its
+        pages become private memory, so it no longer sees the cache (host memory; a CUDA
+        view cannot be taken back and keeps pointing at the old bytes). Between the
+        broker's decision and the client learning it (the Watch stream's latency) a
+        write through an old view can still land. So do not keep views across uses:
+        build one per use, inside ``with cache.pinned() as t:`` (pinned bytes are never
+        moved or evicted, and the block fails with ``SessionLost`` if the session ended
+        during it).
 
         Args:
             dtype: element type; default: the dtype given at allocation (or recorded by
@@ -188,9 +195,11 @@ class Cache(_CacheBase):
         Raises:
             PreconditionFailed: this client already released the cache.
             CacheEvicted: the broker evicted it (its bytes are gone).
-            SessionLost: the session it was held under is over and it was not retained
-                (a retained cache is re-attached instead: one Attach; ``CacheEvicted``
-                if the broker no longer has it).
+            SessionLost: the session it was held under is over, and no new session is
+                open yet to tell whether the cache survived.
+            CacheLost: (a ``SessionLost`` and a ``CacheEvicted``) the cache did not
+                survive its session's end: not retained, or the broker restarted without
+                it. A retained or restored one is re-attached instead (one Attach).
             kvbroker_client.mapping.HandleError: the handle cannot be mapped here, or the
                 view does not fit.
 

@@ -21,6 +21,24 @@ handed out (``SessionLost``), and moves to a new session id at once: the old id 
 be sent again (a call would re-open it as a lease-only session), and the client keeps
 working. A retained record may have survived in the broker and is re-attached on next use.
 
+Restarts (issue 13): a new session that opens on another broker instance means the
+broker restarted. Every record of an earlier session may then have survived (a
+persistent pool brings its caches back with the same ids), so it is re-attached by id,
+whatever its retain flag, at once, in the background, when the new session opens (the
+transports drive ``view`` on each of ``stranded()``, so a restored cache is held again
+before anything evicts it; a use meanwhile re-attaches it itself); one the broker does
+not have raises ``CacheLost`` on its next use.
+A non-retained record whose session ended on a broker that is still the same instance
+was freed: ``CacheLost`` at once, without a call. While no session is open after a loss
+that may be a restart (the broker stopped, or the stream broke), which it is cannot be
+known yet: a use raises ``SessionLost`` without waiting, and the first use once the new
+session is open re-attaches the cache or raises ``CacheLost``.
+
+Views already built (issue 13): whenever this client stops holding a cache (its session
+is lost, the broker evicted or moved it, the client released it), the pages of the views
+it built are re-mapped to private memory (``SegmentMapper.revoke``), so no write through
+an old view reaches bytes the broker may have handed to someone else.
+
 Thread-safety: one lock guards the table and the session; no lock is held across a
 yield, so a plan never blocks the watcher.
 """
@@ -38,8 +56,11 @@ from kvbroker import wire
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker_client.calls import Call, Plan, allocate_request, new_session_id
 from kvbroker_client.held import Held, HeldState, Phase
+from kvbroker_client.session import RECONNECT_MAX_S, UNMAP_POLL_SECONDS, SessionRules, loaded_mapper
 from kvbroker_client.errors import (
+    BrokerUnavailable,
     CacheEvicted,
+    CacheLost,
     CacheNotFound,
     InvalidRequest,
     KvBrokerError,
@@ -47,17 +68,11 @@ from kvbroker_client.errors import (
     SessionLost,
 )
 
-__all__ = ["ClientCore", "Held", "HeldState", "Phase"]
-
-#: How often the transports ask ``due()`` (retired segments checked, heartbeats sent).
-UNMAP_POLL_SECONDS = 0.2
-#: Reconnection backoff while the broker is down: doubling from the first to the cap.
-RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.05, 2.0
-#: A session that lived this long was healthy: its loss is retried at once.
-STABLE_SESSION_S = 1.0
+__all__ = ["RECONNECT_MAX_S", "UNMAP_POLL_SECONDS", "ClientCore", "Held", "HeldState", "Phase"]
 
 
-class ClientCore:
+
+class ClientCore(SessionRules):
     """The state and rules of one client; see the module docstring.
 
     Args:
@@ -91,6 +106,9 @@ class ClientCore:
         self._last_beat = 0.0
         self._client = (os.path.basename(sys.argv[0] or "python")[:128], os.getpid(), socket.gethostname()[:256])
         self._suspended = False
+        self._watch_attempted = False  # the first Watch fails fast; later ones wait for the broker
+        self._stranded: dict[str, Held] = {}  # records of ended sessions not re-attached yet
+        self._maybe_restarted = False  # the last loss may be a restart (not ended by a live broker)
         self.lease_seconds = 10.0
         self.instance_id = ""
         #: Sessions this client lost so far, and why the last one ended.
@@ -136,11 +154,23 @@ class ClientCore:
         """The metadata to send ``call`` with, once its session is open: a session's
         secret exists only then, and the broker refuses its id without it. Blocks (up to
         ``timeout``) while the session is being opened; a call of an older session keeps
-        its metadata (the broker refuses it: that session is gone)."""
+        its metadata (the broker refuses it: that session is gone).
+
+        Raises:
+            BrokerUnavailable: the session did not open in time. The call is not sent:
+                sent with the id alone it would open a lease-only session under that id,
+                which no Watch could then open (it has no secret), and whose lease would
+                lapse, freeing what the call allocated while this client used it.
+        """
         with self._lock:
             self._phase_changed.wait_for(lambda: self._phase is not Phase.CONNECTING, timeout)
             if call.generation != self._generation or not self._session_id:
                 return call.metadata
+            if self._phase is Phase.CONNECTING:
+                raise BrokerUnavailable(
+                    f"cannot reach kvbroker at {self.target}: no session opened within {timeout:g} s "
+                    f"({self.last_loss or 'the broker is not up yet'})"
+                )
             return self._call(call.method, call.request, call.timeout).metadata
 
     def _notify_phase(self) -> None:
@@ -241,8 +271,9 @@ class ClientCore:
 
     def view(self, held: Held) -> Plan[None]:
         """Make ``held.handle`` safe to build a view from, or raise. Cost: nothing for a
-        live record; one Attach for a moved one, or for a retained one whose session was
-        lost."""
+        live record; one Attach for a moved one, or for one of a lost session that may
+        have survived (retained, or the broker restarted), after waiting for the new
+        session when none is open yet."""
         for _ in range(3):
             if not self._must_attach(held):
                 return
@@ -256,14 +287,14 @@ class ClientCore:
             raise self._attach_needed(held)
 
     def refresh(self, held: Held) -> Plan[None]:
-        """Fetch the record and handle again (one Attach), re-attaching a retained cache
-        whose session was lost."""
+        """Fetch the record and handle again (one Attach), re-attaching a cache of a
+        lost session that may have survived."""
         self._must_attach(held)
         yield from self._reattach(held)
 
     def pin(self, held: Held) -> Plan[None]:
-        """Pin: the answer carries a fresh handle, so a moved record needs no Attach; a
-        retained one of a lost session is re-attached first."""
+        """Pin: the answer carries a fresh handle, so a moved record needs no Attach; one
+        of a lost session is re-attached first (or raises ``CacheLost``)."""
         if self._must_attach(held) and self.state(held) is HeldState.LOST:
             yield from self._reattach(held)
         call = self.call("Pin", pb.PinRequest(cache_id=held.cache_id))
@@ -303,21 +334,38 @@ class ClientCore:
         return response.freed
 
     def _must_attach(self, held: Held) -> bool:
-        """Raise when ``held`` can give no view; True when an Attach must come first."""
+        """Raise when ``held`` can give no view; True when an Attach (or the new session,
+        first) must come first."""
         state = self.state(held)
         if state is HeldState.LIVE:
             return False
         if state is HeldState.RELEASED:
             raise PreconditionFailed(f"cache {held.cache_id!r} was released by this client")
         if state is HeldState.EVICTED:
+            if held.gone:
+                raise CacheLost(held.gone)
             raise CacheEvicted(f"cache {held.cache_id!r} was evicted by the broker; its bytes are gone")
-        if state is HeldState.LOST and not held.info.retain:
-            raise self._lost_error(held, "its bytes may be another tenant's now: allocate or attach again")
+        if state is HeldState.LOST and not (held.info.retain or self._restarted_since(held)):
+            if self._awaits_session(held):
+                raise self._lost_error(held, "no new session is open yet: once the broker is back, its next use "
+                                       "re-attaches it if it survived (a persistent pool), else raises CacheLost")
+            raise self._lost_error(held, "its bytes may be another tenant's now: allocate or attach again", CacheLost)
         return True
 
-    def _lost_error(self, held: Held, consequence: str) -> SessionLost:
+    def _restarted_since(self, held: Held) -> bool:
+        """The open session is on another broker instance than the one ``held`` was
+        taken from: the broker restarted, and may have brought the cache back."""
+        return self._phase is Phase.OPEN and bool(self.instance_id) and held.handle.instance_id != self.instance_id
+
+    def _awaits_session(self, held: Held) -> bool:
+        """No session is open yet after a loss that may be a restart: whether ``held``
+        survived is known only once the new session says which broker it is on (a
+        retained record's Attach waits for it in the transport)."""
+        return self._phase is Phase.CONNECTING and self._maybe_restarted and held.handle.instance_id == self.instance_id
+
+    def _lost_error(self, held: Held, consequence: str, kind: type[SessionLost] = SessionLost) -> SessionLost:
         why = held.lost or self.last_loss or "the session ended"
-        return SessionLost(f"cache {held.cache_id!r} was held by a broker session that is over ({why}); {consequence}")
+        return kind(f"cache {held.cache_id!r} was held by a broker session that is over ({why}); {consequence}")
 
     def _attach_needed(self, held: Held) -> KvBrokerError:
         if self.state(held) is HeldState.LOST:
@@ -337,14 +385,18 @@ class ClientCore:
             response = yield call
         except (CacheNotFound, CacheEvicted) as err:
             held.evicted = True
-            raise CacheEvicted(f"cache {held.cache_id!r} is gone from the broker: {err.message}", err.code) from err
-        if held.info.HasField("created_at") and response.cache.created_at != held.info.created_at:
+            why = "the broker restarted without it" if self._restarted_since(held) else err.message
+            held.gone = f"cache {held.cache_id!r} is gone from the broker: {why}"
+            raise CacheLost(held.gone, err.code) from err
+        restarted = response.handle.instance_id != held.handle.instance_id  # the transport waited for the session
+        if not _same_cache(held.info, response.cache, restarted):
             try:
                 yield self.call("Release", pb.ReleaseRequest(cache_id=held.cache_id))
             except KvBrokerError:
                 pass
             held.evicted = True
-            raise CacheEvicted(f"cache {held.cache_id!r} was freed; its id now names another cache")
+            held.gone = f"cache {held.cache_id!r} was freed; its id now names another cache"
+            raise CacheLost(held.gone)
         self._update(held, response.cache, response.handle, call.generation)
 
     def _adopt(self, info: pb.Cache, handle: pb.Handle, generation: int) -> Held:
@@ -371,129 +423,24 @@ class ClientCore:
 
     def _forget(self, held: Held) -> None:
         held.released = True
+        self._revoke(held)
         if self._held.get(held.cache_id) is held:
             del self._held[held.cache_id]
 
-    # -- the session --------------------------------------------------------------------
+    def _revoke(self, held: Held) -> None:
+        """This client no longer holds the bytes at ``held.handle``: the views it built
+        of them stop reaching them (``SegmentMapper.revoke``)."""
+        mapper = loaded_mapper()
+        if mapper is not None and held.handle.WhichOneof("segment") is not None:
+            mapper.revoke(held.handle, self, held.info.reserved_bytes)
 
-    def watch_call(self) -> Call | None:
-        """The Watch call that opens the current session; None when there is none to open
-        (anonymous, or closed)."""
-        with self._lock:
-            if self._phase in (Phase.ANONYMOUS, Phase.CLOSED):
-                return None
-            name, pid, host = self._client
-            request = pb.WatchRequest(session_id=self._session_id, client_name=name, pid=pid, host=host)
-            return self._call("Watch", request, None)
-
-    def reconnect_delay(self) -> float:
-        """Seconds to wait before the next Watch attempt: 0 after a healthy session's loss,
-        then doubling to ``RECONNECT_MAX_S`` while attempts keep failing."""
-        if self._attempts == 0:
-            return 0.0
-        return min(RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** (self._attempts - 1))
-
-    def on_event(self, event: pb.WatchEvent, generation: int, now: float) -> bool:
-        """Apply one event of the stream opened for ``generation``. Returns False when
-        that stream is over for this client (the transport stops reading it)."""
-        with self._lock:
-            if generation != self._generation or self._phase is Phase.CLOSED:
-                return False
-            kind = event.kind
-            if kind == pb.EVENT_KIND_SESSION_OPENED:
-                self._opened(event, now)
-            elif kind in (pb.EVENT_KIND_EVICTED, pb.EVENT_KIND_MOVED):
-                held = self._held.get(event.cache_id)
-                if held is not None and held.generation == generation:
-                    if kind == pb.EVENT_KIND_EVICTED:
-                        held.evicted = True
-                    held.moved_epoch = max(held.moved_epoch, event.epoch)
-            elif kind == pb.EVENT_KIND_SEGMENT_RETIRED:
-                mapper = _loaded_mapper()
-                if mapper is not None:
-                    mapper.retire((self.instance_id, event.segment_id, event.segment_generation))
-                self._pending_unmaps.add((event.segment_id, event.segment_generation))
-            elif kind in (pb.EVENT_KIND_SESSION_ENDED, pb.EVENT_KIND_SHUTTING_DOWN):
-                ended = kind == pb.EVENT_KIND_SESSION_ENDED
-                name = "the broker ended the session" if ended else "the broker is stopping"
-                self._lose(f"{name}: {event.reason}" if event.reason else name, now)
-                return False
-            return True
-
-    def _opened(self, event: pb.WatchEvent, now: float) -> None:
-        self.lease_seconds = event.lease_seconds or self.lease_seconds
-        self._secret = event.session_secret
-        self._phase, self._opened_at, self._last_beat = Phase.OPEN, now, now
-        self._notify_phase()
-        if self.instance_id and event.instance_id != self.instance_id:
-            # Another broker process: holds of this generation taken from the old one
-            # (between its end and this stream) are gone, and so are its segments.
-            for held in self._held.values():
-                if held.handle.instance_id != event.instance_id and held.generation == self._generation:
-                    held.lost = "the broker restarted"
-            mapper = _loaded_mapper()
-            if mapper is not None:
-                mapper.drop_instance(self.instance_id)
-        self.instance_id = event.instance_id
-
-    def on_stream_end(self, generation: int, detail: str, now: float) -> str | None:
-        """The stream opened for ``generation`` ended (``detail`` says how). Returns why the
-        session was lost, or None when nothing was lost (a closed client, an old stream,
-        or an attempt that never opened a session nor took a hold: retried, same id)."""
-        with self._lock:
-            if generation != self._generation or self._phase in (Phase.CLOSED, Phase.ANONYMOUS):
-                return None
-            if self._phase is Phase.OPEN or any(h.generation == generation for h in self._held.values()):
-                reason = f"its Watch stream ended: {detail}"
-                self._lose(reason, now)
-                return reason
-            self._attempts += 1
-            return None
-
-    def _lose(self, reason: str, now: float) -> None:
-        """The current session is over: mark its records, and move to a new id. Caller
-        holds the lock."""
-        self.sessions_lost += 1
-        self.last_loss = reason
-        for cache_id, held in list(self._held.items()):
-            if held.generation == self._generation:
-                held.lost = reason
-                if not held.info.retain:
-                    del self._held[cache_id]  # never live again; a retained one may be
-        healthy = self._opened_at is not None and now - self._opened_at >= STABLE_SESSION_S
-        self._attempts = 0 if healthy else self._attempts + 1
-        self._generation += 1
-        self._session_id = f"{self._base_id[:100]}.{self._generation}" if self._base_id else new_session_id()
-        self._secret = ""
-        self._pending_unmaps.clear()
-        self._phase, self._opened_at = Phase.CONNECTING, None
-
-    def due(self, now: float, *, heartbeat: bool = True) -> list[Call]:
-        """The calls the schedule wants now: a ``ReportUnmapped`` for each retired segment
-        no tensor of this process uses any more (so the broker can give the memory back),
-        and a Heartbeat every third of the lease. Nothing while the session is not open
-        or the schedule is suspended. Cost: a weak-reference check per retired segment."""
-        with self._lock:
-            if self._phase is not Phase.OPEN or self._suspended:
-                return []
-            mapper = _loaded_mapper()
-            done = [
-                key for key in self._pending_unmaps
-                if mapper is None or not mapper.still_mapped((self.instance_id, *key))
-            ]  # fmt: skip
-            self._pending_unmaps.difference_update(done)
-            reports = [pb.ReportUnmappedRequest(segment_id=s, segment_generation=g) for s, g in done]
-            calls = [self._call("ReportUnmapped", r, self.lease_seconds) for r in reports]
-            if heartbeat and now - self._last_beat >= self.lease_seconds / 3:
-                self._last_beat = now
-                calls.append(self._call("Heartbeat", pb.HeartbeatRequest(), self.lease_seconds))
-            return calls
-
-
-def _loaded_mapper() -> Any:
-    """The process's ``SegmentMapper`` if this process has mapped anything; None when
-    ``kvbroker_client.mapping`` (and torch) was never imported: then nothing is mapped,
-    and retiring a segment must not cost torch's import."""
-    # A module still being imported (by another thread) has built no view yet either.
-    get = getattr(sys.modules.get("kvbroker_client.mapping"), "process_mapper", None)
-    return None if get is None else get()
+def _same_cache(known: pb.Cache, found: pb.Cache, restarted: bool) -> bool:
+    """Whether ``found`` (an Attach's answer) is the cache ``known`` was. On the same
+    broker instance, its creation time says so. Across a restart the broker restored it
+    from a checkpoint, which keeps what the cache is (pool, size, model, dtype, shape),
+    so those must match; its creation time too, when the broker kept it."""
+    if not restarted:
+        return not known.HasField("created_at") or found.created_at == known.created_at
+    return (known.pool, known.nbytes, known.model_name, known.dtype, list(known.shape)) == (
+        found.pool, found.nbytes, found.model_name, found.dtype, list(found.shape)
+    )

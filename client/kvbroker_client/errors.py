@@ -27,6 +27,7 @@ __all__ = [
     "AllocationTimeout",
     "BrokerUnavailable",
     "CacheAlreadyExists",
+    "CacheLost",
     "CacheEvicted",
     "CacheExhausted",
     "CacheNotFound",
@@ -107,9 +108,24 @@ class SessionLost(PreconditionFailed):
     by the stub itself): its lease lapsed, the broker stopped or restarted, or the Watch
     stream broke. The broker dropped the session's holds and pins and freed its
     non-retained caches, so the bytes may already belong to another tenant; the stub
-    therefore never builds another view of them. The client itself carries on under a
-    new session: allocate or attach again. A retained cache is re-attached by its next
-    ``tensor()``/``pin()`` instead (``kvbroker_client.cache``)."""
+    therefore never builds another view of them, and re-maps the views it built to
+    private memory. The client itself carries on under a new session. Raised as such
+    while no new session is open yet; once one is, a cache that survived (retained, or
+    restored by a restarted broker) is re-attached by its next ``tensor()``/``pin()``,
+    and one that did not raises ``CacheLost`` (a subclass)."""
+
+
+class CacheLost(SessionLost, CacheEvicted):
+    """A cache this client held did not survive the end of its session (raised by the
+    stub itself, on the cache's next use): the broker freed it when the session ended
+    (it was not retained), or the broker restarted without it (it was not persistent),
+    or its id now names another cache. Its bytes are gone for this client, and the views
+    it built of them no longer reach the broker's memory (they were re-mapped to private
+    memory: kvbroker_client/revoke.py). Allocate it again.
+
+    Both a ``SessionLost`` and a ``CacheEvicted``, so handlers of either see it. A cache
+    that did survive (retained, or persistent across a restart) is re-attached instead,
+    with the same id, by its next ``tensor()``/``pin()``/``refresh()``."""
 
 
 class AllocationTimeout(KvBrokerError, TimeoutError):

@@ -32,6 +32,7 @@ class Held:
     evicted: bool = False
     released: bool = False
     lost: str = ""  # why its session ended; "" while the session holds it
+    gone: str = ""  # why it did not survive its session's end (CacheLost); "" otherwise
 
     @property
     def cache_id(self) -> str:

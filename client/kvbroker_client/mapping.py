@@ -25,15 +25,18 @@ import math
 import mmap
 import os
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from kvbroker.v1 import broker_pb2
 from kvbroker.wire import REF_COUNTER_NAME_PATTERN
 from kvbroker_client.handles import DEFAULT_SHM_DIR, HandleError, StaleHandleError, open_host
+from kvbroker_client.revoke import remap_private, uncovered
 
 __all__ = [
     "DEFAULT_SHM_DIR", "DeviceNotVisibleError", "HandleError", "SegmentKey", "SegmentMapper",
@@ -64,14 +67,31 @@ class SegmentKey(NamedTuple):
     generation: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False, slots=True)
 class _Mapped:
+    """One mapping of a segment. ``base`` is None once the mapping is no longer the one
+    new views come from (a range of it was revoked, or its segment retired): it then
+    lives only as long as the views built from it (``storage``)."""
+
     identity: tuple[object, ...]  # the handle fields that name the memory itself
-    base: torch.Tensor  # uint8, the whole segment
+    base: torch.Tensor | None  # uint8, the whole segment
+    address: int
+    storage: Any  # StorageWeakRef of the base: expired once no view uses the mapping
+    #: The host mapping's ``mmap`` object (weakly: a strong ref, taken while a range is
+    #: revoked, keeps the addresses mapped); None for CUDA, which cannot be revoked.
+    mmap_ref: Callable[[], Any] | None
+    #: Owner (a client's core) -> byte ranges it built views of, while it holds them.
+    claims: dict[object, set[tuple[int, int]]] = field(default_factory=dict)
 
 
 class SegmentMapper:
     """Maps broker segments into this process, once each, and returns views of them.
+
+    Revocation (``revoke``, kvbroker_client/revoke.py): when a client stops holding a
+    cache, the pages of the views it built are replaced by private memory, and the
+    mapping stops serving new views (the next view maps the segment afresh), so a view
+    built later is never one of those private pages, and an old one never reaches the
+    shared bytes again. Views of other holders in the same mapping keep theirs.
 
     Lifetime: a host segment's ``mmap`` object is referenced by its base tensor (through
     ``torch.frombuffer``) and is never closed explicitly, because closing a mapping that
@@ -95,8 +115,9 @@ class SegmentMapper:
         self._populate = populate
         self._lock = threading.Lock()
         self._mapped: dict[SegmentKey, _Mapped] = {}
-        # Retired segments whose views may still be alive: key -> weak ref to the storage.
-        self._retiring: dict[SegmentKey, Any] = {}
+        # Mappings no longer handed out (revoked ranges, retired segments) whose views may
+        # still be alive; dropped once their storage expired.
+        self._former: dict[SegmentKey, list[_Mapped]] = {}
         self._uuid_to_index: dict[str, int] | None = None
 
     @staticmethod
@@ -108,6 +129,8 @@ class SegmentMapper:
         handle: broker_pb2.Handle,
         dtype: torch.dtype | None = None,
         shape: Sequence[int] | None = None,
+        *,
+        owner: object = None,
     ) -> torch.Tensor:
         """A zero-copy tensor over the handle's byte range.
 
@@ -116,6 +139,8 @@ class SegmentMapper:
             dtype: element type; default ``torch.uint8``.
             shape: default: 1-D over all of ``handle.nbytes``. The view may be smaller
                 than the range, never larger.
+            owner: who holds the cache (a client's core): the range is claimed for it
+                until ``revoke(handle, owner)``.
 
         Raises:
             HandleError: (or a subclass) the handle is invalid, stale or unmappable, the
@@ -123,7 +148,7 @@ class SegmentMapper:
 
         Cost: the first view of a segment maps it; later ones are slices (microseconds).
         """
-        base = self.segment(handle)
+        base = self.segment(handle, owner)
         offset, nbytes = handle.byte_offset, handle.nbytes
         if offset + nbytes > base.numel():
             raise HandleError(
@@ -147,8 +172,9 @@ class SegmentMapper:
             raise HandleError(f"a {dtype} view of shape {dims} needs {need} bytes; the handle has {nbytes}")
         return base[offset : offset + need].view(dtype).view(dims)
 
-    def segment(self, handle: broker_pb2.Handle) -> torch.Tensor:
-        """The whole segment as one uint8 tensor, mapped on first use and cached."""
+    def segment(self, handle: broker_pb2.Handle, owner: object = None) -> torch.Tensor:
+        """The whole segment as one uint8 tensor, mapped on first use and cached; with
+        ``owner``, the handle's range is claimed for it (see ``revoke``)."""
         key = self.key_of(handle)
         kind = handle.WhichOneof("segment")
         if kind is None:
@@ -159,38 +185,84 @@ class SegmentMapper:
         with self._lock:
             mapped = self._mapped.get(key)
             if mapped is None:
-                base = self._map_host(handle.host) if kind == "host" else self._map_cuda(handle)
-                mapped = self._mapped[key] = _Mapped(identity, base)
+                base, mmap_ref = self._map_host(handle.host) if kind == "host" else (self._map_cuda(handle), None)
+                storage = StorageWeakRef(base.untyped_storage())
+                mapped = self._mapped[key] = _Mapped(identity, base, base.data_ptr(), storage, mmap_ref)
             elif mapped.identity != identity:
                 raise StaleHandleError(
                     f"segment {key} is mapped already, but this handle names other memory: "
                     "the broker restarted with the same instance id?"
                 )
+            if owner is not None:
+                mapped.claims.setdefault(owner, set()).add((handle.byte_offset, handle.byte_offset + handle.nbytes))
+            assert mapped.base is not None
             return mapped.base
+
+    def revoke(self, handle: broker_pb2.Handle, owner: object, reserved_bytes: int = 0) -> int:
+        """``owner`` no longer holds the cache at ``handle``: replace the pages of its views
+        of ``[byte_offset, byte_offset + max(nbytes, reserved_bytes))`` with private
+        zero-filled memory (kvbroker_client/revoke.py), except pages another owner of this
+        process still claims, and stop handing out views from those mappings. Returns the
+        bytes revoked (0 for a range it built no view of, or device memory).
+
+        Cost: one ``mmap`` call per uncovered run of pages, under the mapper's lock.
+        """
+        key = self.key_of(handle)
+        lo = handle.byte_offset
+        hi = lo + max(handle.nbytes, reserved_bytes)
+        revoked = 0
+        with self._lock:
+            current = self._mapped.get(key)
+            for mapped in [*([current] if current is not None else []), *self._former.get(key, [])]:
+                ranges = mapped.claims.get(owner, set())
+                mine = {r for r in ranges if r[0] < hi and lo < r[1]}
+                if not mine:
+                    continue
+                ranges -= mine
+                if not ranges:
+                    del mapped.claims[owner]
+                keep_alive = mapped.mmap_ref() if mapped.mmap_ref is not None else None
+                if keep_alive is None:
+                    continue  # device memory, or every view died: the mapping is gone
+                others = [r for rs in mapped.claims.values() for r in rs]
+                start = min(lo, *(r[0] for r in mine))
+                end = max(hi, *(r[1] for r in mine))
+                for a, b in uncovered(start, end, others):
+                    remap_private(mapped.address + a, b - a)
+                    revoked += b - a
+                if mapped is current:
+                    self._demote(key, mapped)
+                del keep_alive
+        return revoked
+
+    def _demote(self, key: SegmentKey, mapped: _Mapped) -> None:
+        """``mapped`` serves no new view; it lives as long as its views. Caller holds
+        the lock."""
+        if self._mapped.get(key) is mapped:
+            del self._mapped[key]
+        mapped.base = None
+        former = [m for m in self._former.get(key, []) if not m.storage.expired()]
+        self._former[key] = [*former, mapped]
 
     def retire(self, key: SegmentKey) -> None:
         """The broker retired this segment: forget it, and watch for its last view to die
         (the mapping is unmapped then). See ``still_mapped``."""
-        from torch.multiprocessing.reductions import StorageWeakRef
-
         with self._lock:
-            mapped = self._mapped.pop(key, None)
+            mapped = self._mapped.get(key)
             if mapped is not None:
-                self._retiring[key] = StorageWeakRef(mapped.base.untyped_storage())
+                self._demote(key, mapped)
 
     def still_mapped(self, key: SegmentKey) -> bool:
         """Whether any tensor of this process still uses the segment (mapped, or retired
-        with a view alive). Cost: a dict look-up and a weak-reference check."""
+        or revoked with a view alive). Cost: a dict look-up and a weak-reference check
+        per former mapping."""
         with self._lock:
             if key in self._mapped:
                 return True
-            ref = self._retiring.get(key)
-            if ref is None:
-                return False
-            if ref.expired():
-                del self._retiring[key]
-                return False
-            return True
+            former = [m for m in self._former.pop(key, []) if not m.storage.expired()]
+            if former:
+                self._former[key] = former
+            return bool(former)
 
     def drop_instance(self, instance_id: str) -> int:
         """Forget every segment of one broker instance (it stopped: its segments are
@@ -198,7 +270,7 @@ class SegmentMapper:
         with self._lock:
             keys = [k for k in self._mapped if k.instance_id == instance_id]
             for key in keys:
-                del self._mapped[key]
+                self._demote(key, self._mapped[key])
             return len(keys)
 
     def keys(self) -> list[SegmentKey]:
@@ -213,14 +285,14 @@ class SegmentMapper:
         with self._lock:
             return len(self._mapped)
 
-    def _map_host(self, host: broker_pb2.HostSegmentHandle) -> torch.Tensor:
+    def _map_host(self, host: broker_pb2.HostSegmentHandle) -> tuple[torch.Tensor, Callable[[], Any]]:
         fd = open_host(host, self._shm_dir)  # validated: see kvbroker_client/handles.py
         try:
             flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if self._populate else 0)
             mapping = mmap.mmap(fd, host.size_bytes, flags=flags)
         finally:
             os.close(fd)
-        return torch.frombuffer(mapping, dtype=torch.uint8)  # keeps `mapping` referenced
+        return torch.frombuffer(mapping, dtype=torch.uint8), weakref.ref(mapping)  # keeps `mapping` referenced
 
     def _map_cuda(self, handle: broker_pb2.Handle) -> torch.Tensor:
         cuda = handle.cuda

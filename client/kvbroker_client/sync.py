@@ -7,9 +7,12 @@ backoff, whenever one is lost), one sends what ``core.due()`` says is due (heart
 a third of the lease, ``ReportUnmapped`` for retired segments no view uses any more).
 
 Cost: one RPC per call, except ``list_caches`` (one per page); two threads per client
-with a session, nothing on the call path. Channels connect lazily and calls fail fast (no
-wait-for-ready) while the broker is down; the channel retries its connection at most
-every 2 s (``kvbroker_client.calls.CHANNEL_OPTIONS``), so a restarted broker is found again within seconds.
+with a session, nothing on the call path. Channels connect lazily and unary calls fail
+fast (no wait-for-ready) while the broker is down; the Watch that opens a session waits
+for the broker (gRPC's ``wait_for_ready``, after a first attempt that fails fast so the
+constructor returns at once), and the channel retries its connection at most every 2 s
+(``kvbroker_client.calls.CHANNEL_OPTIONS``), so a client created before the broker, or
+across its restart, opens its session within seconds of the broker being up.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from kvbroker_client.calls import DEFAULT_TIMEOUT_S, Plan, channel_options, list
 from kvbroker_client.credentials import Credentials
 from kvbroker_client.core import UNMAP_POLL_SECONDS, ClientCore, Phase
 from kvbroker_client.dtypes import DTypeLike
-from kvbroker_client.errors import from_rpc_error
+from kvbroker_client.errors import BrokerUnavailable, KvBrokerError, from_rpc_error
 from kvbroker_client.handles import check_handle
 from kvbroker_client.summary import summarize
 from kvbroker_client.units import PriorityLike, SizeLike
@@ -79,7 +82,7 @@ class BrokerClient:
         self._stub = broker_pb2_grpc.CacheBrokerStub(self._channel)
         self._session: _Session | None = None
         if self._core.phase is not Phase.ANONYMOUS:
-            self._session = _Session(self._core, self._stub)
+            self._session = _Session(self._core, self._stub, self._recover)
             # Calls made before the session is open would hold caches under a lease-only
             # session; wait for the first attempt's outcome (fails fast if the broker is down).
             self._session.first_attempt.wait(timeout_s)
@@ -108,17 +111,29 @@ class BrokerClient:
             call = next(plan)
             while True:
                 metadata = call.metadata
-                if metadata and self._core.phase is Phase.CONNECTING:
-                    metadata = self._core.metadata_when_open(call, call.timeout or DEFAULT_TIMEOUT_S)
                 try:
+                    if metadata and self._core.phase is Phase.CONNECTING:
+                        metadata = self._core.metadata_when_open(call, call.timeout or DEFAULT_TIMEOUT_S)
                     response = getattr(self._stub, call.method)(call.request, timeout=call.timeout, metadata=metadata)
                 except grpc.RpcError as err:
                     error = from_rpc_error(err, target=self._core.target)
                     call = plan.throw(error)
+                except BrokerUnavailable as unsent:  # no session opened in time: not sent
+                    call = plan.throw(unsent)
                 else:
                     call = plan.send(response)
         except StopIteration as stop:
             return stop.value
+
+    def _recover(self) -> None:
+        """Re-attach what may have survived the last lost session (``core.stranded``),
+        each by its own Attach; what did not survive raises ``CacheLost`` on next use.
+        Run by the session in a thread of its own once a new session is open."""
+        for held in self._core.stranded():
+            try:
+                self.drive(self._core.view(held))
+            except KvBrokerError as err:
+                log.info("kvbroker cache %s not re-attached: %s", held.cache_id, err.message)
 
     def allocate(
         self,
@@ -205,6 +220,15 @@ class BrokerClient:
         right, else this principal's own)."""
         return self.drive(self._core.unary("Sessions", pb.SessionsRequest()))
 
+    def end_sessions(
+        self, *, older_than_seconds: float = 0.0, session_ids: Sequence[str] = (), dry_run: bool = False
+    ) -> pb.EndSessionsResponse:
+        """End every session opened at least ``older_than_seconds`` ago (and among
+        ``session_ids``, when given), as a lapsed lease would; ``dry_run`` only lists
+        them. Operators only (the force_release right). Seed 004's ``cleanup_sessions``."""
+        request = pb.EndSessionsRequest(older_than_seconds=older_than_seconds, session_ids=session_ids, dry_run=dry_run)
+        return self.drive(self._core.unary("EndSessions", request))
+
     def defragment(
         self, device: str = "", pool: str = "", dry_run: bool = False, target_bytes: int = 0,
     ) -> pb.DefragmentResponse:
@@ -216,7 +240,8 @@ class BrokerClient:
 
     def close(self) -> None:
         """Release every cache this client still holds (best effort), end the session,
-        close the channel. Idempotent. Views already built stay mapped."""
+        close the channel. Idempotent. Views already built are re-mapped to private
+        memory as each cache is released (``kvbroker_client/revoke.py``)."""
         if self._core.closed:
             return
         self.drive(self._core.close())
@@ -237,9 +262,10 @@ class BrokerClient:
 class _Session:
     """The session's two daemon threads: the Watch loop and the schedule."""
 
-    def __init__(self, core: ClientCore, stub: Any) -> None:
+    def __init__(self, core: ClientCore, stub: Any, recover: Any) -> None:
         self._core = core
         self._stub = stub
+        self._recover = recover  # re-attaches the stranded records (BrokerClient._recover)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._stream: Any = None
@@ -260,7 +286,7 @@ class _Session:
             call = core.watch_call()
             if call is None:
                 return
-            stream = self._stub.Watch(call.request, metadata=call.metadata)
+            stream = self._stub.Watch(call.request, metadata=call.metadata, wait_for_ready=core.watch_waits_for_ready())
             with self._lock:
                 if self._stop.is_set():
                     stream.cancel()
@@ -272,6 +298,8 @@ class _Session:
                     alive = core.on_event(event, call.generation, time.monotonic())
                     if core.phase is Phase.OPEN:
                         self.first_attempt.set()
+                    if event.kind == pb.EVENT_KIND_SESSION_OPENED and core.sessions_lost:
+                        threading.Thread(target=self._recover, name="kvbroker-reattach", daemon=True).start()
                     if not alive:
                         break
             except grpc.RpcError as err:

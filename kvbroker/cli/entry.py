@@ -14,10 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from kvbroker import __version__
-from kvbroker.cli import acting, caches, calc, top
+from kvbroker.cli import acting, caches, calc, ending, top
 from kvbroker.cli import checkpoint as checkpoint_command
 from kvbroker.cli.formatting import dumps, to_json
-from kvbroker.cli.views import render_defrag, render_sessions, render_stats
+from kvbroker.cli.views import render_defrag, render_stats
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker_client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, AllocationTimeout, BrokerClient, KvBrokerError
 
@@ -103,8 +103,7 @@ def _cmd_defrag(client: BrokerClient, args: argparse.Namespace) -> str:
 
 
 def _cmd_sessions(client: BrokerClient, args: argparse.Namespace) -> str:
-    reply = client.sessions()
-    return to_json(reply) if args.json else render_sessions(reply.sessions)
+    return ending.run(client, args)  # lists, or ends with --end-older-than / --end
 
 
 def _serve(argv: list[str]) -> int:
@@ -179,7 +178,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sessions = _command(commands, common, "sessions", "who is connected and what each holds",
                         "Live sessions: principal, what the client says of itself, what the kernel says (peer "
-                        "uid and pid), age, lease left, holds, pins and mapped segments.")  # fmt: skip
+                        "uid and pid), age, lease left, holds, pins and mapped segments. --end-older-than "
+                        "AGE (or --end SESSION) ends sessions as a lapsed lease would.")  # fmt: skip
+    ending.add_flags(sessions)
     sessions.set_defaults(run=_cmd_sessions)
 
     live = _command(commands, common, "top", "a live view, refreshed",
@@ -258,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "pool" and args.max is None and args.min is None and args.priority is None:
             parser.error("pool set: give at least one of --max, --min, --priority")
+        if args.command == "sessions" and args.dry_run and args.end_older_than is None and not args.end:
+            parser.error("sessions: --dry-run needs --end-older-than or --end")
     except SystemExit as exit_:  # --help, --version, usage errors
         return exit_.code if isinstance(exit_.code, int) else 2
     if args.command == "serve":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvbroker.cli.formatting import format_bytes, format_duration, format_latency, format_ratio, render_table
+from kvbroker.cli.formatting import format_bytes, format_duration, format_latency, format_ratio, format_time, render_table
 from kvbroker.v1 import broker_pb2 as pb
 
 _USAGE_HEADERS = ("SCOPE", "CAPACITY", "ALLOCATED", "FREE", "LARGEST FREE", "PINNED", "UTIL", "FRAG",
@@ -68,7 +68,17 @@ def render_stats(stats: pb.StatsResponse) -> str:
         parts += ["", render_table(headers, frag_rows, "lrrr")]
     if any(m.calls for m in stats.methods):
         parts += ["", f"RPCs in the last {format_duration(stats.window_seconds)}:", render_methods(stats.methods)]
+    if stats.recent_errors:
+        parts += ["", f"Recent errors ({len(stats.recent_errors)} shown of {stats.errors_total} since the start), "
+                      "newest first:", render_recent_errors(stats.recent_errors)]  # fmt: skip
     return "\n".join(parts)
+
+
+def render_recent_errors(errors: Sequence[pb.RecentError]) -> str:
+    """One row per failed call (the Stats RPC's ``recent_errors``): when, method, code,
+    and the message the caller got."""
+    rows = [[format_time(e.time), e.method, e.code, e.message] for e in errors]
+    return render_table(("TIME", "METHOD", "CODE", "MESSAGE"), rows, "llll")
 
 
 def render_methods(methods: Sequence[pb.MethodStats]) -> str:

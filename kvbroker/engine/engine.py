@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -354,6 +354,17 @@ class Engine:
                 max(0.0, s.expires_at - now), s.watching, held.holds, held.pins, held.mapped_segments,
             ))  # fmt: skip
         return out
+
+    def end_sessions(self, older_than_seconds: float, session_ids: Collection[str], dry_run: bool
+                     ) -> tuple[list[SessionView], int]:  # fmt: skip
+        """End (unless ``dry_run``) every session at least ``older_than_seconds`` old and,
+        when ``session_ids`` is given, among those; as a lapsed lease would (seed 004's
+        ``cleanup_sessions(max_age)``). Returns them as they were and the caches freed."""
+        chosen = [v for v in self.sessions() if v.age_seconds >= older_than_seconds
+                  and (not session_ids or v.session_id in session_ids)]  # fmt: skip
+        if dry_run:
+            return chosen, 0
+        return chosen, sum(len(self._end_session_now(v.session_id, SessionEndReason.ENDED_BY_OPERATOR)) for v in chosen)
 
     def cache(self, cache_id: str) -> CacheInfo:
         """The cache's current view (its pool and holders, for authorization). Raises

@@ -206,8 +206,8 @@ class SessionRegistry:
         ``only``: close only if this very object is the live session; a stream that
         closes late must not end a newer session that reused the id.
 
-        The stream ends after ``SessionEnded(reason)`` when the lease expired (the client
-        must learn that every hold, pin and mapping is gone); at ``BROKER_STOPPING`` it
+        The stream ends after ``SessionEnded(reason)`` when the lease expired or an
+        operator ended it (the client must learn that every hold, pin and mapping is gone); at ``BROKER_STOPPING`` it
         already got SHUTTING_DOWN, and at ``STREAM_CLOSED`` nobody reads it.
         """
         session = self._sessions.get(session_id)
@@ -217,7 +217,7 @@ class SessionRegistry:
         if session.watching:
             if reason is not SessionEndReason.STREAM_CLOSED:
                 session.stream_end = reason
-            if reason is SessionEndReason.LEASE_EXPIRED:
+            if reason in (SessionEndReason.LEASE_EXPIRED, SessionEndReason.ENDED_BY_OPERATOR):
                 session._queue.put_nowait(SessionEnded(reason))
             session._queue.put_nowait(_END)
         return session

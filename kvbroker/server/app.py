@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvbroker.engine import Engine
 from kvbroker.security import AuthPolicy, PeerRegistry
+from kvbroker.server.errorlog import DEFAULT_RECENT_ERRORS, RecentErrors
 from kvbroker.server.gate import Gate
 from kvbroker.server.registration import SERVICE, add_cache_broker
 from kvbroker.server.servicer import CacheBrokerServicer
@@ -129,11 +130,13 @@ async def create_server(
     policy: AuthPolicy | None = None,
     peers: PeerRegistry | None = None,
     tls: TlsFiles | None = None,
+    recent_errors: int = DEFAULT_RECENT_ERRORS,
 ) -> BrokerServer:
     """Build the server and bind ``listen`` (host:port, with ``tls`` when given) and
     ``unix_socket`` (a path, never TLS: its file mode and peer credentials protect it).
     ``interceptors`` see every call (telemetry's: durations, status codes, spans);
-    ``policy`` and ``peers`` are the ``Gate``'s (authorization off by default).
+    ``policy`` and ``peers`` are the ``Gate``'s (authorization off by default);
+    ``recent_errors``: how many failed calls Stats reports (``kvbroker.server.errorlog``).
 
     Raises:
         RuntimeError: an address could not be bound (named in the message).
@@ -148,7 +151,7 @@ async def create_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    add_cache_broker(CacheBrokerServicer(engine, Gate(engine, policy, peers)), server)
+    add_cache_broker(CacheBrokerServicer(engine, Gate(engine, policy, peers), RecentErrors(recent_errors)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

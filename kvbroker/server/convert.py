@@ -47,7 +47,7 @@ from kvbroker.memory.backend import CudaHandle, HostHandle
 from kvbroker.persistence import BudgetExceeded, DiskFull, PersistenceError
 from kvbroker.security import PermissionDenied, Unauthenticated
 from kvbroker.v1 import broker_pb2 as pb
-from kvbroker.wire import DTYPE_BY_NAME, DTYPE_BY_VALUE
+from kvbroker.wire import DTYPE_BY_NAME, DTYPE_BY_VALUE, ID_PATTERN
 
 #: The one mapping of domain errors to gRPC status codes. Anything else is a bug:
 #: INTERNAL, logged with its traceback by the servicer.
@@ -181,6 +181,19 @@ def required_id(field: str, value: str) -> str:
     if not value:
         raise InvalidArgument(field, "is required")
     return value
+
+
+def end_sessions_request(msg: pb.EndSessionsRequest) -> tuple[float, frozenset[str]]:
+    """EndSessions' criteria, checked: an age in seconds and session ids, at least one."""
+    age = msg.older_than_seconds
+    if not (math.isfinite(age) and age >= 0):
+        raise InvalidArgument("older_than_seconds", f"must be a finite number of seconds >= 0, got {age}")
+    for session_id in msg.session_ids:
+        if not ID_PATTERN.fullmatch(session_id):
+            raise InvalidArgument("session_ids", f"{session_id[:64]!r} does not match {ID_PATTERN.pattern}")
+    if age == 0 and not msg.session_ids:
+        raise InvalidArgument("older_than_seconds", "give an age above 0 or session_ids: ending every session is refused")
+    return age, frozenset(msg.session_ids)
 
 
 def pool_limits(msg: pb.SetPoolLimitsRequest) -> dict[str, int | None]:

@@ -25,6 +25,7 @@ from kvbroker.core.errors import BrokerError
 from kvbroker.engine import Engine
 from kvbroker.security import Action
 from kvbroker.server import convert
+from kvbroker.server.errorlog import RecentErrors
 from kvbroker.server.gate import Gate
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
@@ -41,27 +42,31 @@ Response = TypeVar("Response")
 def _translate_errors(
     method: Callable[..., Awaitable[Response]],
 ) -> Callable[..., Awaitable[Response]]:
-    """Answer domain errors with their status code and bugs with INTERNAL."""
+    """Answer domain errors with their status code and bugs with INTERNAL; either is
+    kept in the recent errors (``kvbroker.server.errorlog``)."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext) -> Response:
         try:
             return await method(self, request, context)
         except BrokerError as err:
-            await context.abort(convert.status_for(err), convert.error_details(err))
+            code, details = convert.status_for(err), convert.error_details(err)
         except grpc.aio.AbortError:
             raise
         except Exception:
             log.exception("internal error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the daemon log")
+            code, details = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the daemon log"
+        self.errors.add(method.__name__, code.name, details)
+        await context.abort(code, details)
 
     return wrapper
 
 
 class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
-    def __init__(self, engine: Engine, gate: Gate | None = None) -> None:
+    def __init__(self, engine: Engine, gate: Gate | None = None, errors: RecentErrors | None = None) -> None:
         self._engine = engine
         self._gate = gate or Gate(engine)
+        self.errors = errors if errors is not None else RecentErrors()
 
     @_translate_errors
     async def Allocate(self, request: pb.AllocateRequest, context) -> pb.AllocateResponse:
@@ -106,7 +111,7 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
     @_translate_errors
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         await self._gate.caller(context)  # any authenticated principal: no cache ids
-        return convert.stats_message(self._engine.stats(), self._engine.status())
+        return self.errors.fill(convert.stats_message(self._engine.stats(), self._engine.status()))
 
     @_translate_errors
     async def ListCaches(self, request: pb.ListCachesRequest, context) -> pb.ListCachesResponse:
@@ -139,7 +144,9 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
             events = await self._open_session(request, context)
             opened = await anext(events)
         except BrokerError as err:
-            await context.abort(convert.status_for(err), convert.error_details(err))
+            code, details = convert.status_for(err), convert.error_details(err)
+            self.errors.add("Watch", code.name, details)
+            await context.abort(code, details)
         async with contextlib.aclosing(events):
             # The secret also travels in the initial metadata, as for a session that a
             # unary call opened: one place for a client to read it.
@@ -217,3 +224,15 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
             generation=result.generation, caches=result.caches, skipped=result.skipped,
             written_bytes=result.nbytes, duration_seconds=result.seconds, directory=checkpoints.store.directory,
         )  # fmt: skip
+
+    async def EndSessions(self, request: pb.EndSessionsRequest, context) -> pb.EndSessionsResponse:
+        caller = await self._gate.caller(context)
+        self._gate.operator(caller, Action.FORCE_RELEASE)  # it frees caches other sessions hold
+        older_than, session_ids = convert.end_sessions_request(request)
+        ended, freed = self._engine.end_sessions(older_than, session_ids, request.dry_run)
+        if ended and not request.dry_run:
+            log.info("%s ended %d sessions (older than %gs%s)", caller.principal.name, len(ended), older_than,
+                     f", ids {sorted(session_ids)[:10]}" if session_ids else "")  # fmt: skip
+        return pb.EndSessionsResponse(
+            sessions=[convert.session_message(v) for v in ended], caches_freed=freed, dry_run=request.dry_run
+        )

@@ -326,7 +326,7 @@ class PoolStats(_message.Message):
     def __init__(self, pool: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., min_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., waiting_allocations: _Optional[int] = ..., allocation_waits: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "allocation_count", "eviction_count", "devices", "pools", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "version", "instance_id", "uptime_seconds", "methods", "window_seconds", "sessions")
+    __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "allocation_count", "eviction_count", "devices", "pools", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "version", "instance_id", "uptime_seconds", "methods", "window_seconds", "sessions", "recent_errors", "errors_total")
     TOTAL_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     UTILIZATION_RATIO_FIELD_NUMBER: _ClassVar[int]
@@ -345,6 +345,8 @@ class StatsResponse(_message.Message):
     METHODS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     total_capacity_bytes: int
     total_allocated_bytes: int
     utilization_ratio: float
@@ -363,7 +365,9 @@ class StatsResponse(_message.Message):
     methods: _containers.RepeatedCompositeFieldContainer[MethodStats]
     window_seconds: float
     sessions: int
-    def __init__(self, total_capacity_bytes: _Optional[int] = ..., total_allocated_bytes: _Optional[int] = ..., utilization_ratio: _Optional[float] = ..., fragmentation_ratio: _Optional[float] = ..., active_caches: _Optional[int] = ..., allocation_count: _Optional[int] = ..., eviction_count: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., pinned_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_extent_bytes: _Optional[int] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., methods: _Optional[_Iterable[_Union[MethodStats, _Mapping]]] = ..., window_seconds: _Optional[float] = ..., sessions: _Optional[int] = ...) -> None: ...
+    recent_errors: _containers.RepeatedCompositeFieldContainer[RecentError]
+    errors_total: int
+    def __init__(self, total_capacity_bytes: _Optional[int] = ..., total_allocated_bytes: _Optional[int] = ..., utilization_ratio: _Optional[float] = ..., fragmentation_ratio: _Optional[float] = ..., active_caches: _Optional[int] = ..., allocation_count: _Optional[int] = ..., eviction_count: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., pinned_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_extent_bytes: _Optional[int] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., methods: _Optional[_Iterable[_Union[MethodStats, _Mapping]]] = ..., window_seconds: _Optional[float] = ..., sessions: _Optional[int] = ..., recent_errors: _Optional[_Iterable[_Union[RecentError, _Mapping]]] = ..., errors_total: _Optional[int] = ...) -> None: ...
 
 class MethodStats(_message.Message):
     __slots__ = ("method", "calls", "errors", "p50_seconds", "p95_seconds", "p99_seconds", "errors_by_code", "calls_total")
@@ -675,3 +679,35 @@ class CheckpointResponse(_message.Message):
     duration_seconds: float
     directory: str
     def __init__(self, generation: _Optional[int] = ..., caches: _Optional[int] = ..., skipped: _Optional[int] = ..., written_bytes: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., directory: _Optional[str] = ...) -> None: ...
+
+class EndSessionsRequest(_message.Message):
+    __slots__ = ("older_than_seconds", "session_ids", "dry_run")
+    OLDER_THAN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    older_than_seconds: float
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    dry_run: bool
+    def __init__(self, older_than_seconds: _Optional[float] = ..., session_ids: _Optional[_Iterable[str]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class EndSessionsResponse(_message.Message):
+    __slots__ = ("sessions", "caches_freed", "dry_run")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHES_FREED_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    caches_freed: int
+    dry_run: bool
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., caches_freed: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class RecentError(_message.Message):
+    __slots__ = ("time", "method", "code", "message")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    method: str
+    code: str
+    message: str
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., method: _Optional[str] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

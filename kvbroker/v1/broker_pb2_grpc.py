@@ -110,6 +110,11 @@ class CacheBrokerStub:
                 request_serializer=kvbroker_dot_v1_dot_broker__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=kvbroker_dot_v1_dot_broker__pb2.CheckpointResponse.FromString,
                 _registered_method=True)
+        self.EndSessions = channel.unary_unary(
+                '/kvbroker.v1.CacheBroker/EndSessions',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.EndSessionsRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.EndSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class CacheBrokerServicer:
@@ -229,6 +234,15 @@ class CacheBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndSessions(self, request, context):
+        """Ends sessions as a lapsed lease would: their holds, pins and mappings go, their
+        non-retained caches are freed, and their clients are told (SESSION_ENDED, reason
+        "ended_by_operator") and open new sessions. Operators only (force_release right).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -306,6 +320,11 @@ def add_CacheBrokerServicer_to_server(servicer, server):
                     servicer.Checkpoint,
                     request_deserializer=kvbroker_dot_v1_dot_broker__pb2.CheckpointRequest.FromString,
                     response_serializer=kvbroker_dot_v1_dot_broker__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'EndSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndSessions,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.EndSessionsRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.EndSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -714,6 +733,33 @@ class CacheBroker:
             '/kvbroker.v1.CacheBroker/Checkpoint',
             kvbroker_dot_v1_dot_broker__pb2.CheckpointRequest.SerializeToString,
             kvbroker_dot_v1_dot_broker__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/EndSessions',
+            kvbroker_dot_v1_dot_broker__pb2.EndSessionsRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.EndSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

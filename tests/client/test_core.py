@@ -8,7 +8,7 @@ import pytest
 
 from kvbroker import wire
 from kvbroker.v1 import broker_pb2 as pb
-from kvbroker_client import CacheEvicted, InvalidRequest, PreconditionFailed, SessionLost
+from kvbroker_client import CacheEvicted, CacheLost, CacheNotFound, InvalidRequest, PreconditionFailed, SessionLost
 from kvbroker_client.core import RECONNECT_MAX_S, ClientCore, HeldState, Phase
 
 
@@ -69,9 +69,15 @@ def test_a_lost_session_marks_its_records_and_moves_to_a_new_id() -> None:
     assert core.session_id == "worker-a.2" and core.generation == 2 and core.phase is Phase.CONNECTING
     assert dict(core.call("Stats", None).metadata) == {wire.SESSION_ID_KEY: "worker-a.2"}, "no old secret"
     assert core.state(plain) is core.state(kept) is HeldState.LOST
-    with pytest.raises(SessionLost, match="socket closed"):
+    # A broken stream may be a restart: until the new session says which broker it is
+    # on, a use says the session is lost; once it is the same broker, the cache is lost.
+    with pytest.raises(SessionLost, match="no new session is open yet") as raised:
         run(core.view(plain))
-    for plan in (core.pin(plain), core.unpin(plain), core.refresh(plain)):
+    assert not isinstance(raised.value, CacheLost)
+    opened(core, now=6.0)
+    with pytest.raises(CacheLost, match="socket closed"):
+        run(core.view(plain))
+    for plan in (core.view(plain), core.pin(plain), core.unpin(plain), core.refresh(plain)):
         with pytest.raises(SessionLost):
             run(plan)
     assert run(core.release(plain)) == ([], False) and plain.released
@@ -230,3 +236,51 @@ def test_an_allocation_this_process_cannot_reach_is_given_back_before_the_error(
     with pytest.raises(StaleHandleError) as raised:
         plan.throw(BrokerUnavailable("connection refused"))
     assert "could not be given back (BrokerUnavailable" in raised.value.__notes__[0]
+
+
+def test_after_a_restart_every_record_is_reattached_by_id_or_lost() -> None:
+    core = ClientCore("t", 5.0, None)
+    opened(core, instance="old")
+    plain, kept = held_by(core, cache_id="p"), held_by(core, retain=True, cache_id="k")
+    other = held_by(core, cache_id="o")
+    for held in (plain, kept, other):
+        held.handle.instance_id = "old"
+    core.on_stream_end(1, "UNAVAILABLE: Socket closed", now=5.0)  # SIGKILL: the stream broke
+    with pytest.raises(SessionLost, match="no new session is open yet") as raised:
+        run(core.view(plain))
+    assert not isinstance(raised.value, CacheLost), "not known yet: it may come back"
+
+    assert core.stranded() == [], "no session open: nothing to re-attach yet"
+    opened(core, now=6.0, instance="new")  # another broker instance: a restart
+    assert {h.cache_id for h in core.stranded()} == {"p", "k", "o"}, "each re-attached in the background"
+    assert core.stranded() == [], "once"
+    restored = cache("p", retain=True, created=555.0, instance="new")  # its checkpoint's copy
+    methods, _ = run(core.view(plain), pb.AttachResponse(cache=restored.cache, handle=restored.handle))
+    assert methods == ["Attach"] and core.state(plain) is HeldState.LIVE, "not retained, yet restored"
+    assert plain.handle.instance_id == "new" and plain.generation == 2
+    with pytest.raises(CacheLost, match="restarted without it"):
+        run(core.view(kept), CacheNotFound("cache 'k' not found"))
+    with pytest.raises(CacheLost):
+        run(core.view(kept))  # and stays lost, without a call
+    # Same id on the new broker, but another kind of cache: not ours; its hold is given back.
+    bigger = cache("o", instance="new")
+    bigger.cache.nbytes = 128
+    with pytest.raises(CacheLost, match="names another cache"):
+        run(core.view(other), pb.AttachResponse(cache=bigger.cache, handle=bigger.handle), pb.ReleaseResponse())
+
+
+def test_a_session_ended_by_a_live_broker_loses_what_was_not_retained_at_once() -> None:
+    core = ClientCore("t", 5.0, None)
+    opened(core)
+    plain = held_by(core)
+    core.on_event(pb.WatchEvent(kind=pb.EVENT_KIND_SESSION_ENDED, reason="ended_by_operator"), 1, now=9.0)
+    assert core.phase is Phase.CONNECTING
+    with pytest.raises(CacheLost, match="ended_by_operator"):
+        run(core.view(plain))  # no restart is possible: freed, no call
+    opened(core, now=10.0)
+    assert core.stranded() == [], "the same broker: nothing is re-attached in the background"
+
+
+def test_the_first_watch_fails_fast_and_later_ones_wait_for_the_broker() -> None:
+    core = ClientCore("t", 5.0, None)
+    assert [core.watch_waits_for_ready() for _ in range(3)] == [False, True, True]
