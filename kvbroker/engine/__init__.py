@@ -5,15 +5,8 @@ other modules are its parts. See ``engine.py`` for the concurrency invariant.
 """
 
 from kvbroker.engine.background import EngineSettings
-from kvbroker.engine.engine import (
-    MAX_LISTED_MOVES,
-    CachePage,
-    DefragmentResult,
-    Engine,
-    EngineStatus,
-    MoveView,
-    SessionView,
-)
+from kvbroker.engine.engine import Engine
+from kvbroker.engine.views import MAX_LISTED_MOVES, CachePage, DefragmentResult, EngineStatus, MoveView, SessionView
 from kvbroker.engine.handles import CacheHandle
 from kvbroker.engine.persistence import CheckpointResult, Persistence, PersistenceObserver, RestoreResult
 from kvbroker.engine.ports import LiveFigures, MethodStats, NullObserver, Observer, RpcStats, Span
