@@ -249,8 +249,12 @@ def test_a_cancelled_wait_leaves_no_trace(daemon):
                 pb.AllocateRequest(pool="x", size_bytes=40 * MiB, cache_id="never", wait_timeout_ms=30_000)
             )
             holds_for(lambda: not call.done(), 0.3, "the allocation waits for room")
+            wait_until(lambda: sum(p.waiting_allocations for p in stats(daemon).pools) == 1, 30, "the broker queues the allocation")
             call.cancel()
             assert call.cancelled()
+            # The cancellation travels to the broker on its own: until the broker has seen
+            # it, freeing room would legitimately serve the wait (and then roll it back).
+            wait_until(lambda: sum(p.waiting_allocations for p in stats(daemon).pools) == 0, 30, "the broker drops the cancelled wait")
         big.unpin()
         big.release()
         # Room now: a cancelled wait that was still queued would be served at once.
