@@ -5,8 +5,9 @@ says, on a base image made from Debian packages (scripts/container_base.sh).
 The image is the repository's Dockerfile, built as a user builds it (``docker build -t
 kvbroker .``) with four local differences, all build-time only: ``BASE_IMAGE`` is the
 local Debian base, this machine's wheel directory (the CPU torch) is mounted and named
-by ``EXTRA_FIND_LINKS``, and its CA bundle and a pip.conf that names it are mounted so
-pip trusts this network's proxy. Podman keeps the layers between runs, so after the
+by ``EXTRA_FIND_LINKS``, and its CA bundle and deploy/podman/pip.conf (which names it)
+are mounted so pip trusts this network's proxy; README "Check the deployment files" shows
+the same command. Podman keeps the layers between runs, so after the
 first build only the layers after a changed ``COPY`` are rebuilt.
 
 Cost: the first build on a machine about 5 minutes (the base image 1.5, the image 3.5),
@@ -64,8 +65,7 @@ def build_image(workdir: Path) -> str:
     base = subprocess.run(["bash", str(ROOT / "scripts" / "container_base.sh")], capture_output=True, text=True,
                           timeout=900, env={**podman_env(), "KVBROKER_BASE_IMAGE": BASE_IMAGE})  # fmt: skip
     assert base.returncode == 0, f"building the base image failed:\n{base.stdout}\n{base.stderr}"
-    pip_conf = workdir / "pip.conf"
-    pip_conf.write_text(f"[global]\ncert = {CA_BUNDLE}\n")
+    pip_conf = ROOT / "deploy" / "podman" / "pip.conf"
     args = ["build", "--format", "docker", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
             "-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro", "-v", f"{pip_conf}:/etc/pip.conf:ro"]  # fmt: skip
     if os.path.isdir(WHEELS):

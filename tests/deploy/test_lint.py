@@ -6,6 +6,7 @@ configuration parser. Each tool also rejects a broken copy, so no check passes v
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -143,3 +144,35 @@ def test_promtool_checks_the_stack_prometheus_config(tmp_path: Path) -> None:
 def test_yamllint_passes_every_deployment_file() -> None:
     done = run(tool("yamllint"), "--strict", "-c", str(DEPLOY / ".yamllint.yaml"), str(DEPLOY))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def readme_block(title: str) -> list[str]:
+    """The command lines of the first ``sh`` block under README heading ``title``."""
+    text = (ROOT / "README.md").read_text()
+    body = re.search(rf"^#+ {re.escape(title)}\n(.*?)```sh\n(.*?)```", text, re.M | re.S)
+    assert body, f"README has no sh block under {title!r}"
+    lines = body.group(2).replace("\\\n", " ").splitlines()
+    return [re.sub(r"\s+#.*$", "", line).strip() for line in lines if line.strip()]
+
+
+def test_the_readme_lint_commands_pass_as_written() -> None:
+    """README "Check the deployment files": each command, run from the repository root
+    with this environment's tools on the PATH, exits 0."""
+    commands = readme_block("Check the deployment files")
+    assert len(commands) == 7
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    for command in commands:
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+        assert done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"
+
+
+def test_the_readme_podman_build_is_the_tests_build() -> None:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```sh\nexport CONTAINERS_CONF=.*?```", text, re.S)
+    assert block, "README shows how the tests build the image"
+    words = " ".join(block.group(0).replace("\\\n", " ").split())
+    for part in ("--format docker", "--network host", "BASE_IMAGE=localhost/debian-py:bookworm",
+                 "deploy/podman/pip.conf:/etc/pip.conf:ro", "EXTRA_FIND_LINKS=/opt/wheels",
+                 "-t localhost/kvbroker:test"):  # fmt: skip
+        assert part in words, part
+    assert "scripts/container_base.sh" in words and "deploy/podman/containers.conf" in words
