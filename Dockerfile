@@ -4,11 +4,18 @@
 #   docker build -t kvbroker:cuda \
 #     --build-arg BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime .   # GPUs
 #
-# Two stages on the same base: "build" makes a virtual environment in /opt/kvbroker,
-# the runtime stage copies only that environment (no pip cache, no sources, no compiler).
+# Stages on the same base: "build" makes a virtual environment in /opt/kvbroker, the
+# runtime stage copies only that environment (no pip cache, no sources, no compiler).
 # The environment sees the base's site-packages, so a CUDA PyTorch base image lends its
 # torch and nothing multi-GB is downloaded again; a plain python base gets the CPU torch.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# The dependency list alone, so that the layer installing it stays cached until the
+# list itself changes (not at every edit of pyproject.toml).
+FROM ${BASE_IMAGE} AS requirements
+WORKDIR /src
+COPY pyproject.toml ./
+RUN python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(p["build-system"]["requires"] + p["project"]["dependencies"]))' > /requirements.txt
 
 FROM ${BASE_IMAGE} AS build
 # TORCH_VERSION: installed unless the base has torch. EXTRA_FIND_LINKS: a directory of
@@ -26,12 +33,10 @@ RUN if /opt/kvbroker/bin/python -c 'import torch' 2>/dev/null; then \
     else \
       /opt/kvbroker/bin/pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"; \
     fi
-# The dependencies in their own layer, keyed on pyproject.toml only, so that a change to
-# the sources reinstalls kvbroker alone.
-COPY pyproject.toml ./
-RUN /opt/kvbroker/bin/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(p["build-system"]["requires"] + p["project"]["dependencies"]))' > /tmp/requirements.txt \
- && /opt/kvbroker/bin/pip install -r /tmp/requirements.txt
-COPY README.md ./
+# The dependencies in their own layer: a change to the sources reinstalls kvbroker alone.
+COPY --from=requirements /requirements.txt /tmp/requirements.txt
+RUN /opt/kvbroker/bin/pip install -r /tmp/requirements.txt
+COPY pyproject.toml README.md ./
 COPY kvbroker ./kvbroker
 COPY client ./client
 RUN /opt/kvbroker/bin/pip install --no-deps --no-build-isolation . \

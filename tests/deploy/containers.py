@@ -71,10 +71,15 @@ def build_image(workdir: Path) -> str:
     if os.path.isdir(WHEELS):
         args += ["--build-arg", f"EXTRA_FIND_LINKS={WHEELS}", "-v", f"{WHEELS}:{WHEELS}:ro"]
     log = workdir / "build.log"
+    previous = podman("image", "inspect", "--format", "{{.Id}}", IMAGE, check=False).stdout.strip()
     with open(log, "w") as out:
         done = subprocess.run(["podman", *args, "-t", IMAGE, str(ROOT)], stdout=out, stderr=subprocess.STDOUT,
                               timeout=1200, env=podman_env())  # fmt: skip
     assert done.returncode == 0, "podman build failed:\n" + "\n".join(log.read_text().splitlines()[-40:])
+    # The store persists between CI runs: drop the image this build replaced (its venv
+    # layer is most of a GB), keeping the build stages' layers that are the cache.
+    if previous and podman("image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip() != previous:
+        podman("rmi", previous, check=False)
     return IMAGE
 
 
