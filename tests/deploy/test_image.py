@@ -6,6 +6,7 @@ without its token secret the broker refuses to listen on 0.0.0.0."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -123,3 +124,24 @@ def test_without_its_token_secret_the_broker_refuses_to_serve_0_0_0_0(image: str
         wait_until(lambda: broker.state()[0] == "exited", 90, "the broker exited", detail=broker.logs)
         assert broker.state()[1] != 0
         assert "token_file: cannot read /run/secrets/kvbroker-token" in broker.logs()
+
+
+def sigterm_caught(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGTERM (``SigCgt`` in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(line for line in status if line.startswith("SigCgt:")).split()[1]
+    return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def test_sigterm_during_start_up_stops_the_container_at_once(image: str, node: Node) -> None:
+    """PID 1 ignores signals it has no handler for: kvbroker installs one first thing, so
+    a SIGTERM in the seconds before the daemon serves (and installs its own) still stops
+    it, rather than the runtime's SIGKILL after its grace."""
+    with running_container(image, *node.mounts()) as broker:
+        pid = int(podman("inspect", broker.name, "--format", "{{.State.Pid}}").stdout)
+        wait_until(lambda: sigterm_caught(pid), 30, "kvbroker (PID 1 in the container) handles SIGTERM")
+        podman("kill", "--signal", "TERM", broker.name)
+        wait_until(lambda: broker.state()[0] == "exited", 15, "the container exited after SIGTERM", detail=broker.logs)
+        # 143: stopped during start-up; 0: it was already serving and stopped cleanly.
+        assert broker.state()[1] in (0, 143), broker.logs()
+        assert [p for p in node.shm_dir.iterdir() if not p.name.endswith(".lock")] == []
