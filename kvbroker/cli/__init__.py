@@ -29,8 +29,25 @@ view), ``entry`` (the parser, ``main`` and exit codes). Rendering functions are 
 text out), so they are tested without a broker.
 """
 
-from kvbroker.cli.caches import render_caches
-from kvbroker.cli.formatting import (
+import os
+import signal
+import sys
+
+
+def _exit_on_sigterm_as_pid_1() -> None:
+    """In a container the ``kvbroker`` process is PID 1, and the kernel drops every signal
+    PID 1 has no handler for: a SIGTERM during the seconds of start-up (imports, device
+    discovery) would be lost and the runtime would SIGKILL the broker after its grace
+    period. So, as PID 1 only, SIGTERM exits (status 143, unwinding like any exit) until
+    the daemon installs its own handler when it serves. Cost: one getpid at import."""
+    if os.getpid() == 1:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
+_exit_on_sigterm_as_pid_1()  # first, before the imports that take the time
+
+from kvbroker.cli.caches import render_caches  # noqa: E402
+from kvbroker.cli.formatting import (  # noqa: E402
     format_bytes,
     format_duration,
     format_latency,
@@ -38,8 +55,8 @@ from kvbroker.cli.formatting import (
     render_table,
     to_json,
 )
-from kvbroker.cli.entry import ENV_TARGET, main
-from kvbroker.cli.views import render_defrag, render_methods, render_sessions, render_stats
+from kvbroker.cli.entry import ENV_TARGET, main  # noqa: E402
+from kvbroker.cli.views import render_defrag, render_methods, render_sessions, render_stats  # noqa: E402
 
 __all__ = [
     "ENV_TARGET", "format_bytes", "format_duration", "format_latency", "format_ratio", "main",
