@@ -44,7 +44,7 @@ common case with room to spare); otherwise it is the cheapest among the chained 
 and runs explored, which is not always the optimum (best fit is a heuristic for a
 bin-packing question, chains are depth-limited, the search budget caps the windows).
 ``benchmarks/compaction.py`` measures it on the fragmentation trace against the full
-pack: half the compactions there meet the bound, and most of the bytes moved come from
+pack: 45 % of the compactions there meet the bound, and most of the bytes moved come from
 the few where the request takes nearly all the free bytes left (3.6 MiB asked with 4.2
 MiB free in 4 GiB), where opening it means gathering nearly all the free space. When neither a window nor a run opens the extent, the caller falls back to the
 full pack (``plan_layout``), so the pressure path's utilization is unchanged.
