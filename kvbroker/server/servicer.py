@@ -225,6 +225,7 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
             written_bytes=result.nbytes, duration_seconds=result.seconds, directory=checkpoints.store.directory,
         )  # fmt: skip
 
+    @_translate_errors
     async def EndSessions(self, request: pb.EndSessionsRequest, context) -> pb.EndSessionsResponse:
         caller = await self._gate.caller(context)
         self._gate.operator(caller, Action.FORCE_RELEASE)  # it frees caches other sessions hold
