@@ -23,6 +23,7 @@ from typing import Any
 
 from kvbroker.core.eviction import POLICIES
 from kvbroker.core.types import GiB, MiB, Placement, pool_problems
+from kvbroker.pagedconfig import KvPoolConfig, parse_kv
 from kvbroker.security import AuthPolicy, parse_auth
 from kvbroker.wire import SIZE_UNITS
 
@@ -116,6 +117,8 @@ class PoolConfig:
     placement: Placement = Placement.LEAST_LOADED
     #: Zero reused bytes before handing them out. Off only for single-tenant deployments.
     scrub: bool = True
+    #: A paged KV pool's layout and budget (``[pools.kv]``, ``kvbroker.pagedconfig``).
+    kv: KvPoolConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ class BrokerConfig:
 _POOL_KEYS = {
     "name": str, "devices": list, "min_bytes": "size", "max_bytes": "size", "priority": int,
     "eviction_policy": str, "gc_threshold": float, "block_bytes": "size", "segment_bytes": "size",
-    "default_cache_bytes": "size", "placement": str, "scrub": bool,
+    "default_cache_bytes": "size", "placement": str, "scrub": bool, "kv": dict,
 }
 _SECTIONS = {
     "server": {"listen": str, "unix_socket": str, "grace_seconds": float, "log_level": str},
@@ -277,6 +280,10 @@ def _pool(index: int, table: Any, problems: _Problems) -> PoolConfig | None:
     for key, message in pool_problems(checked):
         if key not in reported:
             problems.add(f"{where}.{key}", message)
+    if "kv" in values and len(problems.items) == before:
+        values["kv"], kv_problems = parse_kv(where, values["kv"], max_bytes=values.get("max_bytes"),
+                                             min_bytes=values.get("min_bytes", 0))  # fmt: skip
+        problems.items.extend(kv_problems)
     if len(problems.items) > before:
         return None
     return PoolConfig(**values)
