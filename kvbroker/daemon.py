@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from kvbroker import __version__
 from kvbroker.config import ALL_DEVICES, BrokerConfig, ConfigError, load_config
 from kvbroker.core import Broker, DeviceSpec, PoolSpec
-from kvbroker.core.errors import InvalidArgument, amount
+from kvbroker.core.errors import BrokerError, InvalidArgument, amount
 from kvbroker.core.types import KiB
 from kvbroker.engine import Engine, EngineSettings
+from kvbroker.engine.paged import PagedPools, PagedPoolSpec
 from kvbroker.memory.backend import SegmentMemory
 from kvbroker.memory.cuda import CUDA_MIN_SEGMENT_BYTES, CUDA_SEGMENT_ALIGNMENT_BYTES
 from kvbroker.security import PeerHandshakeServer, PeerRegistry
@@ -134,6 +135,25 @@ def pool_specs(config: BrokerConfig, devices: DevicePlan) -> list[PoolSpec]:
     return specs
 
 
+def paged_specs(config: BrokerConfig) -> dict[str, PagedPoolSpec]:
+    """The paged pools (``[pools.kv]``) with their arenas' block counts."""
+    return {
+        p.name: PagedPoolSpec(p.name, p.kv.layout, p.kv.arena_blocks(p.max_bytes, p.min_bytes), p.kv.prefault)
+        for p in config.pools if p.kv is not None
+    }  # fmt: skip
+
+
+async def _create_arenas(paged: PagedPools) -> None:
+    """Allocate every paged pool's arena before serving; one that does not fit stops the
+    start with a message naming the pool."""
+    try:
+        await paged.create_arenas()
+    except InvalidArgument as err:
+        raise ConfigError("pools.kv", str(err)) from None
+    except BrokerError as err:
+        raise ConfigError("pools.kv", f"a paged pool's arena cannot be allocated: {err}") from None
+
+
 def build_memories(devices: DevicePlan, instance_id: str, config: BrokerConfig) -> dict[str, SegmentMemory]:
     memories: dict[str, SegmentMemory] = {}
     for spec in devices.specs:
@@ -230,6 +250,7 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
         tick_seconds=min(0.25, config.lease_seconds / 4),
     )
     engine = Engine(broker, memories, instance_id, settings, observer=telemetry.observer)
+    paged = PagedPools(engine, paged_specs(config))
     server: BrokerServer | None = None
     peers = PeerRegistry()
     handshake = PeerHandshakeServer(config.unix_socket + PEER_SOCKET_SUFFIX, peers) if config.unix_socket else None
@@ -239,8 +260,9 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
             _clear_stale_socket(config.unix_socket)
         server = await create_server(
             engine, listen=config.listen or None, unix_socket=config.unix_socket or None,
-            interceptors=telemetry.interceptors, policy=config.auth, peers=peers, tls=tls,
+            interceptors=telemetry.interceptors, policy=config.auth, peers=peers, tls=tls, paged=paged,
         )  # fmt: skip
+        await _create_arenas(paged)
         if handshake is not None:
             await handshake.start()
         await telemetry.start(engine)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -173,6 +173,8 @@ class Engine:
         self._allocator = Allocator(broker, self._device, self._handles, self._compactions, self._observer, self._settle)
         self._background = Background(broker, self._sessions, self.settings, self._end_session_now, self._settle)
         self._closed = False
+        #: Called with a session's id when it ends (paged pools drop its sequences).
+        self.session_end_hooks: list[Callable[[str], None]] = []
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -309,6 +311,8 @@ class Engine:
             return []
         self._observer.session_reclaimed(reason)
         freed, retired = self.broker.end_session(session_id)
+        for hook in self.session_end_hooks:
+            hook(session_id)
         self._settle(retired, True)
         log.info("session %s ended (%s): %d caches freed, %d segments retired",
                  session_id, reason.value, len(freed), len(retired))  # fmt: skip
@@ -450,6 +454,10 @@ class Engine:
         self._background.tick()
 
     # -- internals --------------------------------------------------------------------
+
+    def deliver(self, events: Sequence[Event]) -> None:
+        """Queue events that another part made (a paged pool's) for their sessions."""
+        self._sessions.deliver(events)
 
     def _touch(self, holder: str) -> None:
         if not is_sessionless(holder):

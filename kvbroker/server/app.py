@@ -25,6 +25,7 @@ from kvbroker.engine import Engine
 from kvbroker.security import AuthPolicy, PeerRegistry
 from kvbroker.server.gate import Gate
 from kvbroker.server.registration import SERVICE, add_cache_broker
+from kvbroker.engine.paged import PagedPools
 from kvbroker.server.servicer import CacheBrokerServicer
 
 SERVICE_NAME = SERVICE.full_name
@@ -129,6 +130,7 @@ async def create_server(
     policy: AuthPolicy | None = None,
     peers: PeerRegistry | None = None,
     tls: TlsFiles | None = None,
+    paged: PagedPools | None = None,
 ) -> BrokerServer:
     """Build the server and bind ``listen`` (host:port, with ``tls`` when given) and
     ``unix_socket`` (a path, never TLS: its file mode and peer credentials protect it).
@@ -148,7 +150,7 @@ async def create_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    add_cache_broker(CacheBrokerServicer(engine, Gate(engine, policy, peers)), server)
+    add_cache_broker(CacheBrokerServicer(engine, Gate(engine, policy, peers), paged), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import grpc
-
 from kvbroker.security import PermissionDenied, Unauthenticated
 import pytest
 
 from kvbroker.core import errors
+from kvbroker.core.paged import OutOfTokens
 from kvbroker.core.types import CacheState
 from kvbroker.server import convert
 from kvbroker.v1 import broker_pb2 as pb
@@ -25,6 +25,7 @@ def test_every_domain_error_has_a_status_code():
         errors.DeadlineExceeded("x"): grpc.StatusCode.DEADLINE_EXCEEDED,
         Unauthenticated("x"): grpc.StatusCode.UNAUTHENTICATED,
         PermissionDenied("x"): grpc.StatusCode.PERMISSION_DENIED,
+        OutOfTokens("x", tokens_requested=32, tokens_free=16): grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
     for err, code in expected.items():
         assert convert.status_for(err) is code
