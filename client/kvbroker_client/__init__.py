@@ -18,6 +18,7 @@ that there is no import circle):
     core.py     the sans-IO core: held caches, the session, plans; no I/O
     mapping.py  ``SegmentMapper``: handles -> mapped segments -> views (imports torch)
     cache.py    ``Cache`` and ``AsyncCache``: a ``Held`` record and its client's ``drive``
+    paged.py    ``PagedPool``: a paged KV pool's arena as per-layer tensors, sequences, appends
     sync.py     ``BrokerClient``: grpc channel, Watch and heartbeat threads
     aio.py      ``AsyncBrokerClient``: grpc.aio channel, Watch and heartbeat tasks
 
@@ -48,6 +49,7 @@ from kvbroker_client.errors import (
     UnexpectedBrokerError,
 )
 from kvbroker_client.handles import HandleError, StaleHandleError
+from kvbroker_client.paged import DEFAULT_GRANT_TOKENS, OutOfTokens, PagedPool, SequenceEvicted, Slot
 from kvbroker_client.summary import summarize
 from kvbroker_client.sync import BrokerClient
 from kvbroker_client.units import PRIORITIES, parse_size
@@ -58,6 +60,11 @@ if TYPE_CHECKING:
 _LAZY_FROM_MAPPING = ("SegmentMapper",)
 
 __all__ = [
+    "DEFAULT_GRANT_TOKENS",
+    "OutOfTokens",
+    "PagedPool",
+    "SequenceEvicted",
+    "Slot",
     "DEFAULT_TARGET",
     "PRIORITIES",
     "DEFAULT_TIMEOUT_S",

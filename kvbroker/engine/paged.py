@@ -152,9 +152,8 @@ class PagedPools:
         deadline = time.monotonic() + wait_timeout_s
         while True:
             needed = prompt_tokens
-            if on_oom == "reduce":
-                room = (arena.free_blocks + self._evictable(arena, priority)) * arena.block_tokens
-                needed = max(prompt_tokens, min(max_tokens, room))
+            if on_oom == "reduce":  # all of max_tokens now, or every free block
+                needed = max(prompt_tokens, min(max_tokens, arena.free_blocks * arena.block_tokens))
                 max_tokens = needed
             self._make_room(pool, arena, arena.blocks_for(needed), priority)
             freed = self._freed[pool]
@@ -169,6 +168,8 @@ class PagedPools:
                     if on_oom == "wait" and err.satisfiable:
                         raise DeadlineExceeded(f"{err} after waiting {wait_timeout_s:.3f} s") from None
                     raise
+                log.info("paged pool %s: sequence %s waits up to %.3f s for %d tokens (%d free)",
+                         pool, seq_id, remaining, err.tokens_requested, err.tokens_free)  # fmt: skip
                 try:
                     await asyncio.wait_for(freed.wait(), remaining)
                 except TimeoutError:
@@ -220,11 +221,6 @@ class PagedPools:
         if holder not in view.holders:
             raise FailedPrecondition(f"sequence {seq_id!r} is not held by this caller (attach it first)")
         return view
-
-    @staticmethod
-    def _evictable(arena: PagedArena, priority: int) -> int:
-        return sum(len(s.runs) and s.tokens_reserved // arena.block_tokens
-                   for s in arena.sequences() if not s.pinned and s.priority < priority)  # fmt: skip
 
     def _make_room(self, pool: str, arena: PagedArena, blocks: int, priority: int) -> None:
         for victim in arena.victims(blocks, priority):

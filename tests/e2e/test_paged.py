@@ -1,0 +1,181 @@
+"""Paged KV pools end to end: real worker processes (``tests/e2e/paged_worker.py``), each
+with its own session and its own mapping of the arena, against a real daemon.
+
+Worker A writes K/V token by token through the per-layer tensors; worker B attaches the
+sequence and reads the same bytes through its own mapping; an eviction is seen by both
+(EVICTED with the sequence id on their Watch streams); a pinned sequence is never
+evicted; the three OOM strategies; a killed worker's sequences go back to the pool.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from kvbroker.v1 import broker_pb2 as pb
+from kvbroker.v1 import broker_pb2_grpc
+from tests.support.daemon import ROOT, daemon_fixture
+from tests.support.wait import Lines, wait_until
+
+# 2 layers x (K, V) x 2 heads x 8 x float32 = 256 bytes a token; 4 tokens a block;
+# 64 blocks (256 tokens, 64 KiB) in the arena.
+CONFIG = """
+[devices]
+host_capacity = "16MiB"
+
+[sessions]
+lease_seconds = 2.0
+
+[[pools]]
+name = "default"
+
+[[pools]]
+name = "kv"
+[pools.kv]
+num_layers = 2
+num_kv_heads = 2
+head_dim = 8
+dtype = "float32"
+block_tokens = 4
+max_tokens = 256
+"""
+
+daemon = daemon_fixture(config=CONFIG)
+
+REPLY_TIMEOUT_S = 60.0
+
+
+class Worker:
+    def __init__(self, target: str, grant_tokens: int = 16) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.e2e.paged_worker", target, "kv", str(grant_tokens)], cwd=ROOT, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        self.lines = Lines(self.process.stdout, "paged worker")
+        self.session_id = self.reply("its session id")
+
+    def send(self, op: str, **args) -> None:
+        self.process.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.process.stdin.flush()
+
+    def reply(self, what: str):
+        line = self.lines.next(REPLY_TIMEOUT_S, what)
+        if not line:
+            self.process.kill()
+            raise AssertionError(f"worker died: {self.process.stderr.read()}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise WorkerError(answer["error"], answer["message"])
+        return answer["ok"]
+
+    def __call__(self, op: str, **args):
+        self.send(op, **args)
+        return self.reply(f"the reply to {op} {args}")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
+
+
+class WorkerError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+@pytest.fixture
+def workers(daemon):
+    started: list[Worker] = []
+
+    def start(grant_tokens: int = 16) -> Worker:
+        started.append(Worker(daemon.target, grant_tokens))
+        return started[-1]
+
+    yield start
+    for worker in started:
+        worker.close()
+
+
+def block_map(daemon) -> pb.BlockMapResponse:
+    with grpc.insecure_channel(daemon.target) as channel:
+        return broker_pb2_grpc.CacheBrokerStub(channel).BlockMap(pb.BlockMapRequest(pool="kv"))
+
+
+def test_a_second_process_reads_what_the_first_wrote_token_by_token(daemon, workers):
+    a, b = workers(), workers()
+    assert a("allocate", seq="s", prompt=0, max_tokens=200) == 200
+    wrote = a("write", seq="s", salt=7, tokens=50)
+    assert wrote["used"] == 50
+    # 50 tokens in grants of 16 tokens beyond the need: the allocate, 3 extensions, the report
+    assert wrote["rpcs"] <= 1 + 1 + 4 + 1, wrote
+    assert b("attach", seq="s") == 50
+    seen = b("check", seq="s", salt=7)
+    assert seen == {"ok": True, "used": 50, "contiguous": True}
+    assert a("check", seq="s", salt=7)["ok"]
+    # A second sequence in between, then more tokens: s may leave its run (a gather)
+    assert a("allocate", seq="t", prompt=0) == 0
+    a("write", seq="t", salt=3, tokens=40)
+    a("write", seq="s", salt=7, tokens=30)
+    b("attach", seq="s")  # the new block table and the tokens reported
+    assert b("check", seq="s", salt=7)["ok"] and b("check", seq="s", salt=7)["used"] == 80
+    assert b("attach", seq="t") == 40 and b("check", seq="t", salt=3)["ok"]
+    sequences = {s.sequence_id: s for s in block_map(daemon).sequences}
+    assert sequences["s"].tokens_used == 80 and sequences["s"].holder_count == 2
+    assert a("free", seq="s") is True and a("free", seq="s") is False  # idempotent
+
+
+def test_an_eviction_is_seen_by_both_holders_and_a_pinned_sequence_is_not_evicted(daemon, workers):
+    a, b, c = workers(), workers(), workers()
+    a("allocate", seq="low", prompt=100, priority=0)
+    a("write", seq="low", salt=1, tokens=4)
+    b("attach", seq="low")
+    a("pin", seq="low")
+    with pytest.raises(WorkerError) as refused:  # pinned: not a victim even for a higher priority
+        c("allocate", seq="high", prompt=200, priority=5)
+    assert refused.value.kind == "OutOfTokens"
+    a("pin", seq="low", pinned=False)
+    c("allocate", seq="high", prompt=200, priority=5)
+    wait_until(lambda: a("evicted", seq="low") and b("evicted", seq="low"), 10.0, "both holders learn of the eviction")
+    with pytest.raises(WorkerError) as gone:
+        b("check", seq="low", salt=1)
+    assert gone.value.kind == "SequenceEvicted"
+    assert [s.sequence_id for s in block_map(daemon).sequences] == ["high"]
+    assert "evicted sequence low" in daemon.log()
+
+
+def test_oom_strategies_reject_reduce_and_wait(daemon, workers):
+    a, b = workers(), workers()
+    a("allocate", seq="big", prompt=200)
+    with pytest.raises(WorkerError) as rejected:
+        b("allocate", seq="r", prompt=100)
+    assert rejected.value.kind == "OutOfTokens"
+    assert "100 tokens requested, 52 tokens free"  # 200 + 1 block of headroom held in str(rejected.value)
+    assert b("allocate", seq="reduced", prompt=10, max_tokens=1000, on_oom="reduce") == 52  # all that was free
+    with pytest.raises(WorkerError) as timed_out:
+        b("allocate", seq="w", prompt=100, on_oom="wait", timeout=0.2)
+    assert timed_out.value.kind == "AllocationTimeout"
+    b.send("allocate", seq="w", prompt=100, on_oom="wait", timeout=60)
+    wait_until(lambda: "sequence w waits up to 5" in daemon.log() or "sequence w waits up to 6" in daemon.log(),
+               30.0, "the second wait is queued")  # fmt: skip
+    a("free", seq="big")
+    assert b.reply("the waiting allocation") == 0
+    assert {s.sequence_id for s in block_map(daemon).sequences} == {"reduced", "w"}
+
+
+def test_a_killed_workers_sequences_go_back_to_the_pool(daemon, workers):
+    a = workers()
+    a("allocate", seq="doomed", prompt=120)
+    assert block_map(daemon).stats.blocks_used == 30 + 4  # 120 tokens + 16 tokens of headroom
+    a.kill()
+    wait_until(lambda: block_map(daemon).stats.blocks_used == 0, 10.0, "the killed worker's blocks are free")
+    assert block_map(daemon).block_map == "." * 64
