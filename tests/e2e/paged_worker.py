@@ -51,7 +51,7 @@ def run(pool, op: str, c: dict):
         seq, salt = c["seq"], c["salt"]
         used = pool.tokens_used(seq)
         ok = all(
-            torch.equal(view(seq, layer), expected(salt, layer, kv, used, lay.num_kv_heads, lay.head_dim))
+            torch.equal(view(seq, layer).cpu(), expected(salt, layer, kv, used, lay.num_kv_heads, lay.head_dim))
             for layer in range(lay.num_layers) for kv, view in ((0, pool.k_view), (1, pool.v_view))
         )
         return {"ok": ok, "used": used, "contiguous": pool.is_contiguous(seq)}

@@ -179,3 +179,44 @@ def test_a_killed_workers_sequences_go_back_to_the_pool(daemon, workers):
     a.kill()
     wait_until(lambda: block_map(daemon).stats.blocks_used == 0, 10.0, "the killed worker's blocks are free")
     assert block_map(daemon).block_map == "." * 64
+
+
+@pytest.mark.parametrize(
+    "method, request_, code, text",
+    [
+        ("OpenPagedPool", pb.OpenPagedPoolRequest(pool="default"), grpc.StatusCode.NOT_FOUND, "not a paged pool"),
+        ("OpenPagedPool", pb.OpenPagedPoolRequest(), grpc.StatusCode.INVALID_ARGUMENT, "pool"),
+        ("AllocateSequence", pb.AllocateSequenceRequest(pool="kv"), grpc.StatusCode.INVALID_ARGUMENT, "sequence_id"),
+        ("AllocateSequence", pb.AllocateSequenceRequest(pool="kv", sequence_id="bad id!"),
+         grpc.StatusCode.INVALID_ARGUMENT, "sequence_id"),
+        ("AllocateSequence", pb.AllocateSequenceRequest(pool="kv", sequence_id="a", on_oom=9),
+         grpc.StatusCode.INVALID_ARGUMENT, "on_oom"),
+        ("AllocateSequence", pb.AllocateSequenceRequest(pool="kv", sequence_id="a", on_oom=pb.OOM_STRATEGY_REDUCE),
+         grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ("AllocateSequence", pb.AllocateSequenceRequest(pool="kv", sequence_id="a", prompt_tokens=20, max_tokens=10),
+         grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ("AllocateSequence", pb.AllocateSequenceRequest(pool="kv", sequence_id="a", prompt_tokens=2**50),
+         grpc.StatusCode.INVALID_ARGUMENT, "prompt_tokens"),
+        ("AllocateSequence", pb.AllocateSequenceRequest(pool="kv", sequence_id="a", prompt_tokens=300),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "the pool holds 256 tokens in all"),
+        ("ExtendSequence", pb.ExtendSequenceRequest(pool="kv", sequence_id="nope", tokens_needed=1),
+         grpc.StatusCode.NOT_FOUND, "no sequence"),
+        ("PinSequence", pb.PinSequenceRequest(pool="kv", sequence_id="nope"), grpc.StatusCode.NOT_FOUND, "no sequence"),
+        ("BlockMap", pb.BlockMapRequest(pool="nope"), grpc.StatusCode.NOT_FOUND, "not a paged pool"),
+    ],
+)
+def test_bad_requests_get_clear_errors(daemon, method, request_, code, text):
+    with grpc.insecure_channel(daemon.target) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            getattr(broker_pb2_grpc.CacheBrokerStub(channel), method)(request_)
+    assert caught.value.code() == code and text in caught.value.details(), caught.value.details()
+    assert block_map(daemon).stats.blocks_used == 0
+
+
+def test_another_session_may_not_free_a_sequence_it_does_not_hold(daemon, workers):
+    a, b = workers(), workers()
+    a("allocate", seq="mine", prompt=4)
+    with pytest.raises(WorkerError) as refused:
+        b("free", seq="mine")
+    assert refused.value.kind == "PreconditionFailed" and "not held by this caller" in str(refused.value)
+    assert [s.sequence_id for s in block_map(daemon).sequences] == ["mine"]
