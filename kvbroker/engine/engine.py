@@ -175,6 +175,8 @@ class Engine:
         self._closed = False
         #: Called with a session's id when it ends (paged pools drop its sequences).
         self.session_end_hooks: list[Callable[[str], None]] = []
+        #: Per paged pool, its block and token figures (set by ``kvbroker.engine.paged``).
+        self.paged_figures: Callable[[], dict] = dict
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -364,7 +366,7 @@ class Engine:
     def live(self) -> LiveFigures:
         """Live sessions and, per pool, allocations waiting now and waited so far."""
         queue = self._allocator.queue
-        return LiveFigures(len(self._sessions), dict(queue.depth), dict(queue.joined))
+        return LiveFigures(len(self._sessions), dict(queue.depth), dict(queue.joined), self.paged_figures())
 
     def list_caches(
         self, *, pool: str | None, model_name: str | None, state: CacheState | None, after: str, limit: int

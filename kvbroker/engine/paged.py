@@ -91,6 +91,7 @@ class PagedPools:
         self._freed = {name: asyncio.Event() for name in specs}
         self.prefault_seconds: dict[str, float] = {}
         engine.session_end_hooks.append(self._session_ended)
+        engine.paged_figures = self.stats
 
     async def create_arenas(self) -> None:
         """Allocate (and, with ``prefault``, zero) every paged pool's arena."""

@@ -1,9 +1,11 @@
 """``kvbroker blocks``, ``kvbroker ls --sequences`` and the paged rows of ``kvbroker
-stats`` against a real daemon with a paged pool, as an operator types them."""
+stats`` against a real daemon with a paged pool, as an operator types them; and the
+paged pool's gauges on ``/metrics``."""
 
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import pytest
 
@@ -28,7 +30,7 @@ block_tokens = 4
 max_tokens = 512
 """
 
-daemon = daemon_fixture(config=CONFIG, scope="module")
+daemon = daemon_fixture(config=CONFIG, scope="module", metrics=True)
 
 
 @pytest.fixture
@@ -77,3 +79,20 @@ def test_ls_sequences_and_stats_rows(daemon, sequences):
 def test_blocks_of_a_plain_pool_is_an_error(daemon):
     done = kvbroker(daemon.target, "blocks", "--pool", "default", ok=False)
     assert done.returncode == 1 and "not a paged pool" in done.stderr
+
+
+def test_metrics_carry_the_paged_pool_figures(daemon, sequences):
+    with urllib.request.urlopen(daemon.metrics_url, timeout=30) as reply:
+        text = reply.read().decode()
+    lines = set(text.splitlines())
+    for line in (
+        'kvbroker_paged_pool_blocks{pool="kv",state="used"} 5.0',
+        'kvbroker_paged_pool_blocks{pool="kv",state="free"} 123.0',
+        'kvbroker_paged_pool_tokens{pool="kv",state="used"} 18.0',
+        'kvbroker_paged_pool_tokens{pool="kv",state="reserved"} 20.0',
+        'kvbroker_paged_pool_tokens{pool="kv",state="free"} 492.0',
+        'kvbroker_paged_pool_sequences{pool="kv"} 2.0',
+    ):
+        assert line in lines, line
+    frag = next(line for line in lines if line.startswith('kvbroker_paged_pool_fragmentation_ratio{pool="kv"}'))
+    assert abs(float(frag.split()[-1]) - (1 - 107 / 123)) < 1e-9
