@@ -284,6 +284,8 @@ def _pool(index: int, table: Any, problems: _Problems) -> PoolConfig | None:
         values["kv"], kv_problems = parse_kv(where, values["kv"], max_bytes=values.get("max_bytes"),
                                              min_bytes=values.get("min_bytes", 0))  # fmt: skip
         problems.items.extend(kv_problems)
+        if values["kv"] is not None and "segment_bytes" not in values:  # one segment: the arena
+            values["segment_bytes"] = values["kv"].arena_segment_bytes(values, PoolConfig.block_bytes)
     if len(problems.items) > before:
         return None
     return PoolConfig(**values)

@@ -47,6 +47,15 @@ class KvPoolConfig:
         return self.layout.blocks_in(max_bytes if max_bytes is not None else min_bytes)
 
 
+    def arena_segment_bytes(self, pool: dict[str, Any], default_block_bytes: int) -> int:
+        """The pool's segment size when the file gives none: the arena, in whole pool
+        blocks, so that the arena takes one segment of its own size (not the default
+        256 MiB, which would take that much of the device for a small arena)."""
+        block = pool.get("block_bytes", default_block_bytes)
+        arena = self.arena_blocks(pool.get("max_bytes"), pool.get("min_bytes", 0)) * self.layout.bytes_per_block
+        return -(-arena // block) * block
+
+
 def parse_kv(where: str, table: Any, *, max_bytes: int | None, min_bytes: int) -> tuple[KvPoolConfig | None, list[tuple[str, str]]]:
     """The ``kv`` table of pool ``where`` (``pools[i]``), or None and its problems."""
     key = f"{where}.kv"

@@ -79,3 +79,11 @@ def test_kv_must_be_a_table(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(path=write(tmp_path, BASE + "kv = 3\n"))
     assert caught.value.key == "pools[0].kv"
+
+
+def test_a_paged_pool_segment_is_its_arena_unless_set(tmp_path):
+    kv = "[pools.kv]\nnum_layers = 1\nnum_kv_heads = 1\nhead_dim = 8\nmax_tokens = 100\n"  # 32 B/token, 512 B/block
+    (pool,) = load_config(path=write(tmp_path, BASE + kv)).pools
+    assert pool.segment_bytes == 64 * 1024  # 7 blocks = 3584 bytes, in whole 64 KiB pool blocks
+    (pool,) = load_config(path=write(tmp_path, BASE + "segment_bytes = '1MiB'\n" + kv)).pools
+    assert pool.segment_bytes == 1 << 20

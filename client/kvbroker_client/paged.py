@@ -16,10 +16,12 @@ in block ``block_table(seq)[t // block_tokens]``, offset ``t % block_tokens``, s
 **RPCs per token.** The client holds each sequence's block table. ``append_token`` costs
 no RPC while the token falls in a block already granted; when the blocks are full it
 asks for the next ``grant_tokens`` tokens' blocks at once (``DEFAULT_GRANT_TOKENS`` =
-256: 16 blocks of 16, so at most 4 RPCs per 1,000 tokens). The broker grants the whole
-batch only while the pool has blocks to spare and shrinks it as the pool fills
-(``kvbroker.core.paged.PagedArena.headroom``), so headroom never holds much of a nearly
-full arena. The broker learns ``tokens_used`` at each grant (or ``report``).
+256: 16 blocks of 16, so about 4 RPCs per 1,000 tokens in a pool with room). The broker
+scales the batch down as the pool fills (``kvbroker.core.paged.PagedArena.headroom``:
+1/16 of it when half the blocks are free), so that headroom holds little of a nearly
+full arena; appends then cost more RPCs. ``allocate_for`` asks for the prompt's blocks
+only: headroom at arrival is what a burst of arrivals would pin down unused. The broker
+learns ``tokens_used`` at each grant (or ``report``).
 
 **Views.** ``k_view``/``v_view`` are zero-copy when the sequence's blocks are one run
 (the broker keeps sequences in runs where it can: best fit, extension in place), and a
@@ -138,12 +140,16 @@ class PagedPool:
         return self._layers[index]
 
     def warmup(self) -> float:
-        """Touch every page of the arena (read), so the first write of a token does not
-        fault the page in; returns the seconds it took. A no-op on CUDA arenas."""
+        """Map every page of the arena into this process now (the seed's ``warmup()``),
+        so that no first write of a token takes a page fault; returns the seconds it
+        took. Host arenas: ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14+; the bytes are
+        untouched), else a read of one byte per page. The daemon already backs every
+        host page at creation, so only this process's page tables are filled. A no-op
+        on CUDA arenas (device memory is resident)."""
         import time
 
         started = time.perf_counter()
-        if self._arena.device.type == "cpu":
+        if self._arena.device.type == "cpu" and not _populate_write(self._arena.data_ptr(), self._arena.numel()):
             int(self._arena[::_PAGE].sum())
         return time.perf_counter() - started
 
@@ -166,10 +172,9 @@ class PagedPool:
             raise InvalidRequest(f"on_oom: must be one of {', '.join(OOM_STRATEGIES)}, got {on_oom!r}")
         wait_ms = 0 if timeout is None else max(0, round(timeout * 1000))
         limit = max_tokens or 0
-        wanted = prompt_tokens + self.grant_tokens
         request = pb.AllocateSequenceRequest(
             pool=self.pool, sequence_id=seq_id, prompt_tokens=prompt_tokens, max_tokens=limit,
-            tokens_wanted=min(wanted, limit) if limit else wanted, pinned=pinned, on_oom=OOM_STRATEGIES[on_oom],
+            tokens_wanted=prompt_tokens, pinned=pinned, on_oom=OOM_STRATEGIES[on_oom],
             wait_timeout_ms=wait_ms, priority=priority,
         )  # fmt: skip
         seq = self._call("AllocateSequence", request, extra_ms=wait_ms).sequence
@@ -349,6 +354,24 @@ class PagedPool:
     def evicted(self, seq_id: str) -> bool:
         """Whether the broker evicted the sequence (its EVICTED event arrived)."""
         return seq_id in self._evicted
+
+
+_MADV_POPULATE_WRITE = 23
+
+
+def _populate_write(address: int, nbytes: int) -> bool:
+    """Fault ``[address, address + nbytes)`` in writable without writing; False when the
+    kernel cannot (older than 5.14) or this is not Linux."""
+    import ctypes
+    import ctypes.util
+
+    start = address - address % _PAGE
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start), _MADV_POPULATE_WRITE) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _plan(call: Any):

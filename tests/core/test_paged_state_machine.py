@@ -198,13 +198,16 @@ def test_best_fit_and_in_place_extension():
     assert (stats.blocks_used, stats.blocks_free, stats.fragmentation) == (7, 9, 0.0)
 
 
-def test_headroom_shrinks_when_nearly_full():
-    arena = PagedArena(100, 16)
-    first = arena.allocate("a", "s", tokens_used=0, tokens_needed=16, tokens_wanted=16 * 11)
-    assert first.tokens_reserved == 16 * 11  # 10 blocks of headroom: 99 // (4 * 1) allows them
-    arena.allocate("fill", "s", tokens_used=0, tokens_needed=16 * 85)
-    late = arena.allocate("b", "s", tokens_used=0, tokens_needed=16, tokens_wanted=16 * 11)
-    assert late.tokens_reserved == 16  # 4 spare blocks over 4 * 3: no headroom
+def test_headroom_shrinks_as_the_pool_fills():
+    arena = PagedArena(1000, 16)
+    first = arena.allocate("a", "s", tokens_used=0, tokens_needed=16, tokens_wanted=16 * 101)
+    assert first.tokens_reserved == 16 * 100  # 100 x (999 / 1000) ** 4 = 99.6 -> 99 blocks of headroom
+    arena.allocate("fill", "s", tokens_used=0, tokens_needed=16 * 403)  # 497 blocks free
+    half = arena.allocate("b", "s", tokens_used=0, tokens_needed=16, tokens_wanted=16 * 101)
+    assert half.tokens_reserved == 16 * 7  # 100 x (496 / 1000) ** 4 = 6.05 -> 6 blocks
+    arena.allocate("fill2", "s", tokens_used=0, tokens_needed=16 * 393)
+    late = arena.allocate("c", "s", tokens_used=0, tokens_needed=16, tokens_wanted=16 * 101)
+    assert late.tokens_reserved == 16  # 96 spare blocks of 1000: 100 x 0.096 ** 4 < 1, no headroom
 
 
 def test_out_of_tokens_carries_figures():

@@ -116,8 +116,9 @@ def test_a_second_process_reads_what_the_first_wrote_token_by_token(daemon, work
     assert a("allocate", seq="s", prompt=0, max_tokens=200) == 200
     wrote = a("write", seq="s", salt=7, tokens=50)
     assert wrote["used"] == 50
-    # 50 tokens in grants of 16 tokens beyond the need: the allocate, 3 extensions, the report
-    assert wrote["rpcs"] <= 1 + 1 + 4 + 1, wrote
+    # 50 tokens (13 blocks) in grants of up to 16 tokens beyond the need, scaled down as the
+    # 64-block pool fills: the open, the allocate, at most one extension per 2 blocks, the report
+    assert wrote["rpcs"] <= 1 + 1 + 13 // 2 + 1, wrote
     assert b("attach", seq="s") == 50
     seen = b("check", seq="s", salt=7)
     assert seen == {"ok": True, "used": 50, "contiguous": True}
@@ -159,8 +160,8 @@ def test_oom_strategies_reject_reduce_and_wait(daemon, workers):
     with pytest.raises(WorkerError) as rejected:
         b("allocate", seq="r", prompt=100)
     assert rejected.value.kind == "OutOfTokens"
-    assert "100 tokens requested, 52 tokens free"  # 200 + 1 block of headroom held in str(rejected.value)
-    assert b("allocate", seq="reduced", prompt=10, max_tokens=1000, on_oom="reduce") == 52  # all that was free
+    assert "100 tokens requested, 56 tokens free" in str(rejected.value)
+    assert b("allocate", seq="reduced", prompt=10, max_tokens=1000, on_oom="reduce") == 56  # all that was free
     with pytest.raises(WorkerError) as timed_out:
         b("allocate", seq="w", prompt=100, on_oom="wait", timeout=0.2)
     assert timed_out.value.kind == "AllocationTimeout"
@@ -175,7 +176,7 @@ def test_oom_strategies_reject_reduce_and_wait(daemon, workers):
 def test_a_killed_workers_sequences_go_back_to_the_pool(daemon, workers):
     a = workers()
     a("allocate", seq="doomed", prompt=120)
-    assert block_map(daemon).stats.blocks_used == 30 + 4  # 120 tokens + 16 tokens of headroom
+    assert block_map(daemon).stats.blocks_used == 30  # 120 tokens (no headroom at allocation)
     a.kill()
     wait_until(lambda: block_map(daemon).stats.blocks_used == 0, 10.0, "the killed worker's blocks are free")
     assert block_map(daemon).block_map == "." * 64
