@@ -16,9 +16,10 @@ in block ``block_table(seq)[t // block_tokens]``, offset ``t % block_tokens``, s
 **RPCs per token.** The client holds each sequence's block table. ``append_token`` costs
 no RPC while the token falls in a block already granted; when the blocks are full it
 asks for the next ``grant_tokens`` tokens' blocks at once (``DEFAULT_GRANT_TOKENS`` =
-256: 16 blocks of 16, so about 4 RPCs per 1,000 tokens in a pool with room). The broker
-scales the batch down as the pool fills (``kvbroker.core.paged.PagedArena.headroom``:
-1/16 of it when half the blocks are free), so that headroom holds little of a nearly
+512: at most 32 blocks of 16; grants start at one block and double as the sequence
+generates, so about 5 RPCs per 1,000 tokens in a pool with room). The broker
+scales each grant by the pool's free fraction (``kvbroker.core.paged.PagedArena.headroom``:
+half of it when half the blocks are free), so that headroom holds little of a nearly
 full arena; appends then cost more RPCs. ``allocate_for`` asks for the prompt's blocks
 only: headroom at arrival is what a burst of arrivals would pin down unused. The broker
 learns ``tokens_used`` at each grant (or ``report``).
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_GRANT_TOKENS", "OutOfTokens", "PagedPool", "SequenceEvicted", "Slot"]
 
 #: Tokens asked for beyond the need when a sequence's blocks are full (tunable per pool).
-DEFAULT_GRANT_TOKENS = 256
+DEFAULT_GRANT_TOKENS = 512
 OOM_STRATEGIES = {"reject": pb.OOM_STRATEGY_REJECT, "reduce": pb.OOM_STRATEGY_REDUCE, "wait": pb.OOM_STRATEGY_WAIT}
 _PAGE = 4096
 

@@ -198,16 +198,17 @@ def test_best_fit_and_in_place_extension():
     assert (stats.blocks_used, stats.blocks_free, stats.fragmentation) == (7, 9, 0.0)
 
 
-def test_headroom_shrinks_as_the_pool_fills():
+def test_headroom_grows_with_what_a_sequence_generated_and_shrinks_as_the_pool_fills():
     arena = PagedArena(1000, 16)
-    first = arena.allocate("a", "s", tokens_used=0, tokens_needed=16, tokens_wanted=16 * 101)
-    assert first.tokens_reserved == 16 * 100  # 100 x (999 / 1000) ** 4 = 99.6 -> 99 blocks of headroom
-    arena.allocate("fill", "s", tokens_used=0, tokens_needed=16 * 403)  # 497 blocks free
-    half = arena.allocate("b", "s", tokens_used=0, tokens_needed=16, tokens_wanted=16 * 101)
-    assert half.tokens_reserved == 16 * 7  # 100 x (496 / 1000) ** 4 = 6.05 -> 6 blocks
-    arena.allocate("fill2", "s", tokens_used=0, tokens_needed=16 * 393)
-    late = arena.allocate("c", "s", tokens_used=0, tokens_needed=16, tokens_wanted=16 * 101)
-    assert late.tokens_reserved == 16  # 96 spare blocks of 1000: 100 x 0.096 ** 4 < 1, no headroom
+    first = arena.allocate("a", "s", tokens_used=100, tokens_needed=100, tokens_wanted=100 + 16 * 100)
+    assert first.tokens_reserved == 16 * 7  # no headroom at allocation: nothing generated yet
+    grown = arena.extend("a", tokens_used=112, tokens_needed=113, tokens_wanted=113 + 16 * 100)
+    assert grown.tokens_reserved == 16 * 8  # 12 tokens generated: less than a block, 1 x 992/1000 -> 0
+    grown = arena.extend("a", tokens_used=612, tokens_needed=613, tokens_wanted=613 + 16 * 100)
+    assert grown.tokens_reserved == 16 * (39 + 30)  # 512 generated = 32 blocks, x 961/1000 = 30.7 -> 30
+    arena.allocate("fill", "s", tokens_used=0, tokens_needed=16 * 831)  # 100 blocks free
+    late = arena.extend("a", tokens_used=1104, tokens_needed=1105, tokens_wanted=1105 + 16 * 100)
+    assert late.tokens_reserved == 16 * 70 + 16 * 6  # 62 generated blocks x 99/1000 = 6.1 -> 6
 
 
 def test_out_of_tokens_carries_figures():
