@@ -185,11 +185,11 @@ def part_append(args, log) -> dict:
         flats = [pool.layer(i).view(2, -1, heads, dim) for i in range(layers)]
         local = [torch.zeros_like(f) for f in flats]
         names = [f"s{i}" for i in range(args.sequences)]
-        paged_runs, base_runs, call_runs, slot_runs, rpcs = [], [], [], [], []
+        paged_runs, base_runs, call_runs, slot_runs, rpcs, rpc_s = [], [], [], [], [], []
         for _ in range(args.repeat):  # interleaved: the machine's load hits both alike
             for name in names:
                 pool.allocate_for(name, 0)
-            before = pool.rpc_count
+            before, before_s = pool.rpc_count, pool.rpc_seconds
             append = pool.append_token
             with harness.gc_paused():
                 started = time.perf_counter_ns()
@@ -201,6 +201,7 @@ def part_append(args, log) -> dict:
                             f[1, slot] = v
                 paged_runs.append(time.perf_counter_ns() - started)
             rpcs.append(pool.rpc_count - before)
+            rpc_s.append(pool.rpc_seconds - before_s)
             for name in names:
                 pool.free_for(name)
             with harness.gc_paused():
@@ -238,6 +239,7 @@ def part_append(args, log) -> dict:
     log(f"append: {paged_us:.2f} us a token (local baseline {base_us:.2f} us), {rpcs[0]} RPCs for {total} tokens")
     return {"append_us": paged_us, "baseline_us": base_us, "append_overhead_us": paged_us - base_us,
             "append_call_overhead_us": call_us, "rpcs_per_1000_tokens": 1000 * rpcs[0] / total,
+            "grant_rpc_us_per_token": min(rpc_s) / total * 1e6, "grant_rpc_ms": min(rpc_s) / max(1, rpcs[0]) * 1000,
             "grant_tokens": grant, "tokens": total, "layers": layers, "repeat": args.repeat}  # fmt: skip
 
 
@@ -280,7 +282,8 @@ def table(result: dict) -> str:
         f"(partial last blocks {100 * m['paged']['partial_block_waste_fraction']:.2f} %; target < 4 %)",
         f"  append: {a['append_us']:.2f} us a token vs {a['baseline_us']:.2f} us into a local tensor "
         f"({a['layers']} layers, K and V, best of {a['repeat']}): overhead {a['append_overhead_us']:.2f} us "
-        f"(target < 5 us); append_token alone {a['append_call_overhead_us']:.2f} us over the slot arithmetic",
+        f"(target < 5 us); append_token alone {a['append_call_overhead_us']:.2f} us over the slot arithmetic, "
+        f"of which grant RPCs {a['grant_rpc_us_per_token']:.2f} us ({a['grant_rpc_ms']:.2f} ms each)",
         f"  RPCs per 1,000 appended tokens: {a['rpcs_per_1000_tokens']:.2f} at grants of {a['grant_tokens']} "
         f"tokens (target < 10); {m['paged']['rpcs_per_1000_tokens_with_allocate_and_free']:.2f} in the trace "
         "counting allocate and free",

@@ -39,6 +39,7 @@ Thread-safety: one pool per thread, or a lock around it (appends mutate local st
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -118,6 +119,7 @@ class PagedPool:
         self.pool = pool
         self.grant_tokens = grant_tokens
         self.rpc_count = 0
+        self.rpc_seconds = 0.0  # wall time spent in this pool's RPCs (for measurements)
         response = self._call("OpenPagedPool", pb.OpenPagedPoolRequest(pool=pool))
         lay = response.layout
         self.layout = KvLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, DTYPE_BY_VALUE[lay.dtype].name,
@@ -147,8 +149,6 @@ class PagedPool:
         untouched), else a read of one byte per page. The daemon already backs every
         host page at creation, so only this process's page tables are filled. A no-op
         on CUDA arenas (device memory is resident)."""
-        import time
-
         started = time.perf_counter()
         if self._arena.device.type == "cpu" and not _populate_write(self._arena.data_ptr(), self._arena.numel()):
             int(self._arena[::_PAGE].sum())
@@ -336,6 +336,7 @@ class PagedPool:
             self._check_session()
         self.rpc_count += 1
         core = self._client.core
+        started = time.perf_counter()
         try:
             return self._client.drive(_plan(core.call(method, request, extra_ms)))
         except CacheExhausted as err:
@@ -345,6 +346,8 @@ class PagedPool:
             if seq_id and seq_id in self._evicted:
                 raise SequenceEvicted(f"sequence {seq_id!r} was evicted by the broker: allocate it again") from None
             raise err from None
+        finally:
+            self.rpc_seconds += time.perf_counter() - started
 
     def _on_event(self, event: pb.WatchEvent) -> None:
         """Watch thread: a sequence of this pool was evicted."""
