@@ -143,15 +143,15 @@ def paged_specs(config: BrokerConfig) -> dict[str, PagedPoolSpec]:
     }  # fmt: skip
 
 
-async def _create_arenas(paged: PagedPools) -> None:
+async def _create_arenas(paged: PagedPools, config: BrokerConfig) -> None:
     """Allocate every paged pool's arena before serving; one that does not fit stops the
-    start with a message naming the pool."""
-    try:
-        await paged.create_arenas()
-    except InvalidArgument as err:
-        raise ConfigError("pools.kv", str(err)) from None
-    except BrokerError as err:
-        raise ConfigError("pools.kv", f"a paged pool's arena cannot be allocated: {err}") from None
+    start with a message under the pool's key (``pools[i].kv``)."""
+    index = {p.name: i for i, p in enumerate(config.pools)}
+    for pool in paged.specs:
+        try:
+            await paged.create_arena(pool)
+        except BrokerError as err:
+            raise ConfigError(f"pools[{index[pool]}].kv", f"the arena of paged pool {pool!r} cannot be allocated: {err}") from None
 
 
 def build_memories(devices: DevicePlan, instance_id: str, config: BrokerConfig) -> dict[str, SegmentMemory]:
@@ -262,7 +262,7 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
             engine, listen=config.listen or None, unix_socket=config.unix_socket or None,
             interceptors=telemetry.interceptors, policy=config.auth, peers=peers, tls=tls, paged=paged,
         )  # fmt: skip
-        await _create_arenas(paged)
+        await _create_arenas(paged, config)
         if handshake is not None:
             await handshake.start()
         await telemetry.start(engine)

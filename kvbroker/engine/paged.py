@@ -95,22 +95,27 @@ class PagedPools:
 
     async def create_arenas(self) -> None:
         """Allocate (and, with ``prefault``, zero) every paged pool's arena."""
-        for spec in self.specs.values():
-            nbytes = spec.num_blocks * spec.layout.bytes_per_block
-            request = AllocationRequest(
-                spec.pool, nbytes, holder=ARENA_HOLDER, cache_id=spec.arena_id, pinned=True, retain=True,
-                model_name="paged-kv-arena",
-            )  # fmt: skip
-            info, handle = await self._engine.allocate(request)
-            if spec.prefault:
-                started = time.perf_counter()
-                memory = self._engine.memory(info.device_id)
-                extent = info.extents[0]
-                await asyncio.to_thread(memory.zero, extent.segment_id, extent.offset, extent.nbytes)
-                self.prefault_seconds[spec.pool] = time.perf_counter() - started
-            log.info("paged pool %s: arena %s of %d blocks x %d tokens (%d bytes)%s", spec.pool, spec.arena_id,
-                     spec.num_blocks, spec.layout.block_tokens, nbytes,
-                     f", prefaulted in {self.prefault_seconds[spec.pool]:.3f} s" if spec.prefault else "")  # fmt: skip
+        for pool in self.specs:
+            await self.create_arena(pool)
+
+    async def create_arena(self, pool: str) -> None:
+        """Allocate (and, with ``prefault``, zero) one paged pool's arena."""
+        spec = self.specs[pool]
+        nbytes = spec.num_blocks * spec.layout.bytes_per_block
+        request = AllocationRequest(
+            spec.pool, nbytes, holder=ARENA_HOLDER, cache_id=spec.arena_id, pinned=True, retain=True,
+            model_name="paged-kv-arena",
+        )  # fmt: skip
+        info, handle = await self._engine.allocate(request)
+        if spec.prefault:
+            started = time.perf_counter()
+            memory = self._engine.memory(info.device_id)
+            extent = info.extents[0]
+            await asyncio.to_thread(memory.zero, extent.segment_id, extent.offset, extent.nbytes)
+            self.prefault_seconds[spec.pool] = time.perf_counter() - started
+        log.info("paged pool %s: arena %s of %d blocks x %d tokens (%d bytes)%s", spec.pool, spec.arena_id,
+                 spec.num_blocks, spec.layout.block_tokens, nbytes,
+                 f", prefaulted in {self.prefault_seconds[spec.pool]:.3f} s" if spec.prefault else "")  # fmt: skip
 
     # -- queries ------------------------------------------------------------------------
 
