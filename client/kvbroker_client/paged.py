@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kvbroker.kvlayout import KvLayout
@@ -57,6 +58,9 @@ __all__ = ["DEFAULT_GRANT_TOKENS", "OutOfTokens", "PagedPool", "SequenceEvicted"
 DEFAULT_GRANT_TOKENS = 512
 OOM_STRATEGIES = {"reject": pb.OOM_STRATEGY_REJECT, "reduce": pb.OOM_STRATEGY_REDUCE, "wait": pb.OOM_STRATEGY_WAIT}
 _PAGE = 4096
+#: An operation as a generator: it yields ``(method, request, extra_ms)`` and is sent the
+#: response, so that the sync pool and ``AsyncPagedPool`` run the same code.
+Plan = Generator[tuple[str, Any, int], Any, Any]
 
 
 class OutOfTokens(CacheExhausted):
@@ -112,7 +116,8 @@ class PagedPool:
             ``warmup()`` in the worker), so that no first write of a token faults.
     """
 
-    def __init__(self, client: Any, pool: str, *, grant_tokens: int = DEFAULT_GRANT_TOKENS, populate: bool = False) -> None:
+    def __init__(self, client: Any, pool: str, *, grant_tokens: int = DEFAULT_GRANT_TOKENS, populate: bool = False,
+                 _opened: pb.OpenPagedPoolResponse | None = None) -> None:  # fmt: skip
         if isinstance(grant_tokens, bool) or not isinstance(grant_tokens, int) or grant_tokens < 0:
             raise InvalidRequest(f"grant_tokens: must be a non-negative integer, got {grant_tokens!r}")
         self._client = client
@@ -120,7 +125,7 @@ class PagedPool:
         self.grant_tokens = grant_tokens
         self.rpc_count = 0
         self.rpc_seconds = 0.0  # wall time spent in this pool's RPCs (for measurements)
-        response = self._call("OpenPagedPool", pb.OpenPagedPoolRequest(pool=pool))
+        response = _opened or self._call("OpenPagedPool", pb.OpenPagedPoolRequest(pool=pool))
         lay = response.layout
         self.layout = KvLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, DTYPE_BY_VALUE[lay.dtype].name,
                                lay.block_tokens)  # fmt: skip
@@ -169,6 +174,10 @@ class PagedPool:
         all of ``max_tokens`` now, or the largest ``max_tokens`` that fits; ``"wait"``
         waits up to ``timeout`` seconds for blocks (``AllocationTimeout`` after).
         """
+        return self._run(self._allocated(seq_id, prompt_tokens, max_tokens, on_oom, timeout, priority, pinned))
+
+    def _allocated(self, seq_id: str, prompt_tokens: int, max_tokens: int | None, on_oom: str, timeout: float | None,
+                   priority: int | None, pinned: bool) -> Plan:  # fmt: skip
         if on_oom not in OOM_STRATEGIES:
             raise InvalidRequest(f"on_oom: must be one of {', '.join(OOM_STRATEGIES)}, got {on_oom!r}")
         wait_ms = 0 if timeout is None else max(0, round(timeout * 1000))
@@ -178,7 +187,7 @@ class PagedPool:
             tokens_wanted=prompt_tokens, pinned=pinned, on_oom=OOM_STRATEGIES[on_oom],
             wait_timeout_ms=wait_ms, priority=priority,
         )  # fmt: skip
-        seq = self._call("AllocateSequence", request, extra_ms=wait_ms).sequence
+        seq = (yield ("AllocateSequence", request, wait_ms)).sequence
         self._evicted.discard(seq_id)
         self._seqs[seq_id] = _Sequence(_table(seq), prompt_tokens, seq.max_tokens, seq.pinned, _runs(seq))
         return seq.max_tokens
@@ -192,7 +201,7 @@ class PagedPool:
         bt = self.layout.block_tokens
         index = t // bt
         if index >= len(seq.table):
-            self._grow(seq_id, seq, t + 1)
+            self._run(self._grow(seq_id, seq, t + 1))
         block = seq.table[index]
         seq.used = t + 1
         offset = t - index * bt
@@ -203,23 +212,32 @@ class PagedPool:
         seq = self._seqs.get(seq_id) or self._missing(seq_id)
         if n < 0:
             raise InvalidRequest(f"n: must be non-negative, got {n}")
+        if seq.used + n > len(seq.table) * self.layout.block_tokens:
+            self._run(self._grow(seq_id, seq, seq.used + n))
+        return self._slots(seq, n)
+
+    def _slots(self, seq: _Sequence, n: int) -> list[Slot]:
         bt = self.layout.block_tokens
-        if seq.used + n > len(seq.table) * bt:
-            self._grow(seq_id, seq, seq.used + n)
         start, seq.used = seq.used, seq.used + n
         return [Slot(seq.table[t // bt], t % bt, seq.table[t // bt] * bt + t % bt) for t in range(start, start + n)]
 
     def free_for(self, seq_id: str) -> bool:
         """Give the sequence's blocks back; False when it was gone already (a second
         call is a no-op, as the seed's ``freeFor``)."""
+        return self._run(self._freed(seq_id))
+
+    def _freed(self, seq_id: str) -> Plan:
         self._seqs.pop(seq_id, None)
         self._evicted.discard(seq_id)
-        return self._call("FreeSequence", pb.FreeSequenceRequest(pool=self.pool, sequence_id=seq_id)).freed
+        return (yield ("FreeSequence", pb.FreeSequenceRequest(pool=self.pool, sequence_id=seq_id), 0)).freed
 
     def attach(self, seq_id: str) -> int:
         """Hold another process's sequence and load its block table; returns its tokens
         as last reported (``report`` on the writer's side)."""
-        seq = self._call("AttachSequence", pb.AttachSequenceRequest(pool=self.pool, sequence_id=seq_id)).sequence
+        return self._run(self._attached(seq_id))
+
+    def _attached(self, seq_id: str) -> Plan:
+        seq = (yield ("AttachSequence", pb.AttachSequenceRequest(pool=self.pool, sequence_id=seq_id), 0)).sequence
         self._evicted.discard(seq_id)
         self._seqs[seq_id] = _Sequence(_table(seq), seq.tokens_used, seq.max_tokens, seq.pinned, _runs(seq))
         return seq.tokens_used
@@ -227,15 +245,21 @@ class PagedPool:
     def report(self, seq_id: str) -> None:
         """Tell the broker the tokens written so far (one RPC), for an attached reader
         and for ``kvbroker ls``."""
+        self._run(self._reported(seq_id))
+
+    def _reported(self, seq_id: str) -> Plan:
         seq = self._seqs.get(seq_id) or self._missing(seq_id)
         request = pb.ExtendSequenceRequest(pool=self.pool, sequence_id=seq_id, tokens_used=seq.used,
                                            tokens_needed=seq.used, tokens_wanted=seq.used)  # fmt: skip
-        self._call("ExtendSequence", request)
+        yield ("ExtendSequence", request, 0)
 
     def pin(self, seq_id: str, pinned: bool = True) -> None:
         """Pin (never evicted) or unpin a sequence."""
+        self._run(self._pinned(seq_id, pinned))
+
+    def _pinned(self, seq_id: str, pinned: bool) -> Plan:
         seq = self._seqs.get(seq_id) or self._missing(seq_id)
-        self._call("PinSequence", pb.PinSequenceRequest(pool=self.pool, sequence_id=seq_id, pinned=pinned))
+        yield ("PinSequence", pb.PinSequenceRequest(pool=self.pool, sequence_id=seq_id, pinned=pinned), 0)
         seq.pinned = pinned
 
     def unpin(self, seq_id: str) -> None:
@@ -291,7 +315,11 @@ class PagedPool:
     def stats(self) -> dict[str, Any]:
         """The seed's statistics: sequences, bytes allocated and free, fragmentation,
         full; and tokens used, reserved and free."""
-        s = self.block_map().stats
+        return self.stats_of(self.block_map())
+
+    def stats_of(self, reply: pb.BlockMapResponse) -> dict[str, Any]:
+        """``stats()`` of a ``block_map()`` reply."""
+        s = reply.stats
         per_block = self.layout.bytes_per_block
         return {
             "sequences": s.sequences, "total_allocated_bytes": s.blocks_used * per_block,
@@ -310,7 +338,7 @@ class PagedPool:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _grow(self, seq_id: str, seq: _Sequence, needed: int) -> None:
+    def _grow(self, seq_id: str, seq: _Sequence, needed: int) -> Plan:
         if seq.max_tokens and needed > seq.max_tokens:
             raise InvalidRequest(f"sequence {seq_id!r} would hold {needed} tokens, more than its max_tokens ({seq.max_tokens})")
         wanted = needed + self.grant_tokens
@@ -318,8 +346,17 @@ class PagedPool:
             pool=self.pool, sequence_id=seq_id, tokens_used=seq.used, tokens_needed=needed,
             tokens_wanted=min(wanted, seq.max_tokens) if seq.max_tokens else wanted,
         )  # fmt: skip
-        response = self._call("ExtendSequence", request).sequence
+        response = (yield ("ExtendSequence", request, 0)).sequence
         seq.table, seq.runs = _table(response), _runs(response)
+
+    def _run(self, plan: Plan) -> Any:
+        """Perform a plan's calls (``(method, request, extra_ms)``) one by one."""
+        try:
+            step = next(plan)
+            while True:
+                step = plan.send(self._call(*step))
+        except StopIteration as stop:
+            return stop.value
 
     def _missing(self, seq_id: str) -> _Sequence:
         self._check_session()
@@ -339,15 +376,19 @@ class PagedPool:
         started = time.perf_counter()
         try:
             return self._client.drive(_plan(core.call(method, request, extra_ms)))
-        except CacheExhausted as err:
-            raise OutOfTokens.of(err) from None
-        except CacheNotFound as err:
-            seq_id = getattr(request, "sequence_id", "")
-            if seq_id and seq_id in self._evicted:
-                raise SequenceEvicted(f"sequence {seq_id!r} was evicted by the broker: allocate it again") from None
-            raise err from None
+        except (CacheExhausted, CacheNotFound) as err:
+            raise self._typed(err, request) from None
         finally:
             self.rpc_seconds += time.perf_counter() - started
+
+    def _typed(self, err: CacheExhausted | CacheNotFound, request: Any) -> Exception:
+        """``OutOfTokens`` for a paged refusal; ``SequenceEvicted`` for an evicted one's."""
+        if isinstance(err, CacheExhausted):
+            return OutOfTokens.of(err)
+        seq_id = getattr(request, "sequence_id", "")
+        if seq_id and seq_id in self._evicted:
+            return SequenceEvicted(f"sequence {seq_id!r} was evicted by the broker: allocate it again")
+        return err
 
     def _on_event(self, event: pb.WatchEvent) -> None:
         """Watch thread: a sequence of this pool was evicted."""

@@ -221,3 +221,47 @@ def test_another_session_may_not_free_a_sequence_it_does_not_hold(daemon, worker
         b("free", seq="mine")
     assert refused.value.kind == "PreconditionFailed" and "not held by this caller" in str(refused.value)
     assert [s.sequence_id for s in block_map(daemon).sequences] == ["mine"]
+
+
+def test_the_async_pool_allocates_appends_reads_and_frees(daemon, workers):
+    import asyncio
+
+    import torch
+
+    from kvbroker_client import AsyncBrokerClient, OutOfTokens, SequenceEvicted
+    from tests.e2e.paged_worker import expected
+
+    async def scenario() -> None:
+        async with AsyncBrokerClient(daemon.target) as client:
+            pool = await client.paged_pool("kv", grant_tokens=16)
+            lay = pool.layout
+            assert await pool.allocate_for("aio", 0, max_tokens=100, priority=0) == 100
+            for t in range(30):
+                where = await pool.append_token("aio")
+                for layer in range(lay.num_layers):
+                    flat = pool.layer(layer).view(2, -1, lay.num_kv_heads, lay.head_dim)
+                    for kv in (0, 1):
+                        flat[kv, where.slot] = expected(9, layer, kv, t + 1, lay.num_kv_heads, lay.head_dim)[t]
+            slots = await pool.append_tokens("aio", 0)
+            assert slots == [] and pool.tokens_used("aio") == 30
+            await pool.report("aio")
+            assert torch.equal(pool.k_view("aio", 1)[:30], expected(9, 1, 0, 30, lay.num_kv_heads, lay.head_dim))
+            stats = await pool.stats()
+            assert stats["sequences"] == 1 and stats["tokens_used"] == 30
+            assert "aio: 30/" in await pool.dump_cache_stats()
+            with pytest.raises(OutOfTokens):
+                await pool.allocate_for("huge", 1000)
+            # Another process's higher-priority sequence evicts it: the event reaches the loop.
+            evicted = asyncio.Event()
+            client.sequence_listeners.append(lambda event: event.sequence_id == "aio" and evicted.set())
+            # (in threads: a blocked loop would miss its heartbeats and lose its session)
+            w = await asyncio.to_thread(workers)
+            await asyncio.to_thread(w, "allocate", seq="vip", prompt=256, priority=5)
+            await asyncio.wait_for(evicted.wait(), 20)  # the listener runs after the pool's own
+            assert pool.evicted("aio")
+            with pytest.raises(SequenceEvicted):
+                await pool.append_token("aio")
+            assert await pool.free_for("aio") is False
+            assert await asyncio.to_thread(w, "free", seq="vip") is True
+
+    asyncio.run(scenario())
