@@ -160,7 +160,7 @@ PLAUSIBLE = {
     "pid": st.integers(0, 1 << 22),
     "host": st.sampled_from(["", "localhost"]),
     # paged pools (test_fuzz_paged.py)
-    "sequence_id": st.sampled_from(KNOWN_CACHE_IDS),
+    "sequence_id": st.one_of(*[st.sampled_from(KNOWN_CACHE_IDS)] * 3, st.text(ID_ALPHABET[:62], min_size=1, max_size=12)),
     "prompt_tokens": st.integers(0, 64),
     "max_tokens": st.sampled_from([0, 0, 100, 10_000]),
     "tokens_wanted": st.integers(0, 200),

@@ -59,12 +59,18 @@ def test_fuzzed_paged_requests_get_documented_codes(daemon, channel, name):
     log_from = daemon.log_size()
     seen: dict[grpc.StatusCode, int] = {}
     stub = broker_pb2_grpc.CacheBrokerStub(channel)
-    # Half the known ids exist before a run (the anonymous caller's, as the fuzz's calls
-    # without metadata are), so Extend, Attach, Pin and Free meet live sequences.
-    for seq in KNOWN_CACHE_IDS[::2]:
-        stub.AllocateSequence(pb.AllocateSequenceRequest(pool="default", sequence_id=seq, prompt_tokens=8), timeout=5)
+    # The known ids exist before a run (the anonymous caller's, as the fuzz's calls without
+    # metadata are), so Extend, Attach, Pin and Free meet live sequences they may act on.
+    for seq in KNOWN_CACHE_IDS:
+        try:
+            stub.AllocateSequence(pb.AllocateSequenceRequest(pool="default", sequence_id=seq, prompt_tokens=8), timeout=5)
+        except grpc.RpcError as err:  # left by a failed run before
+            assert err.code() == grpc.StatusCode.ALREADY_EXISTS, err.details()
 
-    @settings(max_examples=_examples(method), **FUZZ_SETTINGS)
+    # More examples than the base fuzz's, always the same ones (derandomized, as in CI): a
+    # call succeeds only when well formed, without session metadata and on a known id,
+    # about 1 in 40, so a random run of 400 could still miss (seen once in 7 runs).
+    @settings(max_examples=max(400, _examples(method)), **{**FUZZ_SETTINGS, "derandomize": True})
     @given(message_fields(method.input_type), metadata)
     def fuzz(kwargs, md):
         code, details = call(channel, method, build(method.input_type, kwargs).SerializeToString(), md)
