@@ -24,6 +24,7 @@ from typing import Any
 from kvbroker.core.eviction import POLICIES
 from kvbroker.core.types import GiB, MiB, Placement, pool_problems
 from kvbroker.persistence import settings as persistence
+from kvbroker.pagedconfig import KvPoolConfig, parse_kv
 from kvbroker.security import AuthPolicy, parse_auth
 from kvbroker.wire import SIZE_UNITS
 
@@ -119,6 +120,8 @@ class PoolConfig:
     scrub: bool = True
     #: Checkpoint this pool's caches and restore them at start (``[persistence]``).
     persistent: bool = False
+    #: A paged KV pool's layout and budget (``[pools.kv]``, ``kvbroker.pagedconfig``).
+    kv: KvPoolConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ class BrokerConfig:
 _POOL_KEYS = {
     "name": str, "devices": list, "min_bytes": "size", "max_bytes": "size", "priority": int,
     "eviction_policy": str, "gc_threshold": float, "block_bytes": "size", "segment_bytes": "size",
-    "default_cache_bytes": "size", "placement": str, "scrub": bool, **persistence.POOL_KEYS,
+    "default_cache_bytes": "size", "placement": str, "scrub": bool, "kv": dict, **persistence.POOL_KEYS,
 }
 _SECTIONS = {
     "server": {"listen": str, "unix_socket": str, "grace_seconds": float, "log_level": str, "recent_errors": int},
@@ -296,6 +299,12 @@ def _pool(index: int, table: Any, problems: _Problems) -> PoolConfig | None:
     for key, message in pool_problems(checked):
         if key not in reported:
             problems.add(f"{where}.{key}", message)
+    if "kv" in values and len(problems.items) == before:
+        values["kv"], kv_problems = parse_kv(where, values["kv"], max_bytes=values.get("max_bytes"),
+                                             min_bytes=values.get("min_bytes", 0))  # fmt: skip
+        problems.items.extend(kv_problems)
+        if values["kv"] is not None and "segment_bytes" not in values:  # one segment: the arena
+            values["segment_bytes"] = values["kv"].arena_segment_bytes(values, PoolConfig.block_bytes)
     if len(problems.items) > before:
         return None
     return PoolConfig(**values)

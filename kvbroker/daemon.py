@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from kvbroker import __version__
 from kvbroker.config import ALL_DEVICES, BrokerConfig, ConfigError, load_config
 from kvbroker.core import Broker, DeviceSpec, PoolSpec
-from kvbroker.core.errors import InvalidArgument, amount
+from kvbroker.core.errors import BrokerError, InvalidArgument, amount
 from kvbroker.core.types import KiB
 from kvbroker.engine import Engine, EngineSettings, Persistence
+from kvbroker.engine.paged import PagedPools, PagedPoolSpec
 from kvbroker.memory.backend import SegmentMemory
 from kvbroker.memory.cuda import CUDA_MIN_SEGMENT_BYTES, CUDA_SEGMENT_ALIGNMENT_BYTES
 from kvbroker.security import PeerHandshakeServer, PeerRegistry
@@ -132,6 +133,25 @@ def pool_specs(config: BrokerConfig, devices: DevicePlan) -> list[PoolSpec]:
     if problems:
         raise ConfigError.of(problems)
     return specs
+
+
+def paged_specs(config: BrokerConfig) -> dict[str, PagedPoolSpec]:
+    """The paged pools (``[pools.kv]``) with their arenas' block counts."""
+    return {
+        p.name: PagedPoolSpec(p.name, p.kv.layout, p.kv.arena_blocks(p.max_bytes, p.min_bytes), p.kv.prefault)
+        for p in config.pools if p.kv is not None
+    }  # fmt: skip
+
+
+async def _create_arenas(paged: PagedPools, config: BrokerConfig) -> None:
+    """Allocate every paged pool's arena before serving; one that does not fit stops the
+    start with a message under the pool's key (``pools[i].kv``)."""
+    index = {p.name: i for i, p in enumerate(config.pools)}
+    for pool in paged.specs:
+        try:
+            await paged.create_arena(pool)
+        except BrokerError as err:
+            raise ConfigError(f"pools[{index[pool]}].kv", f"the arena of paged pool {pool!r} cannot be allocated: {err}") from None
 
 
 def build_memories(devices: DevicePlan, instance_id: str, config: BrokerConfig) -> dict[str, SegmentMemory]:
@@ -261,6 +281,7 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
     )
     engine = Engine(broker, memories, instance_id, settings, observer=telemetry.observer)
     persistence: Persistence | None = None
+    paged = PagedPools(engine, paged_specs(config))
     server: BrokerServer | None = None
     peers = PeerRegistry()
     handshake = PeerHandshakeServer(config.unix_socket + PEER_SOCKET_SUFFIX, peers) if config.unix_socket else None
@@ -271,9 +292,10 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
             _clear_stale_socket(config.unix_socket)
         server = await create_server(
             engine, listen=config.listen or None, unix_socket=config.unix_socket or None,
-            interceptors=telemetry.interceptors, policy=config.auth, peers=peers, tls=tls,
+            interceptors=telemetry.interceptors, policy=config.auth, peers=peers, tls=tls, paged=paged,
             recent_errors=config.recent_errors,
         )  # fmt: skip
+        await _create_arenas(paged, config)
         if handshake is not None:
             await handshake.start()
         await telemetry.start(engine)

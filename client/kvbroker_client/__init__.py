@@ -20,6 +20,8 @@ that there is no import circle):
     revoke.py   re-mapping a released range of views to private memory (libc mmap)
     mapping.py  ``SegmentMapper``: handles -> mapped segments -> views (imports torch)
     cache.py    ``Cache`` and ``AsyncCache``: a ``Held`` record and its client's ``drive``
+    paged.py    ``PagedPool``: a paged KV pool's arena as per-layer tensors, sequences, appends
+    paged_aio.py ``AsyncPagedPool``: the same for ``AsyncBrokerClient``, its calls awaited
     sync.py     ``BrokerClient``: grpc channel, Watch and heartbeat threads
     aio.py      ``AsyncBrokerClient``: grpc.aio channel, Watch and heartbeat tasks
 
@@ -61,6 +63,8 @@ from kvbroker_client.errors import (
     UnexpectedBrokerError,
 )
 from kvbroker_client.handles import HandleError, StaleHandleError
+from kvbroker_client.paged import DEFAULT_GRANT_TOKENS, OutOfTokens, PagedPool, SequenceEvicted, Slot
+from kvbroker_client.paged_aio import AsyncPagedPool
 from kvbroker_client.summary import summarize
 from kvbroker_client.sync import BrokerClient
 from kvbroker_client.units import PRIORITIES, parse_size
@@ -71,6 +75,12 @@ if TYPE_CHECKING:
 _LAZY_FROM_MAPPING = ("SegmentMapper",)
 
 __all__ = [
+    "DEFAULT_GRANT_TOKENS",
+    "AsyncPagedPool",
+    "OutOfTokens",
+    "PagedPool",
+    "SequenceEvicted",
+    "Slot",
     "DEFAULT_TARGET",
     "PRIORITIES",
     "DEFAULT_TIMEOUT_S",

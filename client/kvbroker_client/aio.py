@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -25,6 +25,8 @@ from kvbroker_client.core import UNMAP_POLL_SECONDS, ClientCore, Phase
 from kvbroker_client.dtypes import DTypeLike
 from kvbroker_client.errors import BrokerUnavailable, KvBrokerError, from_rpc_error
 from kvbroker_client.handles import check_handle
+from kvbroker_client.paged import DEFAULT_GRANT_TOKENS
+from kvbroker_client.paged_aio import AsyncPagedPool
 from kvbroker_client.summary import summarize
 from kvbroker_client.units import PriorityLike, SizeLike
 
@@ -57,6 +59,8 @@ class AsyncBrokerClient:
         self._channel = self._credentials.channel(target, channel_options(options), aio=True)
         self._stub = broker_pb2_grpc.CacheBrokerStub(self._channel)
         self._session: _AsyncSession | None = None
+        #: Called (on the loop) with each event about a paged pool's sequence.
+        self.sequence_listeners: list[Callable[[pb.WatchEvent], None]] = []
 
     @property
     def target(self) -> str:
@@ -75,7 +79,7 @@ class AsyncBrokerClient:
     def _start_session(self) -> None:
         # The session's tasks need the running loop: started on first use.
         if self._session is None and self._core.phase is Phase.CONNECTING:
-            self._session = _AsyncSession(self._core, self._stub, self._recover)
+            self._session = _AsyncSession(self._core, self._stub, self._recover, self.sequence_listeners)
 
     async def drive(self, plan: Plan[T]) -> T:
         """Like ``BrokerClient.drive``, awaiting each call."""
@@ -182,6 +186,10 @@ class AsyncBrokerClient:
         request = pb.DefragmentRequest(device=device, pool=pool, dry_run=dry_run, target_bytes=target_bytes)
         return await self.drive(self._core.unary("Defragment", request))
 
+    async def paged_pool(self, pool: str, *, grant_tokens: int = DEFAULT_GRANT_TOKENS, populate: bool = False) -> AsyncPagedPool:
+        """Like ``BrokerClient.paged_pool``: an ``AsyncPagedPool``."""
+        return await AsyncPagedPool.open(self, pool, grant_tokens=grant_tokens, populate=populate)
+
     async def close(self) -> None:
         """Like ``BrokerClient.close``."""
         if self._core.closed:
@@ -205,11 +213,13 @@ class AsyncBrokerClient:
 class _AsyncSession:
     """The session's two tasks: the Watch loop and the schedule."""
 
-    def __init__(self, core: ClientCore, stub: Any, recover: Any) -> None:
+    def __init__(self, core: ClientCore, stub: Any, recover: Any,
+                 listeners: list[Callable[[pb.WatchEvent], None]]) -> None:
         self._core = core
         self._stub = stub
         self._recover = recover  # a coroutine function: re-attaches the stranded records
         self._recovering: set[asyncio.Task] = set()
+        self._listeners = listeners
         self._stream: Any = None
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch_loop()), loop.create_task(self._schedule_loop())]
@@ -235,6 +245,9 @@ class _AsyncSession:
                         task.add_done_callback(self._recovering.discard)
                     if not alive:
                         break
+                    if event.sequence_id:
+                        for listener in list(self._listeners):
+                            listener(event)
             except grpc.RpcError as err:
                 detail = f"{err.code().name}: {err.details()}"
             finally:

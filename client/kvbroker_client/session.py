@@ -103,7 +103,7 @@ class SessionRules:
             kind = event.kind
             if kind == pb.EVENT_KIND_SESSION_OPENED:
                 self._opened(event, now)
-            elif kind in (pb.EVENT_KIND_EVICTED, pb.EVENT_KIND_MOVED):
+            elif kind in (pb.EVENT_KIND_EVICTED, pb.EVENT_KIND_MOVED) and not event.sequence_id:  # a sequence's: not the cache
                 held = self._held.get(event.cache_id)
                 if held is not None and held.generation == generation:
                     if kind == pb.EVENT_KIND_EVICTED:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -34,6 +34,7 @@ from kvbroker_client.core import UNMAP_POLL_SECONDS, ClientCore, Phase
 from kvbroker_client.dtypes import DTypeLike
 from kvbroker_client.errors import BrokerUnavailable, KvBrokerError, from_rpc_error
 from kvbroker_client.handles import check_handle
+from kvbroker_client.paged import DEFAULT_GRANT_TOKENS, PagedPool
 from kvbroker_client.summary import summarize
 from kvbroker_client.units import PriorityLike, SizeLike
 
@@ -81,8 +82,10 @@ class BrokerClient:
         self._channel = self._credentials.channel(target, channel_options(options))
         self._stub = broker_pb2_grpc.CacheBrokerStub(self._channel)
         self._session: _Session | None = None
+        #: Called (on the Watch thread) with each event about a paged pool's sequence.
+        self.sequence_listeners: list[Callable[[pb.WatchEvent], None]] = []
         if self._core.phase is not Phase.ANONYMOUS:
-            self._session = _Session(self._core, self._stub, self._recover)
+            self._session = _Session(self._core, self._stub, self._recover, self.sequence_listeners)
             # Calls made before the session is open would hold caches under a lease-only
             # session; wait for the first attempt's outcome (fails fast if the broker is down).
             self._session.first_attempt.wait(timeout_s)
@@ -238,6 +241,15 @@ class BrokerClient:
         request = pb.DefragmentRequest(device=device, pool=pool, dry_run=dry_run, target_bytes=target_bytes)
         return self.drive(self._core.unary("Defragment", request))
 
+    def paged_pool(self, pool: str, *, grant_tokens: int = DEFAULT_GRANT_TOKENS, populate: bool = False) -> PagedPool:
+        """A paged KV pool (``[pools.kv]``), its arena mapped once: per-layer tensors,
+        sequences, token appends without RPCs (``kvbroker_client/paged.py``).
+
+        Raises:
+            CacheNotFound: ``pool`` is not a paged pool of this broker.
+        """
+        return PagedPool(self, pool, grant_tokens=grant_tokens, populate=populate)
+
     def close(self) -> None:
         """Release every cache this client still holds (best effort), end the session,
         close the channel. Idempotent. Views already built are re-mapped to private
@@ -262,8 +274,10 @@ class BrokerClient:
 class _Session:
     """The session's two daemon threads: the Watch loop and the schedule."""
 
-    def __init__(self, core: ClientCore, stub: Any, recover: Any) -> None:
+    def __init__(self, core: ClientCore, stub: Any, recover: Any,
+                 listeners: list[Callable[[pb.WatchEvent], None]]) -> None:
         self._core = core
+        self._listeners = listeners
         self._stub = stub
         self._recover = recover  # re-attaches the stranded records (BrokerClient._recover)
         self._stop = threading.Event()
@@ -296,6 +310,9 @@ class _Session:
             try:
                 for event in stream:
                     alive = core.on_event(event, call.generation, time.monotonic())
+                    if event.sequence_id:
+                        for listener in list(self._listeners):
+                            listener(event)
                     if core.phase is Phase.OPEN:
                         self.first_attempt.set()
                     if event.kind == pb.EVENT_KIND_SESSION_OPENED and core.sessions_lost:

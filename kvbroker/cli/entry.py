@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from kvbroker import __version__
-from kvbroker.cli import acting, caches, calc, ending, top
+from kvbroker.cli import acting, blocks, caches, calc, ending, top
 from kvbroker.cli import checkpoint as checkpoint_command
 from kvbroker.cli.formatting import dumps, to_json
 from kvbroker.cli.views import render_defrag, render_stats
@@ -25,7 +25,8 @@ ENV_TARGET = "KVBROKER_TARGET"
 _STATES = {"resident": pb.CACHE_STATE_RESIDENT, "evicted": pb.CACHE_STATE_EVICTED, "pending": pb.CACHE_STATE_PENDING}
 #: ListCaches page size the CLI asks for (the broker's maximum): fewer round trips.
 PAGE_SIZE = 1000
-COMMANDS = ("serve", "stats", "ls", "sessions", "top", "ping", "defrag", "release", "evict", "pool", "checkpoint", "calc")
+COMMANDS = ("serve", "stats", "ls", "sessions", "top", "ping", "defrag", "release", "evict", "pool", "blocks",
+            "checkpoint", "calc")
 
 
 # -- argument types: each refuses a bad value with a message naming what is expected -----
@@ -84,6 +85,8 @@ def _cmd_stats(client: BrokerClient, args: argparse.Namespace) -> str:
 
 
 def _cmd_ls(client: BrokerClient, args: argparse.Namespace) -> str:
+    if args.sequences:
+        return blocks.cmd_sequences(client, args)
     found = client.list_caches(pool=args.pool, model_name=args.model, state=_STATES.get(args.state),
                                page_size=PAGE_SIZE)  # fmt: skip
     if args.group_by:
@@ -174,6 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=positive_int, metavar="N", help="show at most N caches (or groups)")
     ls.add_argument("--group-by", choices=caches.GROUPS,
                     help="one row per model or pool: caches, bytes, pinned, idle retained, evicted, holders")
+    ls.add_argument("--sequences", action="store_true",
+                    help="the paged pools' sequences: tokens used/reserved, max, priority, pin, block ranges")
     ls.set_defaults(run=_cmd_ls)
 
     sessions = _command(commands, common, "sessions", "who is connected and what each holds",
@@ -243,6 +248,7 @@ def _parser() -> argparse.ArgumentParser:
     pool_set.add_argument("--priority", type=int32, metavar="N", help="the pool's priority (its caches' default)")
     pool_set.add_argument("--dry-run", action="store_true", help="report what the change would evict; change nothing")
     pool_set.set_defaults(run=acting.cmd_pool_set)
+    blocks.add_parser(commands, common)
     checkpoint_command.add_command(commands, common)
 
     calc.add_parser(commands, positive_int, size)

@@ -66,6 +66,14 @@ def render_stats(stats: pb.StatsResponse) -> str:
         ]  # fmt: skip
         headers = ("FRAGMENTATION", "TOTAL", "WITHIN SEGMENTS (compaction fixes)", "ACROSS SEGMENTS (segments going back fix)")
         parts += ["", render_table(headers, frag_rows, "lrrr")]
+    if stats.paged_pools:
+        paged_rows = [
+            [p.pool, str(p.num_blocks), str(p.blocks_used), str(p.blocks_free), str(p.sequences),
+             str(p.tokens_used), str(p.tokens_reserved), str(p.tokens_free), f"{p.fragmentation:.2f}"]
+            for p in stats.paged_pools
+        ]  # fmt: skip
+        headers = ("PAGED POOL", "BLOCKS", "USED", "FREE", "SEQUENCES", "TOKENS USED", "RESERVED", "TOKENS FREE", "FRAG")
+        parts += ["", render_table(headers, paged_rows, "lrrrrrrrr")]
     if any(m.calls for m in stats.methods):
         parts += ["", f"RPCs in the last {format_duration(stats.window_seconds)}:", render_methods(stats.methods)]
     if stats.recent_errors:

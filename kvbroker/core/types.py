@@ -338,6 +338,9 @@ class Event:
     epoch: int = 0
     reason: str = ""
     segment_generation: int = 0
+    #: Set for a paged pool's sequence (``kvbroker.core.paged``); ``cache_id`` is then the
+    #: pool's arena, which itself did not move or go.
+    sequence_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 
 from kvbroker import __version__
 from kvbroker.core import (
@@ -100,6 +100,10 @@ class Engine:
         self._background = Background(broker, self._sessions, self.settings, self._end_session_now, self._settle)
         self._closed = False
         self.checkpoints: Persistence | None = None  # set by ``persist``
+        #: Called with a session's id when it ends (paged pools drop its sequences).
+        self.session_end_hooks: list[Callable[[str], None]] = []
+        #: Per paged pool, its block and token figures (set by ``kvbroker.engine.paged``).
+        self.paged_figures: Callable[[], dict] = dict
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -245,6 +249,8 @@ class Engine:
             return []
         self._observer.session_reclaimed(reason)
         freed, retired = self.broker.end_session(session_id)
+        for hook in self.session_end_hooks:
+            hook(session_id)
         self._settle(retired, True)
         log.info("session %s ended (%s): %d caches freed, %d segments retired",
                  session_id, reason.value, len(freed), len(retired))  # fmt: skip
@@ -307,7 +313,7 @@ class Engine:
     def live(self) -> LiveFigures:
         """Live sessions and, per pool, allocations waiting now and waited so far."""
         queue = self._allocator.queue
-        return LiveFigures(len(self._sessions), dict(queue.depth), dict(queue.joined))
+        return LiveFigures(len(self._sessions), dict(queue.depth), dict(queue.joined), self.paged_figures())
 
     def list_caches(
         self, *, pool: str | None, model_name: str | None, state: CacheState | None, after: str, limit: int
@@ -400,6 +406,10 @@ class Engine:
         self._background.tick()
 
     # -- internals --------------------------------------------------------------------
+
+    def deliver(self, events: Sequence[Event]) -> None:
+        """Queue events that another part made (a paged pool's) for their sessions."""
+        self._sessions.deliver(events)
 
     def _touch(self, holder: str) -> None:
         if not is_sessionless(holder):

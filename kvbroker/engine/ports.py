@@ -33,6 +33,8 @@ class LiveFigures(NamedTuple):
     sessions: int
     waiting: Mapping[str, int]
     waits: Mapping[str, int]
+    #: Per paged pool (``kvbroker.engine.paged``): its ``kvbroker.core.paged.PagedStats``.
+    paged: Mapping[str, Any] = {}
 
 
 class RpcStats(NamedTuple):

@@ -26,6 +26,7 @@ from kvbroker.security import AuthPolicy, PeerRegistry
 from kvbroker.server.errorlog import DEFAULT_RECENT_ERRORS, RecentErrors
 from kvbroker.server.gate import Gate
 from kvbroker.server.registration import SERVICE, add_cache_broker
+from kvbroker.engine.paged import PagedPools
 from kvbroker.server.servicer import CacheBrokerServicer
 
 SERVICE_NAME = SERVICE.full_name
@@ -131,6 +132,7 @@ async def create_server(
     peers: PeerRegistry | None = None,
     tls: TlsFiles | None = None,
     recent_errors: int = DEFAULT_RECENT_ERRORS,
+    paged: PagedPools | None = None,
 ) -> BrokerServer:
     """Build the server and bind ``listen`` (host:port, with ``tls`` when given) and
     ``unix_socket`` (a path, never TLS: its file mode and peer credentials protect it).
@@ -151,7 +153,7 @@ async def create_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    add_cache_broker(CacheBrokerServicer(engine, Gate(engine, policy, peers), RecentErrors(recent_errors)), server)
+    add_cache_broker(CacheBrokerServicer(engine, Gate(engine, policy, peers), RecentErrors(recent_errors), paged), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

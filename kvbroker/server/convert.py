@@ -33,6 +33,7 @@ from kvbroker.core.errors import (
     NotFound,
     ResourceExhausted,
 )
+from kvbroker.core.paged import OutOfTokens
 from kvbroker.engine import (
     CacheHandle,
     DefragmentResult,
@@ -56,6 +57,7 @@ STATUS_FOR_ERROR: dict[type[BrokerError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    OutOfTokens: grpc.StatusCode.RESOURCE_EXHAUSTED,  # "out of tokens: N tokens requested, M tokens free"
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
@@ -439,6 +441,7 @@ def event_message(event: Event) -> pb.WatchEvent:
         segment_id=max(event.segment_id, 0),
         segment_generation=event.segment_generation,
         reason=event.reason,
+        sequence_id=event.sequence_id,
     )
 
 

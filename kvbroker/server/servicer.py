@@ -23,10 +23,12 @@ import grpc
 
 from kvbroker.core.errors import BrokerError
 from kvbroker.engine import Engine
+from kvbroker.engine.paged import PagedPools
 from kvbroker.security import Action
 from kvbroker.server import convert
 from kvbroker.server.errorlog import RecentErrors
 from kvbroker.server.gate import Gate
+from kvbroker.server.pagedservice import PagedService
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
 from kvbroker.wire import SESSION_SECRET_KEY
@@ -62,11 +64,13 @@ def _translate_errors(
     return wrapper
 
 
-class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
-    def __init__(self, engine: Engine, gate: Gate | None = None, errors: RecentErrors | None = None) -> None:
+class CacheBrokerServicer(PagedService, broker_pb2_grpc.CacheBrokerServicer):
+    def __init__(self, engine: Engine, gate: Gate | None = None, errors: RecentErrors | None = None,
+                 paged: PagedPools | None = None) -> None:  # fmt: skip
         self._engine = engine
         self._gate = gate or Gate(engine)
         self.errors = errors if errors is not None else RecentErrors()
+        self._paged = paged
 
     @_translate_errors
     async def Allocate(self, request: pb.AllocateRequest, context) -> pb.AllocateResponse:
@@ -111,7 +115,9 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
     @_translate_errors
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         await self._gate.caller(context)  # any authenticated principal: no cache ids
-        return self.errors.fill(convert.stats_message(self._engine.stats(), self._engine.status()))
+        response = convert.stats_message(self._engine.stats(), self._engine.status())
+        response.paged_pools.extend(self._paged_stats())
+        return self.errors.fill(response)
 
     @_translate_errors
     async def ListCaches(self, request: pb.ListCachesRequest, context) -> pb.ListCachesResponse:
@@ -237,3 +243,13 @@ class CacheBrokerServicer(broker_pb2_grpc.CacheBrokerServicer):
         return pb.EndSessionsResponse(
             sessions=[convert.session_message(v) for v in ended], caches_freed=freed, dry_run=request.dry_run
         )
+
+    # -- paged KV pools (kvbroker.server.pagedservice) ------------------------------------
+
+    OpenPagedPool = _translate_errors(PagedService._open_paged_pool)
+    AllocateSequence = _translate_errors(PagedService._allocate_sequence)
+    ExtendSequence = _translate_errors(PagedService._extend_sequence)
+    FreeSequence = _translate_errors(PagedService._free_sequence)
+    AttachSequence = _translate_errors(PagedService._attach_sequence)
+    PinSequence = _translate_errors(PagedService._pin_sequence)
+    BlockMap = _translate_errors(PagedService._block_map)

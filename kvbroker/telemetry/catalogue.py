@@ -131,6 +131,15 @@ CATALOGUE: tuple[MetricSpec, ...] = (
                ("pool", "state")),
     MetricSpec("kvbroker_pool_waiting_allocations", Kind.GAUGE, "",
                "Allocate requests queued for room in the pool now (wait_timeout_ms).", ("pool",)),
+    MetricSpec("kvbroker_paged_pool_blocks", Kind.GAUGE, "",
+               "Blocks of a paged pool's arena (pools with [pools.kv]) by state: used (granted to "
+               "sequences) or free.", ("pool", "state")),
+    MetricSpec("kvbroker_paged_pool_tokens", Kind.GAUGE, "",
+               "Token slots of a paged pool by state: used (as workers last reported), reserved "
+               "(granted blocks' slots, used included) or free (free blocks' slots).", ("pool", "state")),
+    MetricSpec("kvbroker_paged_pool_sequences", Kind.GAUGE, "", "Sequences holding blocks of a paged pool.", ("pool",)),
+    MetricSpec("kvbroker_paged_pool_fragmentation_ratio", Kind.GAUGE, "ratio",
+               "1 - the largest run of free blocks / the free blocks of a paged pool (0: one run).", ("pool",)),
     MetricSpec("kvbroker_sessions_active", Kind.GAUGE, "",
                "Live client sessions (with a Watch stream, or lease-only)."),
     # Cumulative counts kept by the core, per arena (pool x device), read at scrape time.

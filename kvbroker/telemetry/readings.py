@@ -127,6 +127,22 @@ _ARENA_COUNTERS = frozenset(
 _BUILD = (__version__, platform.python_version())
 
 
+def _paged_points(name: str, paged: dict) -> list[Point]:
+    """A paged pool metric's points from ``LiveFigures.paged`` (``PagedStats`` per pool)."""
+    points = []
+    for pool, s in paged.items():
+        if name == "kvbroker_paged_pool_blocks":
+            points += [Point((pool, "used"), s.blocks_used), Point((pool, "free"), s.blocks_free)]
+        elif name == "kvbroker_paged_pool_tokens":
+            points += [Point((pool, "used"), s.tokens_used), Point((pool, "reserved"), s.tokens_reserved),
+                       Point((pool, "free"), s.blocks_free * s.block_tokens)]  # fmt: skip
+        elif name == "kvbroker_paged_pool_sequences":
+            points.append(Point((pool,), s.sequences))
+        else:
+            points.append(Point((pool,), s.fragmentation))
+    return points
+
+
 def read(snapshot: Snapshot) -> list[tuple[MetricSpec, list[Point]]]:
     """The points of every catalogue metric, in catalogue order."""
     devices = [(d.device_id, d.usage) for d in snapshot.stats.devices]
@@ -146,6 +162,8 @@ def read(snapshot: Snapshot) -> list[tuple[MetricSpec, list[Point]]]:
             points = [point for p in snapshot.stats.pools for point in _state_points(p.pool, p.usage)]
         elif name == "kvbroker_pool_waiting_allocations":
             points = [Point((p.pool,), snapshot.live.waiting.get(p.pool, 0)) for p in snapshot.stats.pools]
+        elif name.startswith("kvbroker_paged_pool_"):
+            points = _paged_points(name, snapshot.live.paged)
         elif name == "kvbroker_sessions_active":
             points = [Point((), snapshot.live.sessions)]
         elif name.startswith("kvbroker_pool_"):

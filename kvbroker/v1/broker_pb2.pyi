@@ -42,6 +42,13 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_SEGMENT_RETIRED: _ClassVar[EventKind]
     EVENT_KIND_SHUTTING_DOWN: _ClassVar[EventKind]
     EVENT_KIND_SESSION_ENDED: _ClassVar[EventKind]
+
+class OomStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OOM_STRATEGY_UNSPECIFIED: _ClassVar[OomStrategy]
+    OOM_STRATEGY_REJECT: _ClassVar[OomStrategy]
+    OOM_STRATEGY_REDUCE: _ClassVar[OomStrategy]
+    OOM_STRATEGY_WAIT: _ClassVar[OomStrategy]
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_UINT8: Dtype
 DTYPE_INT8: Dtype
@@ -66,6 +73,10 @@ EVENT_KIND_MOVED: EventKind
 EVENT_KIND_SEGMENT_RETIRED: EventKind
 EVENT_KIND_SHUTTING_DOWN: EventKind
 EVENT_KIND_SESSION_ENDED: EventKind
+OOM_STRATEGY_UNSPECIFIED: OomStrategy
+OOM_STRATEGY_REJECT: OomStrategy
+OOM_STRATEGY_REDUCE: OomStrategy
+OOM_STRATEGY_WAIT: OomStrategy
 
 class Cache(_message.Message):
     __slots__ = ("cache_id", "pool", "model_name", "nbytes", "reserved_bytes", "device", "state", "epoch", "pinned", "pin_count", "holder_count", "retain", "priority", "dtype", "shape", "access_count", "created_at", "last_access_at", "holders")
@@ -326,7 +337,7 @@ class PoolStats(_message.Message):
     def __init__(self, pool: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., min_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., waiting_allocations: _Optional[int] = ..., allocation_waits: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "allocation_count", "eviction_count", "devices", "pools", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "version", "instance_id", "uptime_seconds", "methods", "window_seconds", "sessions", "recent_errors", "errors_total")
+    __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "allocation_count", "eviction_count", "devices", "pools", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "version", "instance_id", "uptime_seconds", "methods", "window_seconds", "sessions", "recent_errors", "errors_total", "paged_pools")
     TOTAL_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     UTILIZATION_RATIO_FIELD_NUMBER: _ClassVar[int]
@@ -347,6 +358,7 @@ class StatsResponse(_message.Message):
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     RECENT_ERRORS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PAGED_POOLS_FIELD_NUMBER: _ClassVar[int]
     total_capacity_bytes: int
     total_allocated_bytes: int
     utilization_ratio: float
@@ -367,7 +379,8 @@ class StatsResponse(_message.Message):
     sessions: int
     recent_errors: _containers.RepeatedCompositeFieldContainer[RecentError]
     errors_total: int
-    def __init__(self, total_capacity_bytes: _Optional[int] = ..., total_allocated_bytes: _Optional[int] = ..., utilization_ratio: _Optional[float] = ..., fragmentation_ratio: _Optional[float] = ..., active_caches: _Optional[int] = ..., allocation_count: _Optional[int] = ..., eviction_count: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., pinned_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_extent_bytes: _Optional[int] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., methods: _Optional[_Iterable[_Union[MethodStats, _Mapping]]] = ..., window_seconds: _Optional[float] = ..., sessions: _Optional[int] = ..., recent_errors: _Optional[_Iterable[_Union[RecentError, _Mapping]]] = ..., errors_total: _Optional[int] = ...) -> None: ...
+    paged_pools: _containers.RepeatedCompositeFieldContainer[PagedPoolStats]
+    def __init__(self, total_capacity_bytes: _Optional[int] = ..., total_allocated_bytes: _Optional[int] = ..., utilization_ratio: _Optional[float] = ..., fragmentation_ratio: _Optional[float] = ..., active_caches: _Optional[int] = ..., allocation_count: _Optional[int] = ..., eviction_count: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceStats, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., pinned_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_extent_bytes: _Optional[int] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., methods: _Optional[_Iterable[_Union[MethodStats, _Mapping]]] = ..., window_seconds: _Optional[float] = ..., sessions: _Optional[int] = ..., recent_errors: _Optional[_Iterable[_Union[RecentError, _Mapping]]] = ..., errors_total: _Optional[int] = ..., paged_pools: _Optional[_Iterable[_Union[PagedPoolStats, _Mapping]]] = ...) -> None: ...
 
 class MethodStats(_message.Message):
     __slots__ = ("method", "calls", "errors", "p50_seconds", "p95_seconds", "p99_seconds", "errors_by_code", "calls_total")
@@ -501,7 +514,7 @@ class WatchRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., client_name: _Optional[str] = ..., pid: _Optional[int] = ..., host: _Optional[str] = ...) -> None: ...
 
 class WatchEvent(_message.Message):
-    __slots__ = ("kind", "cache_id", "epoch", "segment_id", "segment_generation", "reason", "session_id", "lease_seconds", "instance_id", "session_secret")
+    __slots__ = ("kind", "cache_id", "epoch", "segment_id", "segment_generation", "reason", "session_id", "lease_seconds", "instance_id", "session_secret", "sequence_id")
     KIND_FIELD_NUMBER: _ClassVar[int]
     CACHE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -512,6 +525,7 @@ class WatchEvent(_message.Message):
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     kind: EventKind
     cache_id: str
     epoch: int
@@ -522,7 +536,8 @@ class WatchEvent(_message.Message):
     lease_seconds: float
     instance_id: str
     session_secret: str
-    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., cache_id: _Optional[str] = ..., epoch: _Optional[int] = ..., segment_id: _Optional[int] = ..., segment_generation: _Optional[int] = ..., reason: _Optional[str] = ..., session_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., instance_id: _Optional[str] = ..., session_secret: _Optional[str] = ...) -> None: ...
+    sequence_id: str
+    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., cache_id: _Optional[str] = ..., epoch: _Optional[int] = ..., segment_id: _Optional[int] = ..., segment_generation: _Optional[int] = ..., reason: _Optional[str] = ..., session_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., instance_id: _Optional[str] = ..., session_secret: _Optional[str] = ..., sequence_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ()
@@ -711,3 +726,193 @@ class RecentError(_message.Message):
     code: str
     message: str
     def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., method: _Optional[str] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class KvLayout(_message.Message):
+    __slots__ = ("num_layers", "num_kv_heads", "head_dim", "dtype", "block_tokens", "bytes_per_token", "bytes_per_block")
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: Dtype
+    block_tokens: int
+    bytes_per_token: int
+    bytes_per_block: int
+    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., block_tokens: _Optional[int] = ..., bytes_per_token: _Optional[int] = ..., bytes_per_block: _Optional[int] = ...) -> None: ...
+
+class OpenPagedPoolRequest(_message.Message):
+    __slots__ = ("pool",)
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    def __init__(self, pool: _Optional[str] = ...) -> None: ...
+
+class OpenPagedPoolResponse(_message.Message):
+    __slots__ = ("pool", "layout", "num_blocks", "layer_bytes", "arena", "handle")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ARENA_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    layout: KvLayout
+    num_blocks: int
+    layer_bytes: int
+    arena: Cache
+    handle: Handle
+    def __init__(self, pool: _Optional[str] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., num_blocks: _Optional[int] = ..., layer_bytes: _Optional[int] = ..., arena: _Optional[_Union[Cache, _Mapping]] = ..., handle: _Optional[_Union[Handle, _Mapping]] = ...) -> None: ...
+
+class BlockRun(_message.Message):
+    __slots__ = ("first_block", "count")
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    first_block: int
+    count: int
+    def __init__(self, first_block: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+
+class Sequence(_message.Message):
+    __slots__ = ("sequence_id", "pool", "runs", "tokens_used", "tokens_reserved", "max_tokens", "priority", "pinned", "holder_count")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_RESERVED_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: str
+    pool: str
+    runs: _containers.RepeatedCompositeFieldContainer[BlockRun]
+    tokens_used: int
+    tokens_reserved: int
+    max_tokens: int
+    priority: int
+    pinned: bool
+    holder_count: int
+    def __init__(self, sequence_id: _Optional[str] = ..., pool: _Optional[str] = ..., runs: _Optional[_Iterable[_Union[BlockRun, _Mapping]]] = ..., tokens_used: _Optional[int] = ..., tokens_reserved: _Optional[int] = ..., max_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., pinned: _Optional[bool] = ..., holder_count: _Optional[int] = ...) -> None: ...
+
+class AllocateSequenceRequest(_message.Message):
+    __slots__ = ("pool", "sequence_id", "prompt_tokens", "max_tokens", "tokens_wanted", "priority", "pinned", "on_oom", "wait_timeout_ms")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_WANTED_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    ON_OOM_FIELD_NUMBER: _ClassVar[int]
+    WAIT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    sequence_id: str
+    prompt_tokens: int
+    max_tokens: int
+    tokens_wanted: int
+    priority: int
+    pinned: bool
+    on_oom: OomStrategy
+    wait_timeout_ms: int
+    def __init__(self, pool: _Optional[str] = ..., sequence_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., tokens_wanted: _Optional[int] = ..., priority: _Optional[int] = ..., pinned: _Optional[bool] = ..., on_oom: _Optional[_Union[OomStrategy, str]] = ..., wait_timeout_ms: _Optional[int] = ...) -> None: ...
+
+class SequenceResponse(_message.Message):
+    __slots__ = ("sequence",)
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    sequence: Sequence
+    def __init__(self, sequence: _Optional[_Union[Sequence, _Mapping]] = ...) -> None: ...
+
+class ExtendSequenceRequest(_message.Message):
+    __slots__ = ("pool", "sequence_id", "tokens_used", "tokens_needed", "tokens_wanted")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_NEEDED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_WANTED_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    sequence_id: str
+    tokens_used: int
+    tokens_needed: int
+    tokens_wanted: int
+    def __init__(self, pool: _Optional[str] = ..., sequence_id: _Optional[str] = ..., tokens_used: _Optional[int] = ..., tokens_needed: _Optional[int] = ..., tokens_wanted: _Optional[int] = ...) -> None: ...
+
+class FreeSequenceRequest(_message.Message):
+    __slots__ = ("pool", "sequence_id")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    sequence_id: str
+    def __init__(self, pool: _Optional[str] = ..., sequence_id: _Optional[str] = ...) -> None: ...
+
+class FreeSequenceResponse(_message.Message):
+    __slots__ = ("freed",)
+    FREED_FIELD_NUMBER: _ClassVar[int]
+    freed: bool
+    def __init__(self, freed: _Optional[bool] = ...) -> None: ...
+
+class AttachSequenceRequest(_message.Message):
+    __slots__ = ("pool", "sequence_id")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    sequence_id: str
+    def __init__(self, pool: _Optional[str] = ..., sequence_id: _Optional[str] = ...) -> None: ...
+
+class PinSequenceRequest(_message.Message):
+    __slots__ = ("pool", "sequence_id", "pinned")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    sequence_id: str
+    pinned: bool
+    def __init__(self, pool: _Optional[str] = ..., sequence_id: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...
+
+class BlockMapRequest(_message.Message):
+    __slots__ = ("pool",)
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    def __init__(self, pool: _Optional[str] = ...) -> None: ...
+
+class PagedPoolStats(_message.Message):
+    __slots__ = ("pool", "layout", "num_blocks", "blocks_used", "blocks_free", "sequences", "free_runs", "largest_free_run", "fragmentation", "tokens_used", "tokens_reserved", "tokens_free", "pinned_sequences")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    FREE_RUNS_FIELD_NUMBER: _ClassVar[int]
+    LARGEST_FREE_RUN_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTATION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_RESERVED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FREE_FIELD_NUMBER: _ClassVar[int]
+    PINNED_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    layout: KvLayout
+    num_blocks: int
+    blocks_used: int
+    blocks_free: int
+    sequences: int
+    free_runs: int
+    largest_free_run: int
+    fragmentation: float
+    tokens_used: int
+    tokens_reserved: int
+    tokens_free: int
+    pinned_sequences: int
+    def __init__(self, pool: _Optional[str] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., num_blocks: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_free: _Optional[int] = ..., sequences: _Optional[int] = ..., free_runs: _Optional[int] = ..., largest_free_run: _Optional[int] = ..., fragmentation: _Optional[float] = ..., tokens_used: _Optional[int] = ..., tokens_reserved: _Optional[int] = ..., tokens_free: _Optional[int] = ..., pinned_sequences: _Optional[int] = ...) -> None: ...
+
+class BlockMapResponse(_message.Message):
+    __slots__ = ("stats", "block_map", "sequences")
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_MAP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    stats: PagedPoolStats
+    block_map: str
+    sequences: _containers.RepeatedCompositeFieldContainer[Sequence]
+    def __init__(self, stats: _Optional[_Union[PagedPoolStats, _Mapping]] = ..., block_map: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ...) -> None: ...

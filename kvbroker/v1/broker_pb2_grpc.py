@@ -115,6 +115,41 @@ class CacheBrokerStub:
                 request_serializer=kvbroker_dot_v1_dot_broker__pb2.EndSessionsRequest.SerializeToString,
                 response_deserializer=kvbroker_dot_v1_dot_broker__pb2.EndSessionsResponse.FromString,
                 _registered_method=True)
+        self.OpenPagedPool = channel.unary_unary(
+                '/kvbroker.v1.CacheBroker/OpenPagedPool',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.OpenPagedPoolRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.OpenPagedPoolResponse.FromString,
+                _registered_method=True)
+        self.AllocateSequence = channel.unary_unary(
+                '/kvbroker.v1.CacheBroker/AllocateSequence',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.AllocateSequenceRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.SequenceResponse.FromString,
+                _registered_method=True)
+        self.ExtendSequence = channel.unary_unary(
+                '/kvbroker.v1.CacheBroker/ExtendSequence',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.ExtendSequenceRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.SequenceResponse.FromString,
+                _registered_method=True)
+        self.FreeSequence = channel.unary_unary(
+                '/kvbroker.v1.CacheBroker/FreeSequence',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.FreeSequenceRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.FreeSequenceResponse.FromString,
+                _registered_method=True)
+        self.AttachSequence = channel.unary_unary(
+                '/kvbroker.v1.CacheBroker/AttachSequence',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.AttachSequenceRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.SequenceResponse.FromString,
+                _registered_method=True)
+        self.PinSequence = channel.unary_unary(
+                '/kvbroker.v1.CacheBroker/PinSequence',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.PinSequenceRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.SequenceResponse.FromString,
+                _registered_method=True)
+        self.BlockMap = channel.unary_unary(
+                '/kvbroker.v1.CacheBroker/BlockMap',
+                request_serializer=kvbroker_dot_v1_dot_broker__pb2.BlockMapRequest.SerializeToString,
+                response_deserializer=kvbroker_dot_v1_dot_broker__pb2.BlockMapResponse.FromString,
+                _registered_method=True)
 
 
 class CacheBrokerServicer:
@@ -243,6 +278,58 @@ class CacheBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenPagedPool(self, request, context):
+        """Paged KV pools (a pool configured with [pools.kv]): the pool's layout and the handle
+        of its block arena (mapped once per process; the caller holds the arena).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AllocateSequence(self, request, context):
+        """Creates a sequence holding blocks for its prompt (plus headroom), by on_oom's rule
+        when the pool is out of blocks (a refusal carries tokens requested and free).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExtendSequence(self, request, context):
+        """Grants a sequence more blocks (its existing blocks never move) and records the
+        tokens it used; a sequence that already holds tokens_needed is only updated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FreeSequence(self, request, context):
+        """Gives a sequence's blocks back; freeing twice is harmless (freed false).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachSequence(self, request, context):
+        """Holds an existing sequence (another process's) and returns its block table.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PinSequence(self, request, context):
+        """Pins (pinned true) or unpins a sequence: a pinned sequence is never evicted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BlockMap(self, request, context):
+        """A paged pool's block map ("X" used, "." free), statistics and sequences.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -325,6 +412,41 @@ def add_CacheBrokerServicer_to_server(servicer, server):
                     servicer.EndSessions,
                     request_deserializer=kvbroker_dot_v1_dot_broker__pb2.EndSessionsRequest.FromString,
                     response_serializer=kvbroker_dot_v1_dot_broker__pb2.EndSessionsResponse.SerializeToString,
+            ),
+            'OpenPagedPool': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenPagedPool,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.OpenPagedPoolRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.OpenPagedPoolResponse.SerializeToString,
+            ),
+            'AllocateSequence': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllocateSequence,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.AllocateSequenceRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.SequenceResponse.SerializeToString,
+            ),
+            'ExtendSequence': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtendSequence,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.ExtendSequenceRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.SequenceResponse.SerializeToString,
+            ),
+            'FreeSequence': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreeSequence,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.FreeSequenceRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.FreeSequenceResponse.SerializeToString,
+            ),
+            'AttachSequence': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachSequence,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.AttachSequenceRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.SequenceResponse.SerializeToString,
+            ),
+            'PinSequence': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinSequence,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.PinSequenceRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.SequenceResponse.SerializeToString,
+            ),
+            'BlockMap': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlockMap,
+                    request_deserializer=kvbroker_dot_v1_dot_broker__pb2.BlockMapRequest.FromString,
+                    response_serializer=kvbroker_dot_v1_dot_broker__pb2.BlockMapResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -760,6 +882,195 @@ class CacheBroker:
             '/kvbroker.v1.CacheBroker/EndSessions',
             kvbroker_dot_v1_dot_broker__pb2.EndSessionsRequest.SerializeToString,
             kvbroker_dot_v1_dot_broker__pb2.EndSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenPagedPool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/OpenPagedPool',
+            kvbroker_dot_v1_dot_broker__pb2.OpenPagedPoolRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.OpenPagedPoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllocateSequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/AllocateSequence',
+            kvbroker_dot_v1_dot_broker__pb2.AllocateSequenceRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.SequenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtendSequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/ExtendSequence',
+            kvbroker_dot_v1_dot_broker__pb2.ExtendSequenceRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.SequenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreeSequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/FreeSequence',
+            kvbroker_dot_v1_dot_broker__pb2.FreeSequenceRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.FreeSequenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachSequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/AttachSequence',
+            kvbroker_dot_v1_dot_broker__pb2.AttachSequenceRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.SequenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinSequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/PinSequence',
+            kvbroker_dot_v1_dot_broker__pb2.PinSequenceRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.SequenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbroker.v1.CacheBroker/BlockMap',
+            kvbroker_dot_v1_dot_broker__pb2.BlockMapRequest.SerializeToString,
+            kvbroker_dot_v1_dot_broker__pb2.BlockMapResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -118,6 +118,10 @@ def test_moves_and_evictions_from_the_stream() -> None:
     core = ClientCore("t", 5.0, None)
     opened(core)
     held = held_by(core)
+    # A paged pool's sequence evicted: its event names the arena (cache_id) but the
+    # arena itself stays; a client holding the arena as a cache is not touched.
+    core.on_event(pb.WatchEvent(kind=pb.EVENT_KIND_EVICTED, cache_id="c", epoch=9, sequence_id="seq-1"), 1, now=1.0)
+    assert core.state(held) is HeldState.LIVE
     core.on_event(pb.WatchEvent(kind=pb.EVENT_KIND_MOVED, cache_id="c", epoch=3), 1, now=1.0)
     assert core.state(held) is HeldState.STALE
     with pytest.raises(PreconditionFailed, match="await cache.refresh"):

@@ -82,3 +82,23 @@ def test_every_configuration_problem_is_listed_at_once(tmp_path, where):
     assert lines[0] == f"kvbroker: {len(keys)} configuration errors:", result.stderr
     assert sorted(line.split(":")[0].strip() for line in lines[1:]) == sorted(keys), result.stderr
     assert "pools.b." not in result.stderr
+
+
+def test_a_paged_arena_that_does_not_fit_stops_the_start_under_its_key(tmp_path):
+    config = """
+[devices]
+host_capacity = "8MiB"
+[[pools]]
+name = "default"
+[[pools]]
+name = "llama"
+[pools.kv]
+num_layers = 4
+num_kv_heads = 4
+head_dim = 64
+max_tokens = 4096
+"""  # a 16 MiB arena on an 8 MiB device
+    done = serve("--listen", "", "--unix-socket", str(tmp_path / "s.sock"), config=config, tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "configuration error: pools[1].kv: the arena of paged pool 'llama' cannot be allocated" in done.stderr
+    assert_no_grpc_core_output(done.stderr)

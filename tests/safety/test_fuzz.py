@@ -159,6 +159,14 @@ PLAUSIBLE = {
     "client_name": st.text(max_size=20),
     "pid": st.integers(0, 1 << 22),
     "host": st.sampled_from(["", "localhost"]),
+    # paged pools (test_fuzz_paged.py)
+    "sequence_id": st.one_of(*[st.sampled_from(KNOWN_CACHE_IDS)] * 3, st.text(ID_ALPHABET[:62], min_size=1, max_size=12)),
+    "prompt_tokens": st.integers(0, 64),
+    "max_tokens": st.sampled_from([0, 0, 100, 10_000]),
+    "tokens_wanted": st.integers(0, 200),
+    "tokens_used": st.integers(0, 64),
+    "tokens_needed": st.integers(0, 128),
+    "on_oom": st.sampled_from([0, pb.OOM_STRATEGY_REJECT, pb.OOM_STRATEGY_REDUCE, pb.OOM_STRATEGY_WAIT]),
 }
 
 
@@ -369,7 +377,12 @@ FUZZ_SETTINGS = dict(
 )
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+#: The paged pool's methods: fuzzed by test_fuzz_paged.py, against a daemon that has one.
+PAGED_METHODS = ("OpenPagedPool", "AllocateSequence", "ExtendSequence", "FreeSequence", "AttachSequence",
+                 "PinSequence", "BlockMap")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n not in PAGED_METHODS])
 def test_fuzzed_requests_get_documented_codes(daemon, channel, name):
     """Field-by-field adversarial requests to one method, with random session metadata:
     every call ends with a documented status code (never UNKNOWN or INTERNAL), the daemon

@@ -9,6 +9,7 @@ from kvbroker.security import PermissionDenied, Unauthenticated
 import pytest
 
 from kvbroker.core import errors
+from kvbroker.core.paged import OutOfTokens
 from kvbroker.core.types import CacheState
 from kvbroker.server import convert
 from kvbroker.v1 import broker_pb2 as pb
@@ -29,6 +30,7 @@ def test_every_domain_error_has_a_status_code():
         PersistenceError("x"): grpc.StatusCode.ABORTED,
         BudgetExceeded("x"): grpc.StatusCode.RESOURCE_EXHAUSTED,
         DiskFull("x"): grpc.StatusCode.RESOURCE_EXHAUSTED,
+        OutOfTokens("x", tokens_requested=32, tokens_free=16): grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
     for err, code in expected.items():
         assert convert.status_for(err) is code

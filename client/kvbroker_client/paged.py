@@ -1,0 +1,476 @@
+"""``PagedPool``: a paged KV pool of the broker, mapped once, seen as per-layer tensors.
+
+    pool = client.paged_pool("llama")            # maps the arena (one mmap / CUDA IPC open)
+    pool.allocate_for("req-1", prompt_tokens=100, max_tokens=2048)
+    k = pool.k_view("req-1", layer=0)            # (tokens, num_kv_heads, head_dim), no copy
+    where = pool.append_token("req-1")           # Slot(block_id, offset, slot): no RPC
+    pool.layer(0)[0].view(-1, H, D)[where.slot] = k_new   # K of layer 0 for that token
+    pool.free_for("req-1")                       # idempotent
+
+The arena's layout is vLLM's FlashAttention one: ``layer(i)`` is a tensor of shape
+``(2, num_blocks, block_tokens, num_kv_heads, head_dim)`` (K then V) over the broker's
+memory, layer ``i`` at ``i * layer_bytes`` of the arena. Token ``t`` of a sequence lives
+in block ``block_table(seq)[t // block_tokens]``, offset ``t % block_tokens``, slot
+``block * block_tokens + offset`` (vLLM's ``slot_mapping``).
+
+**RPCs per token.** The client holds each sequence's block table. ``append_token`` costs
+no RPC while the token falls in a block already granted; when the blocks are full it
+asks for the next ``grant_tokens`` tokens' blocks at once (``DEFAULT_GRANT_TOKENS`` =
+512: at most 32 blocks of 16; grants start at one block and double as the sequence
+generates, so about 5 RPCs per 1,000 tokens in a pool with room). The broker
+scales each grant by the pool's free fraction (``kvbroker.core.paged.PagedArena.headroom``:
+half of it when half the blocks are free), so that headroom holds little of a nearly
+full arena; appends then cost more RPCs. ``allocate_for`` asks for the prompt's blocks
+only: headroom at arrival is what a burst of arrivals would pin down unused. The broker
+learns ``tokens_used`` at each grant (or ``report``).
+
+**Views.** ``k_view``/``v_view`` are zero-copy when the sequence's blocks are one run
+(the broker keeps sequences in runs where it can: best fit, extension in place), and a
+*gather* otherwise: a new tensor, ``tokens x num_kv_heads x head_dim x itemsize`` bytes
+copied (``index_select`` over the block table), that later writes do not reach.
+
+A sequence the broker evicted (a higher-priority sequence needed its blocks) raises
+``SequenceEvicted`` on its next use; the Watch stream's EVICTED event (``sequence_id``
+set) tells the pool at once. When the client's session is lost, the broker freed the
+session's sequences: every later use raises ``SessionLost``.
+
+Thread-safety: one pool per thread, or a lock around it (appends mutate local state).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from kvbroker.kvlayout import KvLayout
+from kvbroker.v1 import broker_pb2 as pb
+from kvbroker.wire import DTYPE_BY_VALUE
+from kvbroker_client.errors import CacheEvicted, CacheExhausted, CacheNotFound, InvalidRequest, SessionLost
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DEFAULT_GRANT_TOKENS", "OutOfTokens", "PagedPool", "SequenceEvicted", "Slot"]
+
+#: Tokens asked for beyond the need when a sequence's blocks are full (tunable per pool).
+DEFAULT_GRANT_TOKENS = 512
+OOM_STRATEGIES = {"reject": pb.OOM_STRATEGY_REJECT, "reduce": pb.OOM_STRATEGY_REDUCE, "wait": pb.OOM_STRATEGY_WAIT}
+_PAGE = 4096
+#: An operation as a generator: it yields ``(method, request, extra_ms)`` and is sent the
+#: response, so that the sync pool and ``AsyncPagedPool`` run the same code.
+Plan = Generator[tuple[str, Any, int], Any, Any]
+
+
+class OutOfTokens(CacheExhausted):
+    """The paged pool has not the blocks a sequence needs (RESOURCE_EXHAUSTED).
+    ``tokens_requested`` and ``tokens_free`` are the broker's figures."""
+
+    tokens_requested: int = 0
+    tokens_free: int = 0
+
+    @classmethod
+    def of(cls, err: CacheExhausted) -> CacheExhausted:
+        """``err`` as an ``OutOfTokens`` when the broker's message is a paged refusal
+        ("out of tokens: N tokens requested, M tokens free")."""
+        text = err.message
+        if not text.startswith("out of tokens: "):
+            return err
+        numbers = [int(word) for word in text.replace(",", " ").split() if word.isdigit()]
+        typed = cls(text, err.code)
+        typed.rpc_error = err.rpc_error
+        typed.tokens_requested, typed.tokens_free = (numbers + [0, 0])[:2]
+        return typed
+
+
+class SequenceEvicted(CacheEvicted):
+    """The broker evicted this sequence: its blocks belong to others now."""
+
+
+class Slot(NamedTuple):
+    """Where a token goes: ``block_id``, ``offset`` in the block, ``slot`` in the
+    layer's flattened ``(num_blocks * block_tokens)`` token axis."""
+
+    block_id: int
+    offset: int
+    slot: int
+
+
+@dataclass(slots=True)
+class _Sequence:
+    table: list[int]
+    used: int
+    max_tokens: int
+    pinned: bool = False
+    runs: list[tuple[int, int]] = field(default_factory=list)
+
+
+class PagedPool:
+    """A paged pool of ``client`` (see the module docstring). Built by
+    ``BrokerClient.paged_pool``.
+
+    Args:
+        grant_tokens: tokens asked for beyond the need at each grant (RPC amortization).
+        populate: touch every page of the arena on map (host arenas; the seed's
+            ``warmup()`` in the worker), so that no first write of a token faults.
+    """
+
+    def __init__(self, client: Any, pool: str, *, grant_tokens: int = DEFAULT_GRANT_TOKENS, populate: bool = False,
+                 _opened: pb.OpenPagedPoolResponse | None = None) -> None:  # fmt: skip
+        if isinstance(grant_tokens, bool) or not isinstance(grant_tokens, int) or grant_tokens < 0:
+            raise InvalidRequest(f"grant_tokens: must be a non-negative integer, got {grant_tokens!r}")
+        self._client = client
+        self.pool = pool
+        self.grant_tokens = grant_tokens
+        self.rpc_count = 0
+        self.rpc_seconds = 0.0  # wall time spent in this pool's RPCs (for measurements)
+        response = _opened or self._call("OpenPagedPool", pb.OpenPagedPoolRequest(pool=pool))
+        lay = response.layout
+        self.layout = KvLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, DTYPE_BY_VALUE[lay.dtype].name,
+                               lay.block_tokens)  # fmt: skip
+        self.num_blocks = response.num_blocks
+        self.arena_id = response.arena.cache_id
+        self._generation = client.core.generation
+        self._handle = response.handle
+        self._seqs: dict[str, _Sequence] = {}
+        self._evicted: set[str] = set()
+        self._arena = _map(response.handle)
+        self._layers = _layer_views(self._arena, self.layout, self.num_blocks)
+        self.populate_seconds = self.warmup() if populate else 0.0
+        client.sequence_listeners.append(self._on_event)
+
+    # -- the arena ------------------------------------------------------------------------
+
+    def layer(self, index: int) -> torch.Tensor:
+        """Layer ``index``'s ``(2, num_blocks, block_tokens, num_kv_heads, head_dim)``
+        tensor over the broker's memory (K is ``[0]``, V ``[1]``)."""
+        return self._layers[index]
+
+    def warmup(self) -> float:
+        """Map every page of the arena into this process now (the seed's ``warmup()``),
+        so that no first write of a token takes a page fault; returns the seconds it
+        took. Host arenas: ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14+; the bytes are
+        untouched), else a read of one byte per page. The daemon already backs every
+        host page at creation, so only this process's page tables are filled. A no-op
+        on CUDA arenas (device memory is resident)."""
+        started = time.perf_counter()
+        if self._arena.device.type == "cpu" and not _populate_write(self._arena.data_ptr(), self._arena.numel()):
+            int(self._arena[::_PAGE].sum())
+        return time.perf_counter() - started
+
+    # -- sequences --------------------------------------------------------------------------
+
+    def allocate_for(
+        self, seq_id: str, prompt_tokens: int, max_tokens: int | None = None, *, on_oom: str = "reject",
+        timeout: float | None = None, priority: int | None = None, pinned: bool = False,
+    ) -> int:  # fmt: skip
+        """Reserve blocks for a sequence's ``prompt_tokens`` (written by the prefill:
+        they count as used) and headroom; it may grow later up to ``max_tokens`` (None:
+        the pool). Returns the sequence's ``max_tokens`` as granted (``on_oom="reduce"``
+        may lower it; 0 means no limit).
+
+        ``on_oom``: ``"reject"`` raises ``OutOfTokens`` at once; ``"reduce"`` reserves
+        all of ``max_tokens`` now, or the largest ``max_tokens`` that fits; ``"wait"``
+        waits up to ``timeout`` seconds for blocks (``AllocationTimeout`` after).
+        """
+        return self._run(self._allocated(seq_id, prompt_tokens, max_tokens, on_oom, timeout, priority, pinned))
+
+    def _allocated(self, seq_id: str, prompt_tokens: int, max_tokens: int | None, on_oom: str, timeout: float | None,
+                   priority: int | None, pinned: bool) -> Plan:  # fmt: skip
+        if on_oom not in OOM_STRATEGIES:
+            raise InvalidRequest(f"on_oom: must be one of {', '.join(OOM_STRATEGIES)}, got {on_oom!r}")
+        wait_ms = 0 if timeout is None else max(0, round(timeout * 1000))
+        limit = max_tokens or 0
+        request = pb.AllocateSequenceRequest(
+            pool=self.pool, sequence_id=seq_id, prompt_tokens=prompt_tokens, max_tokens=limit,
+            tokens_wanted=prompt_tokens, pinned=pinned, on_oom=OOM_STRATEGIES[on_oom],
+            wait_timeout_ms=wait_ms, priority=priority,
+        )  # fmt: skip
+        seq = (yield ("AllocateSequence", request, wait_ms)).sequence
+        self._evicted.discard(seq_id)
+        self._seqs[seq_id] = _Sequence(_table(seq), prompt_tokens, seq.max_tokens, seq.pinned, _runs(seq))
+        return seq.max_tokens
+
+    def append_token(self, seq_id: str) -> Slot:
+        """Where the sequence's next token goes; grants more blocks (one RPC) only when
+        its blocks are full. Raises ``OutOfTokens`` (blocks full, none to grant: the
+        seed's ``appendToken`` returning false), ``InvalidRequest`` past ``max_tokens``."""
+        seq = self._seqs.get(seq_id) or self._missing(seq_id)
+        t = seq.used
+        bt = self.layout.block_tokens
+        index = t // bt
+        if index >= len(seq.table):
+            self._run(self._grow(seq_id, seq, t + 1))
+        block = seq.table[index]
+        seq.used = t + 1
+        offset = t - index * bt
+        return Slot(block, offset, block * bt + offset)
+
+    def append_tokens(self, seq_id: str, n: int) -> list[Slot]:
+        """``n`` tokens' slots at once (one RPC at most, for all the blocks they need)."""
+        seq = self._seqs.get(seq_id) or self._missing(seq_id)
+        if n < 0:
+            raise InvalidRequest(f"n: must be non-negative, got {n}")
+        if seq.used + n > len(seq.table) * self.layout.block_tokens:
+            self._run(self._grow(seq_id, seq, seq.used + n))
+        return self._slots(seq, n)
+
+    def _slots(self, seq: _Sequence, n: int) -> list[Slot]:
+        bt = self.layout.block_tokens
+        start, seq.used = seq.used, seq.used + n
+        return [Slot(seq.table[t // bt], t % bt, seq.table[t // bt] * bt + t % bt) for t in range(start, start + n)]
+
+    def free_for(self, seq_id: str) -> bool:
+        """Give the sequence's blocks back; False when it was gone already (a second
+        call is a no-op, as the seed's ``freeFor``)."""
+        return self._run(self._freed(seq_id))
+
+    def _freed(self, seq_id: str) -> Plan:
+        self._seqs.pop(seq_id, None)
+        self._evicted.discard(seq_id)
+        return (yield ("FreeSequence", pb.FreeSequenceRequest(pool=self.pool, sequence_id=seq_id), 0)).freed
+
+    def attach(self, seq_id: str) -> int:
+        """Hold another process's sequence and load its block table; returns its tokens
+        as last reported (``report`` on the writer's side)."""
+        return self._run(self._attached(seq_id))
+
+    def _attached(self, seq_id: str) -> Plan:
+        seq = (yield ("AttachSequence", pb.AttachSequenceRequest(pool=self.pool, sequence_id=seq_id), 0)).sequence
+        self._evicted.discard(seq_id)
+        self._seqs[seq_id] = _Sequence(_table(seq), seq.tokens_used, seq.max_tokens, seq.pinned, _runs(seq))
+        return seq.tokens_used
+
+    def report(self, seq_id: str) -> None:
+        """Tell the broker the tokens written so far (one RPC), for an attached reader
+        and for ``kvbroker ls``."""
+        self._run(self._reported(seq_id))
+
+    def _reported(self, seq_id: str) -> Plan:
+        seq = self._seqs.get(seq_id) or self._missing(seq_id)
+        request = pb.ExtendSequenceRequest(pool=self.pool, sequence_id=seq_id, tokens_used=seq.used,
+                                           tokens_needed=seq.used, tokens_wanted=seq.used)  # fmt: skip
+        yield ("ExtendSequence", request, 0)
+
+    def pin(self, seq_id: str, pinned: bool = True) -> None:
+        """Pin (never evicted) or unpin a sequence."""
+        self._run(self._pinned(seq_id, pinned))
+
+    def _pinned(self, seq_id: str, pinned: bool) -> Plan:
+        seq = self._seqs.get(seq_id) or self._missing(seq_id)
+        yield ("PinSequence", pb.PinSequenceRequest(pool=self.pool, sequence_id=seq_id, pinned=pinned), 0)
+        seq.pinned = pinned
+
+    def unpin(self, seq_id: str) -> None:
+        self.pin(seq_id, False)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def block_table(self, seq_id: str) -> list[int]:
+        return list((self._seqs.get(seq_id) or self._missing(seq_id)).table)
+
+    def tokens_used(self, seq_id: str) -> int:
+        return (self._seqs.get(seq_id) or self._missing(seq_id)).used
+
+    def slot_mapping(self, seq_id: str) -> list[int]:
+        """The slot of each of the sequence's tokens, in order (vLLM's ``slot_mapping``)."""
+        seq = self._seqs.get(seq_id) or self._missing(seq_id)
+        bt = self.layout.block_tokens
+        return [seq.table[t // bt] * bt + t % bt for t in range(seq.used)]
+
+    def is_contiguous(self, seq_id: str) -> bool:
+        """Whether the sequence's blocks are one run (its views are then zero-copy)."""
+        table = (self._seqs.get(seq_id) or self._missing(seq_id)).table
+        return all(b == table[0] + i for i, b in enumerate(table))
+
+    def k_view(self, seq_id: str, layer: int) -> torch.Tensor:
+        """K of the sequence's used tokens in ``layer``: ``(tokens, num_kv_heads,
+        head_dim)``; zero-copy when ``is_contiguous``, else a gathered copy."""
+        return self._kv_view(seq_id, layer, 0)
+
+    def v_view(self, seq_id: str, layer: int) -> torch.Tensor:
+        """V, as ``k_view``."""
+        return self._kv_view(seq_id, layer, 1)
+
+    def _kv_view(self, seq_id: str, layer: int, kv: int) -> torch.Tensor:
+        seq = self._seqs.get(seq_id) or self._missing(seq_id)
+        lay = self.layout
+        blocks = self._layers[layer][kv]  # (num_blocks, block_tokens, H, D)
+        used_blocks = -(-seq.used // lay.block_tokens)
+        table = seq.table[:used_blocks]
+        if table and table[-1] - table[0] == len(table) - 1:
+            run = blocks[table[0] : table[0] + len(table)]
+        else:
+            import torch
+
+            run = blocks.index_select(0, torch.tensor(table, dtype=torch.long, device=blocks.device))
+        return run.reshape(-1, lay.num_kv_heads, lay.head_dim)[: seq.used]
+
+    # -- the pool's state (operators' figures) ---------------------------------------------
+
+    def block_map(self) -> pb.BlockMapResponse:
+        return self._call("BlockMap", pb.BlockMapRequest(pool=self.pool))
+
+    def stats(self) -> dict[str, Any]:
+        """The seed's statistics: sequences, bytes allocated and free, fragmentation,
+        full; and tokens used, reserved and free."""
+        return self.stats_of(self.block_map())
+
+    def stats_of(self, reply: pb.BlockMapResponse) -> dict[str, Any]:
+        """``stats()`` of a ``block_map()`` reply."""
+        s = reply.stats
+        per_block = self.layout.bytes_per_block
+        return {
+            "sequences": s.sequences, "total_allocated_bytes": s.blocks_used * per_block,
+            "total_free_bytes": s.blocks_free * per_block, "fragmentation": s.fragmentation,
+            "is_full": s.blocks_free == 0, "blocks_used": s.blocks_used, "blocks_free": s.blocks_free,
+            "tokens_used": s.tokens_used, "tokens_reserved": s.tokens_reserved, "tokens_free": s.tokens_free,
+        }  # fmt: skip
+
+    def dump_cache_stats(self) -> str:
+        """The seed's ``dumpCacheStats`` text (``kvbroker blocks`` prints the same)."""
+        return format_cache_stats(self.pool, self.block_map())
+
+    def dump_block_map(self) -> str:
+        """The seed's ``dumpBlockMap``: ``X`` used, ``.`` free, 64 blocks a line."""
+        return format_block_map(self.block_map())
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _grow(self, seq_id: str, seq: _Sequence, needed: int) -> Plan:
+        if seq.max_tokens and needed > seq.max_tokens:
+            raise InvalidRequest(f"sequence {seq_id!r} would hold {needed} tokens, more than its max_tokens ({seq.max_tokens})")
+        wanted = needed + self.grant_tokens
+        request = pb.ExtendSequenceRequest(
+            pool=self.pool, sequence_id=seq_id, tokens_used=seq.used, tokens_needed=needed,
+            tokens_wanted=min(wanted, seq.max_tokens) if seq.max_tokens else wanted,
+        )  # fmt: skip
+        response = (yield ("ExtendSequence", request, 0)).sequence
+        seq.table, seq.runs = _table(response), _runs(response)
+
+    def _run(self, plan: Plan) -> Any:
+        """Perform a plan's calls (``(method, request, extra_ms)``) one by one."""
+        try:
+            step = next(plan)
+            while True:
+                step = plan.send(self._call(*step))
+        except StopIteration as stop:
+            return stop.value
+
+    def _missing(self, seq_id: str) -> _Sequence:
+        self._check_session()
+        if seq_id in self._evicted:
+            raise SequenceEvicted(f"sequence {seq_id!r} was evicted by the broker: allocate it again")
+        raise CacheNotFound(f"no sequence {seq_id!r} in this process (allocate_for or attach it)")
+
+    def _check_session(self) -> None:
+        if self._client.core.generation != self._generation:
+            raise SessionLost("the broker session this paged pool was opened under is over: its sequences were freed")
+
+    def _call(self, method: str, request: Any, extra_ms: int = 0) -> Any:
+        if hasattr(self, "_generation"):
+            self._check_session()
+        self.rpc_count += 1
+        core = self._client.core
+        started = time.perf_counter()
+        try:
+            return self._client.drive(_plan(core.call(method, request, extra_ms)))
+        except (CacheExhausted, CacheNotFound) as err:
+            raise self._typed(err, request) from None
+        finally:
+            self.rpc_seconds += time.perf_counter() - started
+
+    def _typed(self, err: CacheExhausted | CacheNotFound, request: Any) -> Exception:
+        """``OutOfTokens`` for a paged refusal; ``SequenceEvicted`` for an evicted one's."""
+        if isinstance(err, CacheExhausted):
+            return OutOfTokens.of(err)
+        seq_id = getattr(request, "sequence_id", "")
+        if seq_id and seq_id in self._evicted:
+            return SequenceEvicted(f"sequence {seq_id!r} was evicted by the broker: allocate it again")
+        return err
+
+    def _on_event(self, event: pb.WatchEvent) -> None:
+        """Watch thread: a sequence of this pool was evicted."""
+        if event.cache_id == self.arena_id and event.kind == pb.EVENT_KIND_EVICTED:
+            self._evicted.add(event.sequence_id)
+            self._seqs.pop(event.sequence_id, None)
+
+    def evicted(self, seq_id: str) -> bool:
+        """Whether the broker evicted the sequence (its EVICTED event arrived)."""
+        return seq_id in self._evicted
+
+
+_MADV_POPULATE_WRITE = 23
+
+
+def _populate_write(address: int, nbytes: int) -> bool:
+    """Fault ``[address, address + nbytes)`` in writable without writing; False when the
+    kernel cannot (older than 5.14) or this is not Linux."""
+    import ctypes
+    import ctypes.util
+
+    start = address - address % _PAGE
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start), _MADV_POPULATE_WRITE) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _plan(call: Any):
+    return (yield call)
+
+
+def _table(seq: pb.Sequence) -> list[int]:
+    return [b for run in seq.runs for b in range(run.first_block, run.first_block + run.count)]
+
+
+def _runs(seq: pb.Sequence) -> list[tuple[int, int]]:
+    return [(run.first_block, run.count) for run in seq.runs]
+
+
+def _map(handle: pb.Handle) -> torch.Tensor:
+    from kvbroker_client.mapping import process_mapper
+
+    return process_mapper().view(handle)
+
+
+def _layer_views(arena: torch.Tensor, layout: KvLayout, num_blocks: int) -> list[torch.Tensor]:
+    from kvbroker_client.dtypes import to_torch_dtype
+
+    dtype = to_torch_dtype(layout.dtype)
+    size, shape = layout.layer_bytes(num_blocks), layout.layer_shape(num_blocks)
+    return [arena[i * size : (i + 1) * size].view(dtype).view(shape) for i in range(layout.num_layers)]
+
+
+def format_block_map(response: pb.BlockMapResponse, width: int = 64) -> str:
+    """The seed's block map: header figures, then ``X``/``.`` lines of ``width`` blocks."""
+    s = response.stats
+    lines = ["KVBlockAllocator State:", f"  Total blocks: {s.num_blocks}",
+             f"  Used: {s.blocks_used} Free: {s.blocks_free}", f"  Fragmentation: {s.fragmentation:.2f}",
+             "  Block map (. = free, X = used):"]  # fmt: skip
+    text = response.block_map
+    lines += [f"    {text[i:i + width]}" for i in range(0, len(text), width)]
+    return "\n".join(lines)
+
+
+def format_cache_stats(pool: str, response: pb.BlockMapResponse) -> str:
+    """The seed's ``dumpCacheStats`` for one pool (sizes in MiB, blocks as ``[start, +count]``)."""
+    s, lay = response.stats, response.stats.layout
+    mib = lay.bytes_per_block / 2**20
+    lines = [f"=== KVCache Statistics (pool {pool}) ===", "Configuration:",
+             f"  Layers: {lay.num_layers}, Heads: {lay.num_kv_heads}, HeadDim: {lay.head_dim}",
+             f"  BlockSize: {lay.block_tokens}, TotalBlocks: {s.num_blocks}", "Allocation State:",
+             f"  Allocated sequences: {s.sequences}", f"  Total allocated: {s.blocks_used * mib:.2f} MB",
+             f"  Total free: {s.blocks_free * mib:.2f} MB", f"  Fragmentation: {s.fragmentation:.2f}",
+             f"  Tokens used/reserved/free: {s.tokens_used}/{s.tokens_reserved}/{s.tokens_free}", "Sequences:"]  # fmt: skip
+    for seq in response.sequences:
+        blocks = ", ".join(f"[{r.first_block}, +{r.count}]" for r in seq.runs)
+        pin = " pinned" if seq.pinned else ""
+        lines.append(f"  {seq.sequence_id}: {seq.tokens_used}/{seq.tokens_reserved} tokens, blocks {blocks}{pin}")
+    return "\n".join(lines)
+
+
+__all__ += ["format_block_map", "format_cache_stats"]

@@ -1,0 +1,223 @@
+"""A paged pool's block allocator driven as a state machine against a model.
+
+Random allocate / append (extending through the allocator when a sequence's blocks are
+full, as the client does) / free / evict / pin / unpin / attach / session end over a
+small arena. After every step: ``PagedArena.check`` (free runs and sequences partition
+the arena, no block in two sequences, free runs coalesced), exact accounting (free +
+held blocks = arena; per sequence, reserved slots = blocks x block_tokens), a pinned
+sequence's blocks never change (an extension only appends to its block table), every
+appended token's slot lies inside its sequence's blocks, and every slot written is owned
+by exactly that sequence (no two live tokens share a slot). Refusals are checked too:
+``OutOfTokens`` only when the free blocks really are too few, carrying those figures.
+"""
+
+from __future__ import annotations
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvbroker.core.errors import FailedPrecondition, InvalidArgument
+from kvbroker.core.paged import OutOfTokens, PagedArena
+
+BLOCK_TOKENS = 4
+NUM_BLOCKS = 24
+SESSIONS = ("s1", "s2", "s3")
+IDS = st.sampled_from([f"q{i}" for i in range(8)])
+
+
+class PagedMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.arena = PagedArena(NUM_BLOCKS, BLOCK_TOKENS, clock=self._clock)
+        self.used: dict[str, int] = {}  # tokens written per sequence (the client's count)
+        self.slots: dict[str, list[int]] = {}  # the slot of every token written
+        self.pinned_table: dict[str, list[int]] = {}
+
+    def _clock(self) -> float:
+        self.now += 1.0
+        return self.now
+
+    @rule(seq=IDS, holder=st.sampled_from(SESSIONS), prompt=st.integers(0, 40), head=st.integers(0, 40),
+          max_tokens=st.sampled_from([0, 8, 30, 100]), priority=st.integers(0, 2), pinned=st.booleans())
+    def allocate(self, seq, holder, prompt, head, max_tokens, priority, pinned):
+        free_before = self.arena.free_blocks
+        try:
+            view = self.arena.allocate(seq, holder, tokens_used=0, tokens_needed=prompt, tokens_wanted=prompt + head,
+                                       max_tokens=max_tokens, priority=priority, pinned=pinned)
+        except OutOfTokens as err:
+            assert -(-prompt // BLOCK_TOKENS) > free_before
+            assert err.tokens_free == free_before * BLOCK_TOKENS
+            assert err.tokens_requested == -(-prompt // BLOCK_TOKENS) * BLOCK_TOKENS
+            assert self.arena.free_blocks == free_before and seq not in self.arena
+            return
+        except InvalidArgument:
+            assert max_tokens and prompt > max_tokens
+            return
+        except Exception as err:  # AlreadyExists
+            assert seq in self.used, err
+            return
+        assert view.tokens_reserved >= prompt
+        assert not max_tokens or view.tokens_reserved <= -(-max_tokens // BLOCK_TOKENS) * BLOCK_TOKENS
+        self.used[seq], self.slots[seq] = 0, []
+        if pinned:
+            self.pinned_table[seq] = self.arena_table(seq)
+        self.append(seq, prompt)
+
+    def arena_table(self, seq: str) -> list[int]:
+        return [b for start, count in self.arena.get(seq).runs for b in range(start, start + count)]
+
+    def append(self, seq: str, n: int) -> None:
+        """The client's append: slots inside granted blocks; extend when they run out."""
+        for _ in range(n):
+            table = self.arena_table(seq)
+            t = self.used[seq]
+            if t >= len(table) * BLOCK_TOKENS:
+                try:
+                    self.arena.extend(seq, tokens_used=t, tokens_needed=t + 1, tokens_wanted=t + 8)
+                except (OutOfTokens, InvalidArgument):
+                    return
+                new = self.arena_table(seq)
+                assert new[: len(table)] == table, "an extension changed existing blocks"
+                table = new
+            block = table[t // BLOCK_TOKENS]
+            slot = block * BLOCK_TOKENS + t % BLOCK_TOKENS
+            self.slots[seq].append(slot)
+            self.used[seq] = t + 1
+
+    @precondition(lambda self: self.used)
+    @rule(data=st.data(), n=st.integers(1, 20))
+    def append_tokens(self, data, n):
+        self.append(data.draw(st.sampled_from(sorted(self.used))), n)
+
+    @rule(seq=IDS)
+    def free(self, seq):
+        assert self.arena.free(seq) == (seq in self.used)
+        assert not self.arena.free(seq)  # the second free is a no-op
+        self._forget(seq)
+
+    def _forget(self, seq: str) -> None:
+        self.used.pop(seq, None)
+        self.slots.pop(seq, None)
+        self.pinned_table.pop(seq, None)
+
+    @precondition(lambda self: self.used)
+    @rule(data=st.data())
+    def evict(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.used)))
+        try:
+            self.arena.evict(seq, "test")
+        except FailedPrecondition:
+            assert seq in self.pinned_table
+            return
+        assert seq not in self.pinned_table
+        events = self.arena.drain_events()
+        assert [(e.kind, e.seq_id) for e in events] == [("evicted", seq)]
+        self._forget(seq)
+
+    @rule(blocks=st.integers(0, NUM_BLOCKS + 2), priority=st.integers(0, 3))
+    def evict_for_room(self, blocks, priority):
+        victims = self.arena.victims(blocks, priority)
+        for seq in victims:
+            assert seq not in self.pinned_table
+            assert self.arena.get(seq).priority < priority
+            self.arena.evict(seq, "room")
+            self._forget(seq)
+        if victims:
+            assert self.arena.free_blocks >= blocks
+        self.arena.drain_events()
+
+    @precondition(lambda self: self.used)
+    @rule(data=st.data())
+    def pin(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.used)))
+        self.arena.pin(seq)
+        self.pinned_table[seq] = self.arena_table(seq)
+
+    @precondition(lambda self: self.pinned_table)
+    @rule(data=st.data())
+    def unpin(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.pinned_table)))
+        self.arena.unpin(seq)
+        del self.pinned_table[seq]
+
+    @precondition(lambda self: self.used)
+    @rule(data=st.data(), holder=st.sampled_from(SESSIONS))
+    def attach(self, data, holder):
+        self.arena.attach(data.draw(st.sampled_from(sorted(self.used))), holder)
+
+    @rule(holder=st.sampled_from(SESSIONS))
+    def session_ends(self, holder):
+        held = {s for s in self.used if holder in self.arena.get(s).holders}
+        freed = self.arena.detach(holder)
+        for seq in held:
+            if seq in freed:
+                self._forget(seq)
+            else:
+                assert self.arena.get(seq).holders
+        assert set(freed) <= held
+
+    @invariant()
+    def consistent(self):
+        self.arena.check()
+        stats = self.arena.stats()
+        held = sum(len(self.arena_table(s)) for s in self.used)
+        assert stats.blocks_free + held == NUM_BLOCKS == stats.blocks_free + stats.blocks_used
+        assert stats.sequences == len(self.used)
+        assert stats.tokens_reserved == held * BLOCK_TOKENS
+        assert self.arena.block_map().count("X") == held
+        owner = {}
+        for seq in self.used:
+            table = self.arena_table(seq)
+            assert len(self.slots[seq]) == self.used[seq]
+            for slot in self.slots[seq]:
+                assert slot // BLOCK_TOKENS in table, "a token's slot is outside its sequence's blocks"
+                assert slot not in owner, "two live tokens share a slot"
+                owner[slot] = seq
+        for seq, table in self.pinned_table.items():
+            assert self.arena_table(seq)[: len(table)] == table, "a pinned sequence's blocks changed"
+
+
+PagedMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestPagedMachine = PagedMachine.TestCase
+
+
+def test_best_fit_and_in_place_extension():
+    arena = PagedArena(16, 4)
+    arena.allocate("a", "s", tokens_used=0, tokens_needed=8)  # blocks 0-1
+    arena.allocate("b", "s", tokens_used=0, tokens_needed=4)  # block 2
+    arena.allocate("c", "s", tokens_used=0, tokens_needed=12)  # blocks 3-5
+    arena.free("b")  # hole of 1 at 2; free run 6..15
+    arena.allocate("d", "s", tokens_used=0, tokens_needed=4)  # best fit: the hole
+    assert arena.get("d").runs == ((2, 1),)
+    arena.extend("c", tokens_used=12, tokens_needed=16)  # in place after 3-5
+    assert arena.get("c").runs == ((3, 4),)
+    assert arena.block_map() == "X" * 7 + "." * 9
+    stats = arena.stats()
+    assert (stats.blocks_used, stats.blocks_free, stats.fragmentation) == (7, 9, 0.0)
+
+
+def test_headroom_grows_with_what_a_sequence_generated_and_shrinks_as_the_pool_fills():
+    arena = PagedArena(1000, 16)
+    first = arena.allocate("a", "s", tokens_used=100, tokens_needed=100, tokens_wanted=100 + 16 * 100)
+    assert first.tokens_reserved == 16 * 7  # no headroom at allocation: nothing generated yet
+    grown = arena.extend("a", tokens_used=112, tokens_needed=113, tokens_wanted=113 + 16 * 100)
+    assert grown.tokens_reserved == 16 * 8  # 12 tokens generated: less than a block, 1 x 992/1000 -> 0
+    grown = arena.extend("a", tokens_used=612, tokens_needed=613, tokens_wanted=613 + 16 * 100)
+    assert grown.tokens_reserved == 16 * (39 + 30)  # 512 generated = 32 blocks, x 961/1000 = 30.7 -> 30
+    arena.allocate("fill", "s", tokens_used=0, tokens_needed=16 * 831)  # 100 blocks free
+    late = arena.extend("a", tokens_used=1104, tokens_needed=1105, tokens_wanted=1105 + 16 * 100)
+    assert late.tokens_reserved == 16 * 70 + 16 * 6  # 62 generated blocks x 99/1000 = 6.1 -> 6
+
+
+def test_out_of_tokens_carries_figures():
+    arena = PagedArena(4, 16)
+    arena.allocate("a", "s", tokens_used=0, tokens_needed=40)
+    try:
+        arena.allocate("b", "s", tokens_used=0, tokens_needed=20)
+    except OutOfTokens as err:
+        assert (err.tokens_requested, err.tokens_free, err.satisfiable) == (32, 16, True)
+        assert "32 tokens requested, 16 tokens free" in str(err)
+    else:
+        raise AssertionError("no refusal")
