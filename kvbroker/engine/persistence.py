@@ -302,7 +302,7 @@ class Persistence:
             memory.write_from(extent.segment_id, extent.offset + offset, chunk)
 
         path = os.path.join(generation.path, entry.file)
-        found = await asyncio.to_thread(read_cache_file, path, entry.size, entry.blake2b, sink)
+        found = await asyncio.to_thread(read_cache_file, path, entry.size, entry.digest, sink)
         if found != meta:
             raise CorruptFile(f"{entry.file} belongs to cache {found.cache_id!r}, not to {meta.cache_id!r}")
 
