@@ -191,8 +191,9 @@ class Store:
             if data.get("format") != MANIFEST_FORMAT or int(data["generation"]) != number:
                 raise CorruptGeneration(f"{_name(number)}: {MANIFEST} is not generation {number} of {MANIFEST_FORMAT}")
             entries = tuple(
+                # "blake2b": the key of the first format's digests (still checked).
                 ManifestEntry(str(e["file"]), int(e["size"]), str(e["digest"] if "digest" in e else e["blake2b"]),
-                              CacheMeta.from_json(e["cache"]))
+                              CacheMeta.from_json(e["cache"]))  # fmt: skip
                 for e in data["files"]
             )
         except (ValueError, KeyError, TypeError, CorruptFile) as err:
