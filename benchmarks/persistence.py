@@ -34,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
@@ -100,6 +101,18 @@ def plain_read(path: Path, buffer: np.ndarray) -> float:
     return time.perf_counter() - started
 
 
+def discard_killed(daemon) -> None:
+    """SIGKILL the daemon, then remove the host segments it leaves in its shm directory
+    (garbage once it is dead; the next daemon gets a fresh private directory and would
+    never reclaim them, so each round would leak ``--total`` bytes of /dev/shm)."""
+    daemon.process.kill()
+    daemon.process.wait(timeout=60)
+    for name in daemon.shm_objects():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(daemon.shm_dir, name))
+    daemon.stop()  # also removes its socket directory and its (now empty) private shm directory
+
+
 def fill(target: str, caches: int, each: int) -> None:
     import torch
 
@@ -153,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 ckpt_s, reply = checkpoint(daemon.target)
                 assert reply.caches == args.caches, reply
                 read_s = plain_read(plain, np.empty(BLOCK, dtype=np.uint8))
-                daemon.process.kill()
-                daemon.process.wait(timeout=60)
-                daemon.stop()
+                discard_killed(daemon)
                 for f in (ckpt_dir / f"gen-{reply.generation:06d}").iterdir():
                     drop_cache(f)
                 daemon = start_daemon(workdir, config=config, ready_timeout=600)

@@ -16,7 +16,7 @@ from kvbroker_client import BrokerClient
 SUMMARY = "write the persistent pools' caches to disk now"
 DESCRIPTION = (
     "Checkpoint every cache of the pools configured with persistent = true: a new generation in "
-    "[persistence] dir (one safetensors file per cache, a manifest of sizes and blake2b digests, "
+    "[persistence] dir (one safetensors file per cache, a manifest of sizes and digests, "
     "CURRENT replaced atomically; the previous generation is kept). Caches keep being served "
     "meanwhile. Fails with the reason when the disk budget (persistence.max_bytes) or the disk is "
     "full. Needs the checkpoint right on a broker with principals."

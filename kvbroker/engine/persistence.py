@@ -5,8 +5,8 @@ short core section) it pins the cache for the broker's own ``~checkpoint`` holde
 that no eviction, compaction or free touches its bytes; in a thread it copies them into
 a host staging buffer (memory or PCIe bandwidth); back on the loop it unpins and lets
 go; then, in a thread, the staging buffer is written to its file and fsync'd
-(``kvbroker.persistence``) while the next cache is staged (two staging buffers, each the
-size of the largest cache). Clients keep allocating, attaching and writing meanwhile; a
+(``kvbroker.persistence``) while the next cache is staged (two page-aligned staging
+buffers, each the size of the largest cache, so the file is written with direct I/O). Clients keep allocating, attaching and writing meanwhile; a
 cache that is PENDING or being moved is waited for first; one freed before its turn is
 skipped.
 
@@ -23,8 +23,10 @@ of last access, so the policy's order among them is kept.
 (``Store.candidates``); each cache is allocated again with its id, pool, model, dtype,
 shape, retain flag and priority through the normal placement (the daemon generates
 ids with a fresh per-run prefix, and the core never hands out an id that exists, so
-restored ids cannot collide with new ones), and its file streamed into it while it is
-hashed. Any mismatch rejects the whole generation: its caches are released by force and
+restored ids cannot collide with new ones), and its file read into it while it is
+hashed: on the host device straight into the segment's mapping (``HostMemory.mapped``:
+with direct I/O the disk writes the segment's pages, no CPU copy), on others through a
+host buffer and ``write_from``. Any mismatch rejects the whole generation: its caches are released by force and
 the previous one is tried (logged, counted). Restored caches are held by the broker's
 ``~restored`` holder for ``restore_grace_seconds``, so that background reclamation does
 not take them before their clients re-attach; then the holder lets go: retained caches
@@ -47,6 +49,7 @@ from kvbroker.core import AllocationRequest, Broker, BrokerError, CacheInfo, Cac
 from kvbroker.engine.devicework import DeviceWork
 from kvbroker.persistence import CacheMeta, CorruptFile, CorruptGeneration, PersistenceError, Store
 from kvbroker.persistence.cachefile import read_cache_file
+from kvbroker.persistence.directio import aligned_buffer
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +164,7 @@ class Persistence:
         # Two staging buffers, used in turn (one written while the next cache is staged),
         # sized for the largest cache: fresh ones per cache would fault in every page again.
         largest = max((c.nbytes for c in caches), default=0)
-        buffers = [np.empty(largest, dtype=np.uint8) for _ in range(2 if len(caches) > 1 else 1)]
+        buffers = [aligned_buffer(largest) for _ in range(2 if len(caches) > 1 else 1)]
         written = skipped = nbytes = free = 0
         writing: asyncio.Future[int] | None = None  # the previous cache's file, written meanwhile
         try:
@@ -198,7 +201,7 @@ class Persistence:
         try:
             extent = info.extents[0]
             # A cache made again under the same id since the list was taken may be larger.
-            staging = buffer[: info.nbytes] if info.nbytes <= buffer.nbytes else np.empty(info.nbytes, np.uint8)
+            staging = buffer[: info.nbytes] if info.nbytes <= buffer.nbytes else aligned_buffer(info.nbytes)
             memory = self._device.memory(info.device_id)
             await asyncio.to_thread(memory.read_into, extent.segment_id, extent.offset, staging)
         finally:
@@ -297,12 +300,20 @@ class Persistence:
         restored.append(info)
         extent = info.extents[0]
         memory = self._device.memory(info.device_id)
-
-        def sink(offset: int, chunk: np.ndarray) -> None:
-            memory.write_from(extent.segment_id, extent.offset + offset, chunk)
-
         path = os.path.join(generation.path, entry.file)
-        found = await asyncio.to_thread(read_cache_file, path, entry.size, entry.blake2b, sink)
+        mapped = getattr(memory, "mapped", None)  # the host device: read straight into the segment
+
+        def read() -> CacheMeta:
+            if mapped is not None:
+                with mapped(extent.segment_id, extent.offset, meta.nbytes) as view:
+                    return read_cache_file(path, entry.size, entry.digest, view)
+
+            def sink(offset: int, chunk: np.ndarray) -> None:
+                memory.write_from(extent.segment_id, extent.offset + offset, chunk)
+
+            return read_cache_file(path, entry.size, entry.digest, sink)
+
+        found = await asyncio.to_thread(read)
         if found != meta:
             raise CorruptFile(f"{entry.file} belongs to cache {found.cache_id!r}, not to {meta.cache_id!r}")
 

@@ -409,6 +409,20 @@ class HostMemory:
             if data.nbytes:
                 ctypes.memmove(seg.address + offset, data.ctypes.data, data.nbytes)
 
+    @contextmanager
+    def mapped(self, segment_id: int, offset: int, nbytes: int) -> Iterator[memoryview]:
+        """A writable view of a byte range of the server's own mapping, valid inside the
+        ``with`` (the segment is marked in use, so ``free`` waits). For I/O straight into
+        or out of a segment (a checkpoint's file read into it: no staging copy)."""
+        with self._using((segment_id,)) as segments:
+            seg = segments[segment_id]
+            check_range(segment_id, seg.info.nbytes, offset, nbytes)
+            view = memoryview((ctypes.c_ubyte * nbytes).from_address(seg.address + offset)).cast("B")
+            try:
+                yield view
+            finally:
+                view.release()
+
     def _get(self, segment_id: int) -> _Segment:
         try:
             return self._segments[segment_id]

@@ -6,19 +6,25 @@ and its identity in the header's ``__metadata__`` (strings only, the format's ru
 cache id, pool, model, dtype, shape, retain flag, priority, size. safetensors is the
 well-kept format for tensors on disk; it rejects a truncated file or trailing bytes, but
 a flipped bit loads silently (it has no checksum), so every file is also checked against
-the size and blake2b digest that the generation's manifest records (``store``).
+the size and digest that the generation's manifest records (``store``; the digest's
+algorithm and its chunks: ``digests``).
 
-Writing (``write_cache_file``): ``safetensors.numpy.save_file`` straight from the staging
-buffer (no extra copy: safetensors 0.8 reads the array's memory), then fsync; the digest
-(``file_digest``: blake2b of the header, blake2b of the data's chunk digests) covers
-exactly the file's bytes, the data's chunks hashed on every core from the staging
-buffer while the file is written, without reading it back. Reading (``read_cache_file``): the header is parsed and checked by
-``safetensors.safe_open``, then the data is streamed in chunks into a sink (a segment of
-the device) while the chunks already read are hashed; the caller must discard what the
-sink got when this raises.
+Writing (``write_cache_file``): the header is the format's JSON padded with spaces (which
+the format allows) so that the data starts at a multiple of 4 KiB; the data is then
+written from the caller's buffer in ``CHUNK_BYTES`` writes that bypass the page cache
+when the buffer is page-aligned (``directio``), then fsync'd; its chunks are hashed on
+every core meanwhile, from the same buffer, so the digest covers exactly the file's
+bytes without reading them back. Any safetensors reader reads the file
+(``safetensors.safe_open`` checks every header here). Reading (``read_cache_file``):
+the header is parsed and checked by ``safetensors.safe_open``; the data is read either
+straight into a destination buffer (a host segment's mapping: no copy by the CPU at all
+with direct I/O, several chunks in flight) or in chunks handed to a sink (a device
+segment), each chunk hashed as soon as it is read. The caller must discard what the
+destination or sink got when this raises.
 
-Cost: write = one sequential write + fsync, overlapped with one hash pass over memory;
-read = one sequential read, overlapped with one hash pass and one copy into the sink.
+Cost: write = one sequential direct write + fsync, overlapped with one hash pass over
+memory; read = one sequential direct read, overlapped with one hash pass (plus one copy
+into a sink's device).
 """
 
 from __future__ import annotations
@@ -33,13 +39,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvbroker.persistence.digests import (
+    CHUNK_BYTES,
+    DEFAULT_ALGORITHM,
+    ChunkedDigest,
+    chunk_digest,
+    file_digest,
+    new_hash,
+    parse_file_digest,
+)
+from kvbroker.persistence.directio import ALIGN, DirectFile, aligned_buffer
+
+__all__ = [
+    "CHUNK_BYTES", "CacheMeta", "CorruptFile", "file_digest", "new_digest", "read_cache_file", "write_cache_file",
+]  # fmt: skip
+
 FORMAT = "kvbroker-cache/1"
 TENSOR = "bytes"
-#: Chunk of a streamed read and of the data's digest (``ChunkedDigest``): large enough
-#: for sequential-read speed, small enough to keep the daemon's extra memory bounded
-#: whatever the cache's size. Part of the format: a reader hashes the same chunks.
-CHUNK_BYTES = 16 * 2**20
-#: Threads hashing chunks: every core (blake2b releases the GIL).
+#: Threads hashing chunks (and reading them into a destination): every core, at least
+#: two (the digests release the GIL).
 HASH_THREADS = max(2, os.cpu_count() or 2)
 
 
@@ -48,6 +66,7 @@ class CorruptFile(Exception):
 
 
 def new_digest() -> hashlib.blake2b:
+    """The manifest's own digest (``store``): blake2b, a few KiB hashed per checkpoint."""
     return hashlib.blake2b(digest_size=32)
 
 
@@ -102,135 +121,128 @@ class CacheMeta:
             raise CorruptFile(f"bad manifest entry: {err!r}") from None
 
 
+def _header(meta: CacheMeta) -> bytes:
+    """The file's first bytes: the 8-byte length and the safetensors JSON header, padded
+    with spaces so that the data starts on an ``ALIGN`` boundary (direct I/O)."""
+    header = json.dumps(
+        {"__metadata__": meta.to_strings(), TENSOR: {"dtype": "U8", "shape": [meta.nbytes], "data_offsets": [0, meta.nbytes]}},
+        separators=(",", ":"),
+    ).encode()
+    header += b" " * (-(8 + len(header)) % ALIGN)
+    return struct.pack("<Q", len(header)) + header
+
+
 def write_cache_file(path: str, meta: CacheMeta, data: np.ndarray) -> tuple[int, str]:
     """Write ``data`` (1-D uint8, ``meta.nbytes`` long) to ``path`` and fsync it.
 
-    Returns the file's size and its digest (``file_digest``). The data's chunks are
-    hashed by a thread pool while safetensors writes (all release the GIL), so hashing
-    costs no time when the disk is the slowest. Raises ``OSError`` (ENOSPC...).
+    Returns the file's size and its digest (``digests.file_digest``). The data's chunks
+    are hashed by a thread pool while the file is written (both release the GIL), so
+    hashing costs no time when the disk is the slowest; a page-aligned ``data``
+    (``directio.aligned_buffer``) is written past the page cache. Raises ``OSError``
+    (ENOSPC...).
     """
-    from safetensors.numpy import save_file
-
     if data.dtype != np.uint8 or data.ndim != 1 or data.nbytes != meta.nbytes:
         raise ValueError(f"cache {meta.cache_id}: expected {meta.nbytes} uint8 bytes, got {data.dtype} {data.shape}")
+    header = _header(meta)
+    head_block = aligned_buffer(len(header))
+    head_block[:] = np.frombuffer(header, dtype=np.uint8)
+    algorithm = DEFAULT_ALGORITHM
     with ThreadPoolExecutor(HASH_THREADS) as pool:
-        data_digest = ChunkedDigest(pool)
+        data_digest = ChunkedDigest(pool, algorithm)
         for start in range(0, data.nbytes, CHUNK_BYTES):
             data_digest.add(data[start : start + CHUNK_BYTES])
-        try:
-            save_file({TENSOR: data}, path, metadata=meta.to_strings())
-        except Exception as err:  # safetensors raises its own error for an I/O failure
-            if isinstance(err, OSError):
-                raise
-            raise OSError(getattr(err, "errno", None) or _errno_of(str(err)), f"writing {path}: {err}") from err
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-            (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-            header = os.pread(fd, header_len, 8)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        if size != 8 + header_len + data.nbytes:
-            raise OSError(f"{path}: wrote {size} bytes, expected {8 + header_len + data.nbytes}")
-        head = new_digest()
-        head.update(struct.pack("<Q", header_len))
-        head.update(header)
-        return size, file_digest(head.hexdigest(), data_digest.hexdigest())
+        with DirectFile(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as f:
+            f.write_all(0, head_block)
+            for start in range(0, data.nbytes, CHUNK_BYTES):
+                f.write_all(len(header) + start, data[start : start + CHUNK_BYTES])
+            f.fsync()
+            size = os.fstat(f.fd).st_size
+        if size != len(header) + data.nbytes:
+            raise OSError(f"{path}: wrote {size} bytes, expected {len(header) + data.nbytes}")
+        return size, file_digest(algorithm, new_hash(algorithm, header).hexdigest(), data_digest.hexdigest())
 
 
-def _chunk_digest(chunk: np.ndarray) -> bytes:
-    return hashlib.blake2b(memoryview(chunk), digest_size=32).digest()
+#: Where ``read_cache_file`` puts the data: a callable ``sink(offset, chunk)`` given each
+#: chunk in turn, or a writable buffer of exactly the cache's size read straight into.
+Destination = Callable[[int, np.ndarray], None] | np.ndarray | memoryview
 
 
-class ChunkedDigest:
-    """blake2b of the blake2b digests of the data's ``CHUNK_BYTES`` chunks, in order:
-    every byte covered, and the chunks hashed on every core at once (one blake2b
-    stream runs at about 0.7 GiB/s on this project's VM, slower than a disk read).
-    A chunk must not change until ``hexdigest`` returns."""
+def read_cache_file(path: str, size: int, digest_hex: str, sink: Destination) -> CacheMeta:
+    """Check ``path`` against ``size`` and ``digest_hex`` and put its data into ``sink``
+    (see ``Destination``). Returns the file's metadata.
 
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
-        self._pool = pool
-        self._parts: list[Future[bytes]] = []
-
-    def add(self, chunk: np.ndarray) -> Future[bytes]:
-        future = self._pool.submit(_chunk_digest, chunk)
-        self._parts.append(future)
-        return future
-
-    def hexdigest(self) -> str:
-        top = new_digest()
-        for part in self._parts:
-            top.update(part.result())
-        return top.hexdigest()
-
-
-def file_digest(head_hex: str, data_hex: str) -> str:
-    """A file's digest as the manifest records it: ``<blake2b of the 8-byte length and
-    the JSON header>:<ChunkedDigest of the data>``. Two parts rather than one stream over
-    the whole file so that the data's is computed in parallel, while the file is written
-    and read (every byte of the file is still covered)."""
-    return f"{head_hex}:{data_hex}"
-
-
-def _errno_of(message: str) -> int:
-    import errno
-
-    return errno.ENOSPC if "No space left" in message else errno.EIO
-
-
-def read_cache_file(
-    path: str, size: int, digest_hex: str, sink: Callable[[int, np.ndarray], None]
-) -> CacheMeta:
-    """Check ``path`` against ``size`` and ``digest_hex`` and stream its bytes to
-    ``sink(offset, chunk)``. Returns the file's metadata.
-
-    Raises ``CorruptFile`` on any mismatch (the sink may have received bytes by then:
-    the caller discards them) and ``OSError`` when the file cannot be read.
+    Raises ``CorruptFile`` on any mismatch (the destination may have received bytes by
+    then: the caller discards them) and ``OSError`` when the file cannot be read.
     """
     from safetensors import SafetensorError, safe_open
 
+    name = os.path.basename(path)
+    parsed = parse_file_digest(digest_hex)
+    if parsed is None:
+        raise CorruptFile(f"{name}: the manifest's digest {digest_hex[:40]!r} is not one this version checks")
+    algorithm, head_hex, data_hex = parsed
     actual = os.stat(path).st_size
     if actual != size:
-        raise CorruptFile(f"{os.path.basename(path)}: {actual} bytes, the manifest says {size}")
+        raise CorruptFile(f"{name}: {actual} bytes, the manifest says {size}")
     try:
         with safe_open(path, framework="numpy") as f:
             meta = CacheMeta.from_strings(f.metadata())
             keys = list(f.keys())
             shape = f.get_slice(TENSOR).get_shape() if keys == [TENSOR] else None
     except SafetensorError as err:
-        raise CorruptFile(f"{os.path.basename(path)}: not a valid safetensors file: {err}") from None
+        raise CorruptFile(f"{name}: not a valid safetensors file: {err}") from None
     if shape != [meta.nbytes]:
-        raise CorruptFile(f"{os.path.basename(path)}: expected one tensor {TENSOR!r} of {meta.nbytes} bytes")
-    head = new_digest()
-    ring = [np.empty(min(CHUNK_BYTES, max(meta.nbytes, 1)), dtype=np.uint8) for _ in range(HASH_THREADS + 1)]
-    busy: list[Future[bytes] | None] = [None] * len(ring)
-    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(HASH_THREADS) as pool:
+        raise CorruptFile(f"{name}: expected one tensor {TENSOR!r} of {meta.nbytes} bytes")
+    with open(path, "rb") as f:
         raw = f.read(8)
         (header_len,) = struct.unpack("<Q", raw)
-        head.update(raw)
-        head.update(f.read(header_len))
-        data_digest = ChunkedDigest(pool)
-        # This thread reads and copies to the sink; the pool hashes the chunks already
-        # read (a buffer of the ring is reused once its chunk is hashed).
-        offset, turn = 0, 0
-        while offset < meta.nbytes:
-            if busy[turn] is not None:
-                busy[turn].result()
-            chunk = ring[turn][: min(CHUNK_BYTES, meta.nbytes - offset)]
-            filled = 0
-            while filled < chunk.nbytes:
-                n = f.readinto(memoryview(chunk)[filled:])
-                if not n:
-                    raise CorruptFile(f"{os.path.basename(path)}: ends after {offset + filled} of {meta.nbytes} data bytes")
-                filled += n
-            busy[turn] = data_digest.add(chunk)
-            sink(offset, chunk)
-            offset += chunk.nbytes
-            turn = (turn + 1) % len(ring)
-        if f.read(1):
-            raise CorruptFile(f"{os.path.basename(path)}: trailing bytes")
-        data_hex = data_digest.hexdigest()
-    if file_digest(head.hexdigest(), data_hex) != digest_hex:
-        raise CorruptFile(f"{os.path.basename(path)}: blake2b digest differs from the manifest's")
+        header = raw + f.read(header_len)
+    if size != len(header) + meta.nbytes:  # safe_open allows neither, but say which
+        raise CorruptFile(f"{name}: {size} bytes for a {len(header)}-byte header and {meta.nbytes} data bytes")
+    with DirectFile(path, os.O_RDONLY) as f, ThreadPoolExecutor(HASH_THREADS) as pool:
+        data_digest = ChunkedDigest(pool, algorithm)
+        if callable(sink):
+            _read_to_sink(f, len(header), meta.nbytes, sink, data_digest, name)
+        else:
+            _read_into(f, len(header), meta.nbytes, memoryview(sink).cast("B"), pool, data_digest, name)
+        found = data_digest.hexdigest()
+    if new_hash(algorithm, header).hexdigest() != head_hex or found != data_hex:
+        raise CorruptFile(f"{name}: {algorithm} digest differs from the manifest's")
     return meta
+
+
+def _read_into(f: DirectFile, data_offset: int, nbytes: int, out: memoryview, pool: ThreadPoolExecutor,
+               data_digest: ChunkedDigest, name: str) -> None:  # fmt: skip
+    """Read the data straight into ``out``, one task per chunk (read, then hash it), so
+    the pool's threads keep several reads in flight; no buffer is reused, so no chunk
+    waits for another's hash."""
+    if out.nbytes != nbytes:
+        raise ValueError(f"{name}: the destination holds {out.nbytes} bytes, the file {nbytes}")
+
+    def read_and_hash(start: int) -> bytes:
+        chunk = out[start : start + CHUNK_BYTES]
+        if f.read_into(data_offset + start, chunk) != chunk.nbytes:
+            raise CorruptFile(f"{name}: ends inside the data chunk at {start} of {nbytes} bytes")
+        return chunk_digest(data_digest.algorithm, chunk)
+
+    for start in range(0, nbytes, CHUNK_BYTES):
+        data_digest.add_digest(pool.submit(read_and_hash, start))
+
+
+def _read_to_sink(f: DirectFile, data_offset: int, nbytes: int, sink: Callable[[int, np.ndarray], None],
+                  data_digest: ChunkedDigest, name: str) -> None:  # fmt: skip
+    """Read chunk after chunk into a ring of aligned buffers, hand each to ``sink`` on
+    this thread while the pool hashes it (a buffer is reused once its chunk is hashed)."""
+    ring = [aligned_buffer(min(CHUNK_BYTES, max(nbytes, 1))) for _ in range(HASH_THREADS + 1)]
+    busy: list[Future[bytes] | None] = [None] * len(ring)
+    offset, turn = 0, 0
+    while offset < nbytes:
+        if busy[turn] is not None:
+            busy[turn].result()
+        chunk = ring[turn][: min(CHUNK_BYTES, nbytes - offset)]
+        if f.read_into(data_offset + offset, chunk) != chunk.nbytes:
+            raise CorruptFile(f"{name}: ends after {offset} of {nbytes} data bytes")
+        busy[turn] = data_digest.add(chunk)
+        sink(offset, chunk)
+        offset += chunk.nbytes
+        turn = (turn + 1) % len(ring)

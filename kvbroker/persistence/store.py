@@ -8,8 +8,8 @@ Layout::
     <dir>/gen-00000N/000000.safetensors ...
 
 Writing generation N (``GenerationWriter``): each cache file as ``<name>.tmp``, fsync,
-rename; then ``MANIFEST.json`` (each file's name, size, blake2b digest and the cache's
-metadata) the same way; fsync the directory; then ``CURRENT`` the same way (temp, fsync,
+rename; then ``MANIFEST.json`` (each file's name, size, digest (``digests``: CRC-32 per
+16 MiB chunk for new files) and the cache's metadata) the same way; fsync the directory; then ``CURRENT`` the same way (temp, fsync,
 rename, fsync the directory): that rename is the commit point. Before it, a crash
 leaves the previous ``CURRENT`` (and its generation) in charge; after it, the new one.
 ``CURRENT`` records the manifest's own digest and the previous generation's, so both
@@ -80,7 +80,7 @@ class CorruptGeneration(Exception):
 class ManifestEntry:
     file: str
     size: int
-    blake2b: str
+    digest: str
     meta: CacheMeta
 
 
@@ -191,7 +191,9 @@ class Store:
             if data.get("format") != MANIFEST_FORMAT or int(data["generation"]) != number:
                 raise CorruptGeneration(f"{_name(number)}: {MANIFEST} is not generation {number} of {MANIFEST_FORMAT}")
             entries = tuple(
-                ManifestEntry(str(e["file"]), int(e["size"]), str(e["blake2b"]), CacheMeta.from_json(e["cache"]))
+                # "blake2b": the key of the first format's digests (still checked).
+                ManifestEntry(str(e["file"]), int(e["size"]), str(e["digest"] if "digest" in e else e["blake2b"]),
+                              CacheMeta.from_json(e["cache"]))  # fmt: skip
                 for e in data["files"]
             )
         except (ValueError, KeyError, TypeError, CorruptFile) as err:
@@ -294,7 +296,7 @@ class GenerationWriter:
             raise BudgetExceeded(f"the checkpoint outgrew persistence.max_bytes ({self.store.max_bytes})")
         os.replace(tmp, final)
         self.store.on_step("file-renamed")
-        self._entries.append({"file": name, "size": size, "blake2b": digest, "cache": meta.to_json()})
+        self._entries.append({"file": name, "size": size, "digest": digest, "cache": meta.to_json()})
         return size
 
     def publish(self) -> int:

@@ -45,3 +45,32 @@ def test_out_of_range_and_unknown_segments_are_refused(memory):
     out = np.empty(N, dtype=np.uint8)
     memory.read_into(1, 0, out)
     assert not out.any(), "nothing was written by the refused calls"
+
+
+def test_a_mapped_range_is_the_segments_bytes_and_is_checked(memory, tmp_path):
+    """``mapped`` (a restore reads files straight into it): bytes written through the
+    view are the segment's, a file read into it with read_cache_file lands at the
+    offset, and a bad range or segment is refused."""
+    from kvbroker.persistence.cachefile import CacheMeta, read_cache_file, write_cache_file
+    from kvbroker.persistence.directio import aligned_buffer
+
+    with memory.mapped(1, 4096, 3) as view:
+        view[:] = b"abc"
+    out = np.empty(5, dtype=np.uint8)
+    memory.read_into(1, 4095, out)
+    assert bytes(out) == b"\0abc\0"
+    data = aligned_buffer(65536)
+    data[:] = np.random.default_rng(3).integers(0, 256, 65536, dtype=np.uint8)
+    meta = CacheMeta("c", "p", "m", "uint8", (65536,), False, 0, 65536)
+    size, digest = write_cache_file(str(tmp_path / "c.safetensors"), meta, data)
+    with memory.mapped(1, 8192, 65536) as view:
+        assert read_cache_file(str(tmp_path / "c.safetensors"), size, digest, view) == meta
+    back = np.empty(65536, dtype=np.uint8)
+    memory.read_into(1, 8192, back)
+    assert np.array_equal(back, data)
+    with pytest.raises(ValueError, match="outside segment 1"):
+        with memory.mapped(1, N - 10, 11):
+            pass
+    with pytest.raises(KeyError):
+        with memory.mapped(2, 0, 1):
+            pass

@@ -76,7 +76,7 @@ def load(directory: Path) -> tuple[int, dict[str, bytes]] | None:
                 def sink(offset: int, chunk: np.ndarray, out=out) -> None:
                     out[offset : offset + chunk.nbytes] = chunk.tobytes()
 
-                meta = read_cache_file(os.path.join(generation.path, entry.file), entry.size, entry.blake2b, sink)
+                meta = read_cache_file(os.path.join(generation.path, entry.file), entry.size, entry.digest, sink)
                 assert meta == entry.meta
                 caches[meta.cache_id] = bytes(out)
             return number, caches
