@@ -68,6 +68,7 @@ name = "small"
 max_bytes = "16MiB"
 segment_bytes = "8MiB"
 block_bytes = "4KiB"
+persistent = true  # so that a fuzzed Checkpoint reaches its real work
 """
 
 # -- value strategies ------------------------------------------------------------------
@@ -241,8 +242,10 @@ metadata = st.one_of(
 def daemon(tmp_path_factory):
     from .conftest import _stop_clean, start_safety_daemon
 
+    where = tmp_path_factory.mktemp("fuzz")
     d = start_safety_daemon(
-        tmp_path_factory.mktemp("fuzz"), CONFIG, "--lease-seconds", "0.5", "--segment-idle-seconds", "0.3"
+        where, CONFIG, "--lease-seconds", "0.5", "--segment-idle-seconds", "0.3",
+        "--persistence-dir", str(where / "checkpoints"),
     )
     yield d
     _stop_clean(d)
