@@ -169,7 +169,7 @@ def _segments_to_free(record: PoolRecord, new_max: int) -> list[SegmentRecord]:
              bool(seg.mappers), seg.info.segment_id, seg)
             for arena in record.arenas.values() if arena.compaction is None
             for seg in arena.segments.values()
-            if all(r.state is CacheState.RESIDENT and not r.pin_count for r in seg.caches.values())
+            if all(r.state is CacheState.RESIDENT and not r.pin_count and not r.offloading for r in seg.caches.values())
         ),
         key=lambda c: c[:4],
     )  # fmt: skip

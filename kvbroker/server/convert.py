@@ -69,6 +69,7 @@ _STATE_TO_PB = {
     CacheState.RESIDENT: pb.CACHE_STATE_RESIDENT,
     CacheState.EVICTED: pb.CACHE_STATE_EVICTED,
     CacheState.PENDING: pb.CACHE_STATE_PENDING,
+    CacheState.OFFLOADED: pb.CACHE_STATE_OFFLOADED,
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
 

@@ -32,6 +32,7 @@ class CacheState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CACHE_STATE_RESIDENT: _ClassVar[CacheState]
     CACHE_STATE_EVICTED: _ClassVar[CacheState]
     CACHE_STATE_PENDING: _ClassVar[CacheState]
+    CACHE_STATE_OFFLOADED: _ClassVar[CacheState]
 
 class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -59,6 +60,7 @@ CACHE_STATE_UNSPECIFIED: CacheState
 CACHE_STATE_RESIDENT: CacheState
 CACHE_STATE_EVICTED: CacheState
 CACHE_STATE_PENDING: CacheState
+CACHE_STATE_OFFLOADED: CacheState
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_SESSION_OPENED: EventKind
 EVENT_KIND_EVICTED: EventKind
