@@ -321,6 +321,8 @@ def stats_message(stats: BrokerStats, status: EngineStatus) -> pb.StatsResponse:
                 eviction_policy=p.eviction_policy,
                 waiting_allocations=live.waiting.get(p.pool, 0),
                 allocation_waits=live.waits.get(p.pool, 0),
+                offloaded_host_bytes=live.offloaded.get((p.pool, "host"), 0),
+                offloaded_disk_bytes=live.offloaded.get((p.pool, "disk"), 0),
             )
             for p in stats.pools
         ],

@@ -308,7 +308,7 @@ class DeviceStats(_message.Message):
     def __init__(self, device: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class PoolStats(_message.Message):
-    __slots__ = ("pool", "usage", "min_bytes", "max_bytes", "priority", "eviction_policy", "waiting_allocations", "allocation_waits")
+    __slots__ = ("pool", "usage", "min_bytes", "max_bytes", "priority", "eviction_policy", "waiting_allocations", "allocation_waits", "offloaded_host_bytes", "offloaded_disk_bytes")
     POOL_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -317,6 +317,8 @@ class PoolStats(_message.Message):
     EVICTION_POLICY_FIELD_NUMBER: _ClassVar[int]
     WAITING_ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_WAITS_FIELD_NUMBER: _ClassVar[int]
+    OFFLOADED_HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFLOADED_DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     pool: str
     usage: Usage
     min_bytes: int
@@ -325,7 +327,9 @@ class PoolStats(_message.Message):
     eviction_policy: str
     waiting_allocations: int
     allocation_waits: int
-    def __init__(self, pool: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., min_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., waiting_allocations: _Optional[int] = ..., allocation_waits: _Optional[int] = ...) -> None: ...
+    offloaded_host_bytes: int
+    offloaded_disk_bytes: int
+    def __init__(self, pool: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., min_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., waiting_allocations: _Optional[int] = ..., allocation_waits: _Optional[int] = ..., offloaded_host_bytes: _Optional[int] = ..., offloaded_disk_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "allocation_count", "eviction_count", "devices", "pools", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "version", "instance_id", "uptime_seconds", "methods", "window_seconds", "sessions")

@@ -60,6 +60,8 @@ def test_a_cache_pushed_out_is_offloaded_and_its_holders_next_use_restores_it(tm
             second = filler("allocate", pool="w", size_bytes=6 * MiB)  # no room: the first goes out
             assert filler("fill", cache_id=second, salt=9)
             assert _states(observer) == {first: pb.CACHE_STATE_OFFLOADED, second: pb.CACHE_STATE_RESIDENT}
+            (pool,) = observer.stats().pools
+            assert (pool.offloaded_host_bytes, pool.offloaded_disk_bytes) == ((6 * MiB, 0) if tier == "host" else (0, 6 * MiB))
             wait_until(lambda: holder("state", cache_id=first)["stale"], 10, "the holder learns its cache moved")
             assert not holder("state", cache_id=first)["evicted"]
             listed = subprocess.run(
