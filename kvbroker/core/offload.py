@@ -22,7 +22,9 @@ The life of one offload, as core states (the engine copies between them, in thre
    (same ladder, same compaction plans); it becomes PENDING with ``restoring`` set in
    its new extent, the engine copies the bytes in, and ``Broker.cache_ready`` makes it
    RESIDENT (``restored``: the tier copy is discarded, epoch bumped, holders told MOVED)
-   or ``abort_restore`` puts it back to OFFLOADED, its copy intact.
+   or ``abort_restore`` puts it back to OFFLOADED, its copy intact (freed instead when
+   its holders left meanwhile). An operator's ``kvbroker evict`` of the pool drops its
+   OFFLOADED caches too (``lose``).
 
 Accounting (checked by ``audit``): each tier's ``used`` is the ``nbytes`` of the caches
 whose ``tier`` names it (offloading, OFFLOADED or restoring), never above its budget; an
@@ -190,7 +192,7 @@ class Tiers:
         rec = ledger.caches.lookup(cache_id)
         if rec.state is not CacheState.OFFLOADED:
             raise FailedPrecondition(f"cache {cache_id!r} is not offloaded (it is {rec.state.value})")
-        arenas = candidate_arenas(rec.pool, ledger.devices, rec.device_id, rec.reserved_bytes)
+        arenas = candidate_arenas(rec.pool, ledger.devices, None, rec.reserved_bytes)
         spot, arena, plan, evicted, retired = find_room(ledger, rec.pool, arenas, rec.reserved_bytes,
                                                         rec.priority, allow_eviction, True)  # fmt: skip
         if spot is None:
@@ -219,9 +221,12 @@ class Tiers:
         seg = ledger.segments[segment_of(rec.address)]
         rec.arena.pending_caches -= 1
         ledger.give_back(rec)
-        rec.state, rec.restoring, rec.doomed = CacheState.OFFLOADED, False, False
+        rec.state, rec.restoring = CacheState.OFFLOADED, False
         if seg.creating and not seg.caches:
             ledger.segments.discard(seg)
+        if rec.doomed:  # its holders left meanwhile: nothing keeps it
+            rec.doomed = False
+            ledger.free(rec, Gone.RELEASED)
         ledger.changed()
 
     def tier_of(self, cache_id: str) -> str:

@@ -207,6 +207,15 @@ class OffloadMachine(RuleBasedStateMachine):
             return
         self._settle()
 
+    @rule(idle_only=st.booleans())
+    def operator_evicts(self, idle_only):
+        """``kvbroker evict``: resident and offloaded caches of the pool go (pinned stay)."""
+        before = {c.cache_id for c in self.b.caches(pool="o", state=CacheState.OFFLOADED)}
+        self.b.admin.evict("o", idle_only=idle_only)
+        self._settle()
+        left = {c.cache_id for c in self.b.caches(pool="o", state=CacheState.OFFLOADED)}
+        assert not left - before and (idle_only or not left)
+
     @rule()
     def reclaim(self):
         self.b.reclaim()
