@@ -80,15 +80,6 @@ class OffloadJob(NamedTuple):
     nbytes: int = 0
 
 
-class TierFigures(NamedTuple):
-    """One tier for Stats: its budget, the bytes it holds, per pool."""
-
-    tier: str
-    budget_bytes: int
-    used_bytes: int
-    by_pool: Mapping[str, int]
-
-
 class Tiers:
     """The tiers' budgets and use, the engine's job queue, and the offload protocol."""
 
@@ -109,13 +100,6 @@ class Tiers:
     def drain_jobs(self) -> list[OffloadJob]:
         jobs, self.jobs = self.jobs, []
         return jobs
-
-    def figures(self) -> list[TierFigures]:
-        return [
-            TierFigures(tier, self.budgets[tier], self.used[tier],
-                        {p: n for (p, t), n in self.by_pool.items() if t == tier and n})
-            for tier in OFFLOAD_TIERS
-        ]  # fmt: skip
 
     # -- 1. begin ---------------------------------------------------------------------
 

@@ -104,9 +104,6 @@ class Offloader:
         events = self._by_pool.get(pool)
         return next(iter(events)) if events else None
 
-    def copies(self, tier: str) -> int:
-        return len(self._host if tier == "host" else self._disk)
-
     # -- jobs from the core ---------------------------------------------------------
 
     def dispatch(self, jobs: list[OffloadJob]) -> None:
