@@ -18,7 +18,8 @@ core's synchronous sections:
 
 Tiers: ``host`` keeps each copy in a private numpy buffer of the daemon (anonymous
 memory, its total bounded by ``[persistence] host_max_bytes`` through the core's
-accounting); ``disk`` writes one ``kvbroker.persistence.cachefile`` file per copy under
+accounting; buffers of copies that went are reused for copies of the same size while
+spare and live buffers together stay within that budget); ``disk`` writes one ``kvbroker.persistence.cachefile`` file per copy under
 ``<persistence.dir>/offload`` (its total bounded by ``disk_max_bytes``), its cache id in
 the file's metadata and its size and blake2b digest kept here: a restore reads it back
 through ``read_cache_file`` (size, header, digest) and refuses a file bound to another
@@ -80,6 +81,11 @@ class Offloader:
         self._settle = settle
         self._restore_place = restore_place
         self._host: dict[str, np.ndarray] = {}
+        #: Buffers of host copies that went (restored or freed), kept for the next copy of
+        #: the same size while they and the live copies fit ``host_max_bytes``: a fresh
+        #: buffer's pages fault in on first touch, which costs more than the copy itself.
+        self._spare: dict[int, list[np.ndarray]] = {}
+        self._spare_bytes = 0
         self._disk: dict[str, DiskCopy] = {}
         self._disk_dir = ""
         self._serial = itertools.count(1)
@@ -121,17 +127,39 @@ class Offloader:
 
     def _discard(self, cache_id: str, tier: str) -> None:
         if tier == "host":
-            self._host.pop(cache_id, None)
+            data = self._host.pop(cache_id, None)
+            tiers = self._broker.offload
+            if data is not None and tiers.used["host"] + self._spare_bytes + data.nbytes <= tiers.budgets["host"]:
+                self._spare.setdefault(data.nbytes, []).append(data)
+                self._spare_bytes += data.nbytes
             return
         copy = self._disk.pop(cache_id, None)
         if copy is not None:
             self._device.track(asyncio.get_running_loop().create_task(asyncio.to_thread(_unlink, copy.path)))
 
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        """A host-tier buffer of ``nbytes``: a spare one of that size, else a new one."""
+        spare = self._spare.get(nbytes)
+        if spare:
+            self._spare_bytes -= nbytes
+            data = spare.pop()
+            if not spare:
+                del self._spare[nbytes]
+            return data
+        tiers = self._broker.offload  # this copy is counted in ``used`` already
+        while self._spare and tiers.used["host"] + self._spare_bytes > tiers.budgets["host"]:
+            size, buffers = next(iter(self._spare.items()))
+            buffers.pop()
+            self._spare_bytes -= size
+            if not buffers:
+                del self._spare[size]
+        return np.empty(nbytes, np.uint8)
+
     async def _copy_out(self, job: OffloadJob, info: CacheInfo, done: asyncio.Event) -> None:
         started = time.perf_counter()
         error: BaseException | None = None
         try:
-            data = np.empty(job.nbytes, np.uint8)
+            data = self._buffer(job.nbytes) if job.tier == "host" else np.empty(job.nbytes, np.uint8)
             memory = self._device.memory(job.device_id)
             await asyncio.to_thread(memory.read_into, job.extent.segment_id, job.extent.offset, data)
             if job.tier == "host":

@@ -46,6 +46,8 @@ def _read(engine: Engine, info) -> bytes:
 async def _settled(engine: Engine) -> None:
     await engine.idle()
     audit(engine.broker)
+    tiers = engine.broker.offload  # host copies and the spare buffers kept for reuse fit the budget
+    assert tiers.used["host"] + engine.offload._spare_bytes <= tiers.budgets["host"]
 
 
 @pytest.mark.parametrize("tiers", [("host",), ("disk",), ("host", "disk")])
