@@ -10,6 +10,9 @@ backends that the daemon drives, outside its lock, from what is returned here:
   ``needs_zeroing`` and the pool scrubs, then ``cache_ready``; or ``abort_allocation``.
 - ``plan_compaction`` / ``begin_compaction`` / copy / ``commit`` (of all moves or a
   prefix) or ``abort_compaction``.
+- ``offload`` (``kvbroker.core.offload``): in a pool with ``offload``, the ladder's and
+  reclamation's evictions become copy-outs (``drain_jobs``, then ``finish`` or ``fail``);
+  an OFFLOADED cache is placed again by ``place_restore``, then ``cache_ready``.
 - Evictions and moves bump the cache's epoch and queue an ``Event`` for its holders
   (``drain_events``); every eviction is also queued for the daemon's log, held or not
   (``drain_evictions``). Retired segments are returned by the call that retired them.
