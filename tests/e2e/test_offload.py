@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -45,6 +46,14 @@ offload = "{tier}"
 """
 
 
+def _metric(daemon, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(daemon.metrics_url, timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} {labels} not in /metrics")
+
+
 def _states(client: BrokerClient) -> dict[str, int]:
     return {c.cache_id: c.state for c in client.list_caches(pool="w")}
 
@@ -52,7 +61,7 @@ def _states(client: BrokerClient) -> dict[str, int]:
 @pytest.mark.parametrize("tier", ["host", "disk"])
 def test_a_cache_pushed_out_is_offloaded_and_its_holders_next_use_restores_it(tmp_path, tier):
     config = _config("64MiB", tier, str(tmp_path / "state"))
-    with running_daemon(tmp_path, config=config) as daemon, BrokerClient(daemon.target) as observer:
+    with running_daemon(tmp_path, config=config, metrics=True) as daemon, BrokerClient(daemon.target) as observer:
         holder, filler = Agent(daemon.target), Agent(daemon.target)
         try:
             first = holder("allocate", pool="w", size_bytes=6 * MiB, model_name="m")
@@ -80,6 +89,11 @@ def test_a_cache_pushed_out_is_offloaded_and_its_holders_next_use_restores_it(tm
             assert holder("check", cache_id=first, salt=5)
             if tier == "disk":  # the filler's cache is on disk again, in one file bound to it
                 assert len(list((tmp_path / "state" / "offload").iterdir())) == 1
+            # Four copy-outs (first, second, first, second) and three restores, on /metrics.
+            assert _metric(daemon, "kvbroker_offloads_total", pool="w", tier=tier, outcome="ok") == 4
+            assert _metric(daemon, "kvbroker_restores_total", pool="w", tier=tier, outcome="ok") == 3
+            assert _metric(daemon, "kvbroker_restore_duration_seconds_count", pool="w", tier=tier) == 3
+            assert _metric(daemon, "kvbroker_offloaded_bytes", pool="w", tier=tier) == 6 * MiB
         finally:
             holder.close()
             filler.close()
