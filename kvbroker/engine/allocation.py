@@ -80,6 +80,10 @@ class Allocator:
         #: pool -> the ``_pending`` events of its allocations that create a segment: the
         #: rest of such a segment becomes placeable when the event is set.
         self._creating: dict[str, set[asyncio.Event]] = {}
+        #: pool -> the ``_pending`` events of all its allocations being backed: a restore
+        #: (which cannot wait on its caller's behalf) retries after one ends, for a cache
+        #: being backed cannot be pushed out but may be once it is ready.
+        self._backing: dict[str, set[asyncio.Event]] = {}
         self._priority = {p.name: p.priority for p in broker.pools}
         self._scrub = {p.name: p.scrub for p in broker.pools}
         #: pool -> an event set when one of its copy-outs ends (``Offloader.in_flight``).
@@ -123,13 +127,15 @@ class Allocator:
         """``_place``, retried after each segment of the pool that is being created: its
         free bytes are withheld until it exists, and a request that would fit in them
         must not fail (or make a segment of its own) because it arrived a moment early.
-        Bounded: each retry follows one creation's end."""
+        A restore (``place``) also retries after each allocation of the pool being backed,
+        and any request after each copy-out of the pool. Bounded: each retry follows one
+        such end."""
         while True:
             try:
                 return await self._place(request, place)
             except ResourceExhausted as err:
                 self._settle((), False)  # start the copy-outs the ladder chose (and tell its evictions)
-                creating = self._creating.get(request.pool)
+                creating = self._creating.get(request.pool) or (place is not None and self._backing.get(request.pool))
                 busy = next(iter(creating)) if creating else self.offloading(request.pool)
                 if not err.satisfiable or busy is None:
                     raise
@@ -209,6 +215,7 @@ class Allocator:
         done = self._pending[cache.cache_id] = asyncio.Event()
         if result.new_segment is not None:
             self._creating.setdefault(cache.pool, set()).add(done)
+        self._backing.setdefault(cache.pool, set()).add(done)
         work = asyncio.get_running_loop().create_task(self._device_work(result, zero, fill))
         self._device.track(work)
         try:
@@ -277,11 +284,12 @@ class Allocator:
         if done is not None:
             if self._pending.get(cache_id) is done:
                 del self._pending[cache_id]
-            for pool, events in list(self._creating.items()):
-                if done in events:
-                    events.discard(done)
-                    if not events:
-                        del self._creating[pool]
+            for index in (self._creating, self._backing):
+                for pool, events in list(index.items()):
+                    if done in events:
+                        events.discard(done)
+                        if not events:
+                            del index[pool]
             done.set()
 
 

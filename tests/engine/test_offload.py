@@ -17,15 +17,16 @@ from kvbroker.core.audit import audit
 from kvbroker.engine import Engine, EngineSettings
 from kvbroker.memory.host import HostMemory
 
-from .support import MiB, private_shm_dir
+from .support import DoorMemory, MiB, private_shm_dir
 from tests.support.segments import read_segment, write_segment
 
 
-def _engine(shm_dir: str, tiers: tuple[str, ...], *, host: int = 64 * MiB, disk: int = 0, disk_dir: str = "") -> Engine:
+def _engine(shm_dir: str, tiers: tuple[str, ...], *, host: int = 64 * MiB, disk: int = 0, disk_dir: str = "",
+            wrap=lambda memory: memory) -> Engine:
     pools = [PoolSpec("p", ("host",), block_bytes=MiB, segment_bytes=4 * MiB, gc_threshold=1.0, offload=tiers)]
     broker = Broker([DeviceSpec("host", 4 * MiB, 4096)], pools, id_prefix="t",
                     offload_budgets={"host": host, "disk": disk})  # fmt: skip
-    engine = Engine(broker, {"host": HostMemory("t", shm_dir=shm_dir)}, "t", EngineSettings(lease_seconds=60))
+    engine = Engine(broker, {"host": wrap(HostMemory("t", shm_dir=shm_dir))}, "t", EngineSettings(lease_seconds=60))
     if disk_dir:
         engine.offload.use_disk(disk_dir)
     return engine
@@ -143,3 +144,50 @@ def test_a_disk_file_swapped_for_another_caches_is_never_restored(swap, caplog):
 
     with private_shm_dir() as shm_dir, tempfile.TemporaryDirectory() as tmp:
         asyncio.run(body(shm_dir, os.path.join(tmp, "offload")))
+
+
+async def _turns(n: int = 50) -> None:
+    """Let every ready task on the loop run ``n`` times (a check that something did not
+    happen meanwhile, not a wait for something to happen)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_while_the_copy_out_runs_the_extent_stays_and_an_attach_waits(release):
+    """The copy-out holds the extent: the allocation that pushed the cache out and an
+    attach of it both wait until it ends; released meanwhile, the cache is freed then."""
+
+    async def body(shm_dir: str):
+        engine = _engine(shm_dir, ("host",), wrap=DoorMemory)
+        door = engine.memory("host").doors["read"]
+        a, _ = await engine.allocate(AllocationRequest("p", 2 * MiB, holder="A"))
+        want = _fill(engine, a, 7)
+        door.close()
+        pushing = asyncio.ensure_future(engine.allocate(AllocationRequest("p", 3 * MiB, holder="B")))
+        await door.arrival()
+        info = engine.cache(a.cache_id)
+        assert info.state is CacheState.RESIDENT and info.extents == a.extents, "its extent is kept while copied"
+        audit(engine.broker)
+        if release:
+            assert await engine.release(a.cache_id, "A") is False  # freed when the copy ends
+            attaching = None
+        else:
+            attaching = asyncio.ensure_future(engine.attach(a.cache_id, "A"))
+        await _turns()
+        assert not pushing.done() and (attaching is None or not attaching.done())
+        door.open()
+        b, _ = await pushing
+        if release:
+            await _settled(engine)
+            assert a.cache_id not in {c.cache_id for c in engine.broker.caches()}
+            assert engine.broker.offload.used["host"] == 0
+        else:
+            restored, _ = await attaching  # after the copy-out: restored, B going out for it
+            await _settled(engine)
+            assert _read(engine, restored) == want
+            assert engine.cache(b.cache_id).state is CacheState.OFFLOADED
+        await engine.close()
+
+    with private_shm_dir() as shm_dir:
+        asyncio.run(body(shm_dir))
