@@ -29,6 +29,10 @@ Usage::
 
 ``--json`` prints one object with ``checkpoint_vs_write_ratio`` and
 ``restore_vs_read_ratio`` (and every figure) on stdout; the table goes to stderr.
+
+Then the offload tier's latencies (``benchmarks/offload.py``): ``offload_ms_1mib``,
+``restore_ms_1mib``, ``offload_ms_256mib``, ``restore_ms_256mib`` (the host tier; the
+disk tier's with a ``disk_`` prefix), over ``--offload-rounds`` (0 skips them).
 """
 
 from __future__ import annotations
@@ -141,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the ratios are medians (default 3)")
     parser.add_argument("--dir", default="", help="directory for the checkpoints and the plain file (default: a temporary one under the current directory)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--offload-sizes", default="1MiB,256MiB", help="cache sizes of the offload figures")
+    parser.add_argument("--offload-rounds", type=int, default=3, help="rounds of the offload figures (0: none)")
     args = parser.parse_args(argv)
     total = parse_size("--total", args.total)
     each = total // args.caches
@@ -202,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         f"  restore    {result['restore_gib_per_s']:.2f} GiB/s   plain read (page cache dropped) {result['plain_read_gib_per_s']:.2f} GiB/s"
         f"   ratio {restore_ratio:.2f} (target >= {TARGET_RATIO})",
     ])  # fmt: skip
+    if args.offload_rounds:
+        from benchmarks import offload
+
+        sizes = [parse_size("--offload-sizes", size) for size in args.offload_sizes.split(",")]
+        result.update(offload.measure(sizes, args.offload_rounds, log=log, directory=str(base.parent)))
+        table += "\n" + offload.table(result, sizes)
     harness.emit(result, table, as_json=args.json)
     return 0
 

@@ -122,6 +122,8 @@ class PoolConfig:
     persistent: bool = False
     #: A paged KV pool's layout and budget (``[pools.kv]``, ``kvbroker.pagedconfig``).
     kv: KvPoolConfig | None = None
+    #: Offload tiers ("host", "disk", both) instead of eviction (``[persistence]``).
+    offload: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,8 @@ class BrokerConfig:
     persistence_max_bytes: int = 0
     checkpoint_interval_seconds: float = persistence.DEFAULT_INTERVAL_SECONDS
     restore_grace_seconds: float = persistence.DEFAULT_RESTORE_GRACE_SECONDS
+    offload_host_max_bytes: int = 0
+    offload_disk_max_bytes: int = 0
 
 
 _POOL_KEYS = {
@@ -282,6 +286,10 @@ def _pool(index: int, table: Any, problems: _Problems) -> PoolConfig | None:
             del values["devices"]
         else:
             values["devices"] = tuple(devices)
+    if "offload" in values:
+        values["offload"], why = persistence.offload_tiers(values["offload"])
+        if why:
+            problems.add(f"{where}.offload", why)
     if "placement" in values:
         try:
             values["placement"] = Placement(values["placement"])

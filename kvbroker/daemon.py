@@ -35,6 +35,7 @@ from kvbroker.core.types import KiB
 from kvbroker.engine import Engine, EngineSettings, Persistence
 from kvbroker.engine.paged import PagedPools, PagedPoolSpec
 from kvbroker.memory.backend import SegmentMemory
+from kvbroker.persistence.settings import OFFLOAD_SUBDIR
 from kvbroker.memory.cuda import CUDA_MIN_SEGMENT_BYTES, CUDA_SEGMENT_ALIGNMENT_BYTES
 from kvbroker.security import PeerHandshakeServer, PeerRegistry
 from kvbroker.server.app import BrokerServer, TlsFiles, create_server
@@ -121,7 +122,7 @@ def pool_specs(config: BrokerConfig, devices: DevicePlan) -> list[PoolSpec]:
                     eviction_policy=pool.eviction_policy, gc_threshold=pool.gc_threshold,
                     block_bytes=pool.block_bytes, segment_bytes=pool.segment_bytes,
                     default_cache_bytes=pool.default_cache_bytes, placement=pool.placement,
-                    scrub=pool.scrub,
+                    scrub=pool.scrub, offload=pool.offload,
                 )
             )
         except InvalidArgument as err:
@@ -272,7 +273,8 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
     except ValueError as err:  # an unsupported OTEL_* value; the message starts with it
         key, _, message = str(err).partition(": ")
         raise ConfigError(key, message) from None
-    broker = Broker(devices.specs, pools, id_prefix=instance_id)
+    budgets = {"host": config.offload_host_max_bytes, "disk": config.offload_disk_max_bytes}
+    broker = Broker(devices.specs, pools, id_prefix=instance_id, offload_budgets=budgets)
     memories = build_memories(devices, instance_id, config)
     settings = EngineSettings(
         lease_seconds=config.lease_seconds,
@@ -280,6 +282,12 @@ async def serve(config: BrokerConfig, *, ready: asyncio.Event | None = None) -> 
         tick_seconds=min(0.25, config.lease_seconds / 4),
     )
     engine = Engine(broker, memories, instance_id, settings, observer=telemetry.observer)
+    if any("disk" in p.offload for p in pools):
+        offload_dir = os.path.join(config.persistence_dir, OFFLOAD_SUBDIR)
+        try:
+            engine.offload.use_disk(offload_dir)
+        except OSError as err:
+            raise ConfigError("persistence.dir", f"cannot create {offload_dir}: {err.strerror or err}") from None
     persistence: Persistence | None = None
     paged = PagedPools(engine, paged_specs(config))
     server: BrokerServer | None = None
@@ -373,6 +381,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--persistence-dir", help="where persistent pools' checkpoints live ([persistence] dir)")
     parser.add_argument("--checkpoint-interval-seconds", type=float,
                         help="seconds between periodic checkpoints (default 300; 0: only at SIGTERM and on demand)")
+    parser.add_argument("--offload-host-max-bytes", help="bytes of host memory offloaded caches may take ([persistence] host_max_bytes)")
+    parser.add_argument("--offload-disk-max-bytes", help="bytes of disk offloaded caches may take ([persistence] disk_max_bytes)")
     parser.add_argument("--version", action="version", version=f"kvbroker {__version__}")
     return parser
 
@@ -400,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             "allow_unauthenticated_listen": args.allow_unauthenticated_listen,
             "persistence_dir": args.persistence_dir,
             "checkpoint_interval_seconds": args.checkpoint_interval_seconds,
+            "offload_host_max_bytes": args.offload_host_max_bytes,
+            "offload_disk_max_bytes": args.offload_disk_max_bytes,
         }
         config = load_config(path=args.config, environ=os.environ, overrides=overrides)
     except ConfigError as err:

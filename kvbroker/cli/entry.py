@@ -22,7 +22,8 @@ from kvbroker.v1 import broker_pb2 as pb
 from kvbroker_client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, AllocationTimeout, BrokerClient, KvBrokerError
 
 ENV_TARGET = "KVBROKER_TARGET"
-_STATES = {"resident": pb.CACHE_STATE_RESIDENT, "evicted": pb.CACHE_STATE_EVICTED, "pending": pb.CACHE_STATE_PENDING}
+_STATES = {"resident": pb.CACHE_STATE_RESIDENT, "evicted": pb.CACHE_STATE_EVICTED, "pending": pb.CACHE_STATE_PENDING,
+           "offloaded": pb.CACHE_STATE_OFFLOADED}
 #: ListCaches page size the CLI asks for (the broker's maximum): fewer round trips.
 PAGE_SIZE = 1000
 COMMANDS = ("serve", "stats", "ls", "sessions", "top", "ping", "defrag", "release", "evict", "pool", "blocks",

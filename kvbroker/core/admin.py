@@ -77,7 +77,8 @@ class PoolAdmin:
 
     def evict(self, pool: str, *, idle_only: bool = False, device: str | None = None) -> Evicted:
         """Evict the pool's unpinned resident caches (on ``device`` only, when given),
-        or only its idle retained ones. Raises ``InvalidArgument``/``NotFound`` for an
+        or only its idle retained ones; without ``device``, its offloaded ones (or its
+        idle retained offloaded ones) too, their tier copies dropped. Raises ``InvalidArgument``/``NotFound`` for an
         unknown pool or a device the pool does not use."""
         record = find_pool(self._ledger.pools, pool)
         arenas = [a for d, a in record.arenas.items() if device is None or d == device]
@@ -94,6 +95,11 @@ class PoolAdmin:
                     nbytes += rec.reserved_bytes
                     evicted.append(rec.cache_id)
                     self._ledger.evict(rec, reason, cause=OPERATOR_CAUSE)
+        if device is None:  # offloaded caches are on no device; their tier copies go too
+            for rec in [r for r in self._ledger.caches.records.values() if r.pool is record]:  # O(caches)
+                if rec.state is CacheState.OFFLOADED and not (idle_only and (rec.holders or not rec.retain)):
+                    evicted.append(rec.cache_id)
+                    self._ledger.tiers.lose(rec.cache_id, reason)
         return Evicted(tuple(evicted), nbytes, sum(a.live_caches for a in arenas))
 
     def set_limits(
@@ -169,7 +175,7 @@ def _segments_to_free(record: PoolRecord, new_max: int) -> list[SegmentRecord]:
              bool(seg.mappers), seg.info.segment_id, seg)
             for arena in record.arenas.values() if arena.compaction is None
             for seg in arena.segments.values()
-            if all(r.state is CacheState.RESIDENT and not r.pin_count for r in seg.caches.values())
+            if all(r.state is CacheState.RESIDENT and not r.pin_count and not r.offloading for r in seg.caches.values())
         ),
         key=lambda c: c[:4],
     )  # fmt: skip

@@ -173,7 +173,7 @@ def layout_of(arena: ArenaRecord) -> list[SegmentLayout]:
         occupants = tuple(
             Occupant(
                 rec.cache_id, split_address(rec.address)[1], rec.reserved_bytes,
-                rec.pin_count == 0 and rec.state is CacheState.RESIDENT,
+                rec.pin_count == 0 and rec.state is CacheState.RESIDENT and not rec.offloading,
             )
             for rec in seg.caches.values()
         )

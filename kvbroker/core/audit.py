@@ -44,7 +44,7 @@ def audit(broker: Broker) -> None:
         for device_id, arena in pool.arenas.items():
             arena.free.check()
             assert arena in arena.device.arenas
-            allocated = pinned = live = withheld = pending = pinned_caches = idle = 0
+            allocated = pinned = live = withheld = pending = pinned_caches = idle = offloading = 0
             frozen = arena.compaction
             deferred = {id(rec) for rec in frozen.deferred} if frozen else set()
             for table in (arena.segments, arena.creating, arena.draining):
@@ -54,7 +54,8 @@ def audit(broker: Broker) -> None:
                     spans = []
                     for cache_id, rec in seg.caches.items():
                         assert rec.cache_id == cache_id and rec.arena is arena and rec.device_id == device_id
-                        assert rec.state is not CacheState.EVICTED, cache_id
+                        assert rec.state not in (CacheState.EVICTED, CacheState.OFFLOADED), cache_id
+                        offloading += rec.reserved_bytes if rec.offloading else 0
                         if caches.get(cache_id) is rec:
                             in_segments.add(cache_id)
                             pending += rec.state is CacheState.PENDING
@@ -88,6 +89,7 @@ def audit(broker: Broker) -> None:
                     reserved += seg.info.nbytes
             assert arena.draining_bytes == sum(s.info.nbytes for s in arena.draining.values())
             assert arena.withheld_bytes == withheld, (pool.spec.name, device_id)
+            assert arena.offloading_bytes == offloading, (pool.spec.name, device_id)
             assert sorted(arena.free.segment_ids()) == sorted(arena.segments)
             assert (allocated, pinned, live) == (arena.allocated_bytes, arena.pinned_bytes, arena.live_caches)
             counted = (arena.pending_caches, arena.pinned_caches, arena.idle_retained)
@@ -104,6 +106,7 @@ def audit(broker: Broker) -> None:
         for rec in compaction.records:
             assert rec.moving and rec.arena.compaction is compaction and not rec.pin_count
     holders: dict[str, set[str]] = {}
+    tiers_used: dict[str, int] = {}
     for cache_id, rec in caches.records.items():
         assert rec.pin_count == sum(rec.pins.values()) and rec.pin_count >= 0, cache_id
         assert all(count > 0 for count in rec.pins.values()) and set(rec.pins) <= rec.holders, cache_id
@@ -111,13 +114,26 @@ def audit(broker: Broker) -> None:
             holders.setdefault(holder, set()).add(cache_id)
         if rec.state is CacheState.EVICTED:
             assert rec.holders and not rec.moving, f"evicted {cache_id} is kept only while held"
+        elif rec.state is CacheState.OFFLOADED:
+            assert rec.tier and rec.address < 0 and not rec.pin_count and not rec.moving, cache_id
+            assert rec.holders or rec.retain, f"offloaded {cache_id} is kept only while held or retained"
         else:
             assert cache_id in in_segments, cache_id
+        if rec.offloading:
+            assert rec.state is CacheState.RESIDENT and rec.tier and not rec.pin_count and not rec.moving, cache_id
+        if rec.restoring:
+            assert rec.state is CacheState.PENDING and rec.tier, cache_id
+        assert not rec.tier or rec.offloading or rec.restoring or rec.state is CacheState.OFFLOADED, cache_id
+        tiers_used[rec.tier] = tiers_used.get(rec.tier, 0) + rec.nbytes
         if rec.moving:
             assert rec.state is CacheState.RESIDENT and rec.arena.compaction is not None, cache_id
         if rec.doomed:
-            assert rec.state is CacheState.PENDING and not rec.holders, cache_id
+            assert (rec.state is CacheState.PENDING or rec.offloading) and not rec.holders, cache_id
     assert holders == caches.holders(), "the holder index differs from the records"
+    tiers = ledger.tiers
+    for tier, used in tiers.used.items():
+        assert used == tiers_used.get(tier, 0) <= tiers.budgets[tier], (tier, used, tiers_used)
+        assert used == sum(n for (_, t), n in tiers.by_pool.items() if t == tier), tier
     unheld: dict[int, set[str]] = {}
     for cache_id, rec in caches.records.items():
         if not rec.holders:

@@ -10,6 +10,9 @@ backends that the daemon drives, outside its lock, from what is returned here:
   ``needs_zeroing`` and the pool scrubs, then ``cache_ready``; or ``abort_allocation``.
 - ``plan_compaction`` / ``begin_compaction`` / copy / ``commit`` (of all moves or a
   prefix) or ``abort_compaction``.
+- ``offload`` (``kvbroker.core.offload``): in a pool with ``offload``, the ladder's and
+  reclamation's evictions become copy-outs (``drain_jobs``, then ``finish`` or ``fail``);
+  an OFFLOADED cache is placed again by ``place_restore``, then ``cache_ready``.
 - Evictions and moves bump the cache's epoch and queue an ``Event`` for its holders
   (``drain_events``); every eviction is also queued for the daemon's log, held or not
   (``drain_evictions``). Retired segments are returned by the call that retired them.
@@ -24,7 +27,7 @@ Not thread-safe by design: one owner (the daemon's event loop) calls it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from kvbroker.core import compacting
 from kvbroker.core.admin import PoolAdmin
@@ -32,11 +35,9 @@ from kvbroker.core.caches import Gone
 from kvbroker.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, echo
 from kvbroker.core.freespace import segment_of
 from kvbroker.core.ledger import Ledger
-from kvbroker.core.placement import candidate_arenas, check_metadata, find_pool, request_size
-from kvbroker.core.pressure import make_room
+from kvbroker.core.placement import candidate_arenas, check_metadata, find_pool, find_room, request_size
 from kvbroker.core.reclaim import reclaim
 from kvbroker.core.records import CacheRecord
-from kvbroker.core.refusal import exhausted
 from kvbroker.core.stats import snapshot
 from kvbroker.core.types import (
     ANONYMOUS_HOLDER,
@@ -67,15 +68,18 @@ class Broker:
         id_prefix: prefix of generated cache ids (the daemon passes its instance id so
             ids stay unique across restarts).
         targeted_compaction: False: the pressure ladder packs arenas (see ``targeted``).
+        offload_budgets: bytes each offload tier may hold (``offload``; ``Broker.offload``).
     """
 
     def __init__(
         self, devices: Sequence[DeviceSpec], pools: Sequence[PoolSpec], *,
         clock: Callable[[], float] = time.time, id_prefix: str = "c", targeted_compaction: bool = True,
+        offload_budgets: Mapping[str, int] | None = None,
     ) -> None:
-        self._ledger = Ledger(devices, pools, clock, id_prefix)
+        self._ledger = Ledger(devices, pools, clock, id_prefix, offload_budgets)
         self._ledger.targeted_compaction = targeted_compaction
         self.admin = PoolAdmin(self._ledger)  # operators' evictions and limits (``admin``)
+        self.offload = self._ledger.tiers  # the offload tier's protocol (``offload``)
         self._pools = self._ledger.pools  # read by benchmarks/fragmentation.py --check
 
     # -- queries ----------------------------------------------------------------------
@@ -175,26 +179,10 @@ class Broker:
             if cache_id in ledger.caches.records:
                 raise AlreadyExists(f"cache {cache_id!r} already exists")
         arenas = candidate_arenas(pool, ledger.devices, request.device_hint, reserved)
-        evicted: tuple[str, ...] = ()
-        retired: tuple[SegmentInfo, ...] = ()
-        for arena in arenas:
-            spot = ledger.place(arena, reserved)
-            if spot is not None:
-                break
-        else:
-            for arena in arenas:
-                if arena.compaction is not None:
-                    continue
-                room = make_room(ledger, arena, reserved, priority,
-                                 allow_eviction=allow_eviction, allow_compaction=allow_compaction)
-                evicted, retired = evicted + room.evicted, retired + room.retired
-                if room.plan is not None:
-                    return AllocateResult(None, room.plan, None, retired, evicted)
-                spot = ledger.place(arena, reserved) if room.fits else None
-                if spot is not None:
-                    break
-            else:
-                raise exhausted(pool, arenas, reserved)
+        spot, arena, plan, evicted, retired = find_room(ledger, pool, arenas, reserved, priority,
+                                                        allow_eviction, allow_compaction)  # fmt: skip
+        if spot is None:
+            return AllocateResult(None, plan, None, retired, evicted)
         addr, seg = spot
         now = ledger.clock()
         # Positional: this runs on every allocation and keyword passing costs microseconds.
@@ -236,6 +224,9 @@ class Broker:
         rec = self._pending(result.cache.cache_id)
         if rec.extent != result.cache.extents[0]:
             raise RuntimeError(f"cache {rec.cache_id!r} is not the allocation to abort")
+        if rec.restoring:  # a restore: back to OFFLOADED, its tier copy intact
+            self.offload.abort_restore(rec)
+            return ()
         for holder in list(rec.pins):
             ledger.unpin(rec, holder, rec.pins[holder])
         seg = ledger.segments[segment_of(rec.address)]
@@ -301,14 +292,14 @@ class Broker:
         ledger.let_go(rec, holder)
         gone = Gone.RELEASED
         if force and rec.holders:
-            if rec.state is CacheState.RESIDENT:
+            if rec.state is CacheState.RESIDENT or rec.state is CacheState.OFFLOADED:
                 rec.epoch += 1  # the other holders lose the cache: tell them with a new epoch
                 ledger.queue_event(EventKind.EVICTED, rec, "released by force")
                 gone = Gone.FORCED
             ledger.caches.unhold_all(rec)
         if rec.holders or (rec.retain and not force and rec.state is not CacheState.EVICTED):
             return False
-        if rec.state is CacheState.PENDING:
+        if rec.state is CacheState.PENDING or rec.offloading:  # freed when its copy ends
             rec.doomed = True
             return False
         if rec.state is CacheState.EVICTED:
@@ -354,6 +345,8 @@ class Broker:
             raise FailedPrecondition(f"cache {cache_id!r} was evicted")
         if rec.moving:
             raise FailedPrecondition(f"cache {cache_id!r} is being moved")
+        if rec.offloading or rec.state is CacheState.OFFLOADED:
+            raise FailedPrecondition(f"cache {cache_id!r} is offloaded (the engine restores it first)")
         return rec
 
     # -- background work --------------------------------------------------------------

@@ -20,13 +20,14 @@ Not thread-safe: one owner calls it. Every method is O(1) unless it says otherwi
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from kvbroker.core.arena import build, layout_of, new_segment_bytes, occupy, vacate
 from kvbroker.core.caches import CacheTable, Gone
 from kvbroker.core.compaction import plan_arenas
 from kvbroker.core.targeted import opening
 from kvbroker.core.freespace import address, segment_of
+from kvbroker.core.offload import OFFLOAD_CAUSES, Tiers
 from kvbroker.core.records import ArenaRecord, CacheRecord, Compaction, SegmentRecord
 from kvbroker.core.segments import SegmentTable
 from kvbroker.core.types import (
@@ -51,7 +52,7 @@ class Ledger:
 
     def __init__(
         self, devices: Sequence[DeviceSpec], pools: Sequence[PoolSpec],
-        clock: Callable[[], float], id_prefix: str,
+        clock: Callable[[], float], id_prefix: str, offload_budgets: Mapping[str, int] | None = None,
     ) -> None:
         self.devices, self.pools = build(devices, pools)
         self.clock = clock
@@ -69,6 +70,8 @@ class Ledger:
         #: arena; off only to compare the two (benchmarks/compaction.py).
         self.targeted_compaction = True
         self._changes = 0
+        #: The offload tiers (``kvbroker.core.offload``): ``evict`` offloads through them.
+        self.tiers = Tiers(self, offload_budgets)
 
     @property
     def version(self) -> int:
@@ -121,6 +124,8 @@ class Ledger:
         policy.on_insert(rec.cache_id, rec.reserved_bytes)
         if rec.pin_count:
             policy.on_pin(rec.cache_id)
+        if rec.restoring:
+            self.tiers.restored(rec)
         self.changed()
 
     # -- uses and pins ----------------------------------------------------------------
@@ -165,10 +170,14 @@ class Ledger:
 
     # -- freeing ----------------------------------------------------------------------
 
-    def evict(self, rec: CacheRecord, reason: str, *, cause: str) -> None:
+    def evict(self, rec: CacheRecord, reason: str, *, cause: str, may_offload: bool = True) -> None:
         """Evict a resident, unpinned cache: bytes freed, epoch bumped, holders told (the
         record stays while they hold it). ``cause`` is counted per arena (one of
-        ``EVICTION_CAUSES``); ``reason`` is told to the holders."""
+        ``EVICTION_CAUSES``); ``reason`` is told to the holders. In a pool that offloads,
+        for a cause of ``OFFLOAD_CAUSES``, the cache is offloaded instead when a tier has
+        room (``Tiers.begin``: its bytes are freed once the copy-out ends)."""
+        if may_offload and cause in OFFLOAD_CAUSES and rec.pool.spec.offload and self.tiers.begin(rec):
+            return
         assert rec.state is CacheState.RESIDENT and not rec.pin_count and not rec.moving, rec.cache_id
         arena = rec.arena
         assert arena.compaction is None, "nothing in a frozen arena is evicted"
@@ -196,8 +205,10 @@ class Ledger:
     def free(self, rec: CacheRecord, gone: Gone | None) -> None:
         """Forget an unpinned cache (tombstone ``gone``). Its bytes go back to free space
         now, or when the compaction that freezes its arena ends."""
-        assert not rec.pin_count, rec.cache_id
-        if rec.state is not CacheState.EVICTED:
+        assert not rec.pin_count and not rec.offloading, rec.cache_id
+        if rec.tier:
+            self.tiers.freed(rec)
+        if rec.state is not CacheState.EVICTED and rec.state is not CacheState.OFFLOADED:
             if rec.state is CacheState.RESIDENT:
                 rec.pool.policy.on_remove(rec.cache_id)
             else:
@@ -214,6 +225,10 @@ class Ledger:
         """A compaction ended: a cache freed while it ran gives its bytes back."""
         self._give_back(rec)
         self.changed()
+
+    def give_back(self, rec: CacheRecord) -> None:
+        """``rec``'s extent goes back to free space (the caller updates its state)."""
+        self._give_back(rec)
 
     def _give_back(self, rec: CacheRecord) -> None:
         seg = self.segments[segment_of(rec.address)]

@@ -8,11 +8,14 @@ of what the client sent; a refusal for lack of memory is explained by
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from kvbroker.core.arena import round_up
 from kvbroker.core.errors import InvalidArgument, NotFound, echo
-from kvbroker.core.records import ArenaRecord, DeviceRecord, PoolRecord
-from kvbroker.core.refusal import never_fits
-from kvbroker.core.types import PRIORITY_RANGE, AllocationRequest, Placement
+from kvbroker.core.pressure import Room, make_room
+from kvbroker.core.records import ArenaRecord, DeviceRecord, PoolRecord, SegmentRecord
+from kvbroker.core.refusal import exhausted, never_fits
+from kvbroker.core.types import PRIORITY_RANGE, AllocationRequest, CompactionPlan, Placement, SegmentInfo
 
 MODEL_NAME_MAX_CHARS = 256
 #: The largest size a request can carry (``AllocateRequest.size_bytes`` is a uint64):
@@ -91,3 +94,38 @@ def candidate_arenas(
     if reserved > largest or reserved > pool.max_bytes:
         raise never_fits(pool, candidates, reserved)
     return candidates
+
+
+class Placer(Room, Protocol):
+    """What ``find_room`` needs besides the ladder's ``Room``: ``place`` (``Ledger``)."""
+
+    def place(self, arena: ArenaRecord, reserved: int) -> tuple[int, SegmentRecord] | None: ...
+
+
+def find_room(
+    ledger: Placer, pool: PoolRecord, arenas: list[ArenaRecord], reserved: int, priority: int,
+    allow_eviction: bool, allow_compaction: bool,
+) -> tuple[tuple[int, SegmentRecord] | None, ArenaRecord, CompactionPlan | None, tuple[str, ...], tuple[SegmentInfo, ...]]:
+    """Where ``reserved`` bytes go: per candidate arena a free extent (or a new segment);
+    when none has room, the pressure ladder per arena not frozen by a compaction.
+    Returns ``(spot, arena, plan, evicted, retired)``: ``spot`` (address, segment) in
+    ``arena``, or None with the compaction ``plan`` to run first. Raises
+    ``ResourceExhausted`` (the evictions made on the way stand)."""
+    evicted: tuple[str, ...] = ()
+    retired: tuple[SegmentInfo, ...] = ()
+    for arena in arenas:
+        spot = ledger.place(arena, reserved)
+        if spot is not None:
+            return spot, arena, None, evicted, retired
+    for arena in arenas:
+        if arena.compaction is not None:
+            continue
+        room = make_room(ledger, arena, reserved, priority,
+                         allow_eviction=allow_eviction, allow_compaction=allow_compaction)  # fmt: skip
+        evicted, retired = evicted + room.evicted, retired + room.retired
+        if room.plan is not None:
+            return None, arena, room.plan, evicted, retired
+        spot = ledger.place(arena, reserved) if room.fits else None
+        if spot is not None:
+            return spot, arena, None, evicted, retired
+    raise exhausted(pool, arenas, reserved)

@@ -43,7 +43,7 @@ class Room(Protocol):
     """What the ladder may do to the broker's state: all it needs, and no more."""
 
     def find(self, cache_id: str) -> CacheRecord | None: ...
-    def evict(self, rec: CacheRecord, reason: str, *, cause: str) -> None: ...
+    def evict(self, rec: CacheRecord, reason: str, *, cause: str, may_offload: bool = True) -> None: ...
     def retire(self, segment: SegmentRecord) -> SegmentInfo: ...
     def drain(self, segment: SegmentRecord, reason: str) -> None: ...
     def plan(self, arena: ArenaRecord, need: int) -> CompactionPlan: ...
@@ -87,6 +87,10 @@ def make_room(
             return True
         return _retire_own_empty(room, arena, reserved, retired)
 
+    def on_its_way() -> bool:
+        """Offloads in flight will free enough (the engine retries once they end)."""
+        return arena.offloading_bytes > 0 and arena.free.free_bytes + arena.offloading_bytes >= reserved
+
     def compaction() -> CompactionPlan | None:
         nonlocal plans
         if not allow_compaction or plans >= MAX_PLANS or arena.free.free_bytes < reserved:
@@ -103,6 +107,8 @@ def make_room(
             evicted.append(rec.cache_id)
             if fits():
                 return done(True)
+            if on_its_way():
+                return done(False)
     plan = compaction()
     if plan is not None:
         return done(False, plan)
@@ -120,6 +126,8 @@ def make_room(
             evicted.append(rec.cache_id)
             if fits():
                 return done(True)
+            if on_its_way():
+                return done(False)
             plan = compaction()
             if plan is not None:
                 return done(False, plan)
@@ -142,7 +150,7 @@ def victims(
 
 
 def _evictable(rec: CacheRecord, priority: int) -> bool:
-    return rec.state is CacheState.RESIDENT and not rec.pin_count and rec.priority <= priority
+    return rec.state is CacheState.RESIDENT and not rec.pin_count and rec.priority <= priority and not rec.offloading
 
 
 def _policy_eviction_can_help(arena: ArenaRecord, reserved: int, priority: int) -> bool:
@@ -154,7 +162,7 @@ def _policy_eviction_can_help(arena: ArenaRecord, reserved: int, priority: int) 
     free = arena.free.free_bytes
     growable = headroom(arena)
     for seg in arena.segments.values():
-        evictable = sum(r.reserved_bytes for r in seg.caches.values() if _evictable(r, priority))
+        evictable = sum(r.reserved_bytes for r in seg.caches.values() if _evictable(r, priority) or r.offloading)
         free += evictable
         if evictable == sum(r.reserved_bytes for r in seg.caches.values()):
             growable += seg.info.nbytes

@@ -37,7 +37,7 @@ def idle_candidates(arena: ArenaRecord) -> int:
     retained, nobody holds them (a cache nobody holds has no pin either)."""
     return sum(
         1 for rec in arena.unheld.values()
-        if rec.state is CacheState.RESIDENT and rec.retain and not rec.moving
+        if rec.state is CacheState.RESIDENT and rec.retain and not rec.moving and not rec.offloading
     )  # fmt: skip
 
 
@@ -76,7 +76,7 @@ def reclaim(
 
     for pool in pools:
         target = int((pool.spec.gc_threshold - RECLAIM_HYSTERESIS) * pool.max_bytes)
-        allocated = sum(a.allocated_bytes for a in pool.arenas.values())
+        allocated = sum(a.allocated_bytes - a.offloading_bytes for a in pool.arenas.values())
         if allocated <= pool.spec.gc_threshold * pool.max_bytes:
             continue
         for arena in pool.arenas.values():
@@ -89,7 +89,7 @@ def reclaim(
         arenas = sorted(device.arenas, key=lambda a: a.pool.spec.priority)
         threshold = min(a.pool.spec.gc_threshold for a in arenas)
         capacity = device.spec.capacity_bytes
-        allocated = sum(a.allocated_bytes for a in arenas)
+        allocated = sum(a.allocated_bytes - a.offloading_bytes for a in arenas)
         if allocated <= threshold * capacity:
             continue
         target = int((threshold - RECLAIM_HYSTERESIS) * capacity)

@@ -31,6 +31,11 @@ class CacheRecord:
 
     ``doomed``: a PENDING cache whose last holder left; ``cache_ready`` frees it instead
     of making it resident. ``moving``: a compaction in flight copies it.
+
+    Offload (``kvbroker.core.offload``): ``tier`` names the tier holding a copy of the
+    bytes ("" for none); ``offloading``: RESIDENT, its extent still occupied while the
+    engine copies it out (out of its policy, never moved); ``restoring``: PENDING in a new
+    extent while the engine copies it back in.
     """
 
     cache_id: str
@@ -55,6 +60,9 @@ class CacheRecord:
     access_count: int = 0
     moving: bool = False
     doomed: bool = False
+    tier: str = ""
+    offloading: bool = False
+    restoring: bool = False
 
     @property
     def extent(self) -> Extent:
@@ -64,7 +72,7 @@ class CacheRecord:
     def info(self) -> CacheInfo:
         """The immutable view (positional, in ``CacheInfo``'s field order: this runs on
         every allocate, attach and pin)."""
-        extents = () if self.state is CacheState.EVICTED else (self.extent,)
+        extents = () if self.address < 0 else (self.extent,)
         return CacheInfo(
             self.cache_id, self.pool.spec.name, self.model_name, self.nbytes,
             self.reserved_bytes, self.device_id, extents, self.state, self.epoch,
@@ -139,6 +147,8 @@ class ArenaRecord:
     allocated_bytes: int = 0
     pinned_bytes: int = 0
     live_caches: int = 0
+    #: Bytes of caches being copied out to an offload tier: free once the copies end.
+    offloading_bytes: int = 0
     #: Of the live caches: those PENDING, those pinned (any state), and the retained
     #: RESIDENT ones nobody holds (what the pressure ladder takes first). Counters, so
     #: that stats never walk the caches; ``audit`` checks them against the records.

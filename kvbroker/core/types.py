@@ -69,12 +69,18 @@ class CacheState(enum.Enum):
     bytes (``Broker.cache_ready`` ends it); never handed out, evicted or moved.
     ``RESIDENT``: its bytes are in its extent. ``EVICTED``: its bytes are gone; the record
     stays until its holders release it, so a holder learns what happened instead of
-    getting NOT_FOUND.
+    getting NOT_FOUND. ``OFFLOADED``: its bytes are in an offload tier (``offload``),
+    not on the device; the record stays, and an attach or pin restores it.
     """
 
     PENDING = "pending"
     RESIDENT = "resident"
     EVICTED = "evicted"
+    OFFLOADED = "offloaded"
+
+
+#: Offload tiers, in the order a pool that names both fills them (host overflows to disk).
+OFFLOAD_TIERS = ("host", "disk")
 
 
 class Placement(enum.Enum):
@@ -149,6 +155,9 @@ class PoolSpec:
         scrub: zero reused bytes before a new cache exposes them (``needs_zeroing``).
             ``False`` skips that and LETS ONE TENANT READ WHAT ANOTHER LEFT BEHIND: only
             for a single-tenant deployment that wants the allocation latency back.
+        offload: tiers (of ``OFFLOAD_TIERS``, in order) where the pressure ladder and
+            background reclamation put an unpinned cache instead of evicting it
+            (``kvbroker.core.offload``); empty: they evict.
     """
 
     name: str
@@ -163,6 +172,7 @@ class PoolSpec:
     default_cache_bytes: int = 0
     placement: Placement = Placement.LEAST_LOADED
     scrub: bool = True
+    offload: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = pool_problems({f.name: getattr(self, f.name) for f in fields(self)})
@@ -215,6 +225,9 @@ def pool_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
     if not bad & {"default_cache_bytes", "max_bytes"} and v["max_bytes"] is not None:
         check("default_cache_bytes", v["default_cache_bytes"] <= v["max_bytes"],
               f"must be <= max_bytes ({v['max_bytes']}), or a cache of that size could never fit")  # fmt: skip
+    tiers = v.get("offload", ())
+    check("offload", isinstance(tiers, tuple) and all(t in OFFLOAD_TIERS for t in tiers)
+          and len(set(tiers)) == len(tiers), 'must be "host", "disk" or ["host", "disk"]')  # fmt: skip
     return problems
 
 

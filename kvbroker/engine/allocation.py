@@ -12,7 +12,10 @@ The path of one Allocate (the core's in-flight protocol, ``kvbroker/core/broker.
 3. **Hand out** (synchronous): ``segment_created``, ``cache_ready``, the handle.
 
 When the request does not fit and may wait (``wait_timeout_s``), it joins the
-``WaitQueue`` and the head retries whenever memory is freed.
+``WaitQueue`` and the head retries whenever memory is freed. A request the pressure
+ladder answered by offloading caches (``kvbroker.core.offload``) retries when their
+copy-outs end, waiting or not: that room is on its way. ``restore`` places an offloaded
+cache the same way (its backing step copies its bytes back in).
 
 Cancellation: a caller can vanish at any await (an RPC's deadline, a client gone).
 Before placement nothing is held. Between placement and hand-out the device work runs in its own task, awaited
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from kvbroker.core import AllocateResult, AllocationRequest, Broker, CacheInfo, SegmentInfo
 from kvbroker.core.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted
@@ -77,8 +80,14 @@ class Allocator:
         #: pool -> the ``_pending`` events of its allocations that create a segment: the
         #: rest of such a segment becomes placeable when the event is set.
         self._creating: dict[str, set[asyncio.Event]] = {}
+        #: pool -> the ``_pending`` events of all its allocations being backed: a restore
+        #: (which cannot wait on its caller's behalf) retries after one ends, for a cache
+        #: being backed cannot be pushed out but may be once it is ready.
+        self._backing: dict[str, set[asyncio.Event]] = {}
         self._priority = {p.name: p.priority for p in broker.pools}
         self._scrub = {p.name: p.scrub for p in broker.pools}
+        #: pool -> an event set when one of its copy-outs ends (``Offloader.in_flight``).
+        self.offloading: Callable[[str], asyncio.Event | None] = lambda pool: None
 
     def pool_priority_changed(self, pool: str, priority: int) -> None:
         """An operator changed the pool's priority: waiters queued from now on rank by it."""
@@ -102,23 +111,39 @@ class Allocator:
             result = await self._wait_and_place(request, wait_timeout_s, err)
         return await self._back(result, request.holder)
 
-    async def _place_after_creations(self, request: AllocationRequest) -> AllocateResult:
+    async def restore(
+        self, cache_id: str, request: AllocationRequest, fill: Callable[[CacheInfo], Awaitable[None]]
+    ) -> tuple[CacheInfo, CacheHandle]:
+        """Place the OFFLOADED ``cache_id`` again (``request`` names its pool, size and
+        holder), ``fill`` its new extent in the backing step, hand it out. Raises as
+        ``allocate`` without waiting; a failed fill leaves it OFFLOADED."""
+        place = lambda: self._broker.offload.place_restore(cache_id, request.holder)  # noqa: E731
+        result = await self._place_after_creations(request, place)
+        return await self._back(result._replace(needs_zeroing=False), request.holder, fill)
+
+    async def _place_after_creations(
+        self, request: AllocationRequest, place: Callable[[], AllocateResult] | None = None
+    ) -> AllocateResult:
         """``_place``, retried after each segment of the pool that is being created: its
         free bytes are withheld until it exists, and a request that would fit in them
         must not fail (or make a segment of its own) because it arrived a moment early.
-        Bounded: each retry follows one creation's end."""
+        A restore (``place``) also retries after each allocation of the pool being backed,
+        and any request after each copy-out of the pool. Bounded: each retry follows one
+        such end."""
         while True:
             try:
-                return await self._place(request)
+                return await self._place(request, place)
             except ResourceExhausted as err:
-                creating = self._creating.get(request.pool)
-                if not err.satisfiable or not creating:
+                self._settle((), False)  # start the copy-outs the ladder chose (and tell its evictions)
+                creating = self._creating.get(request.pool) or (place is not None and self._backing.get(request.pool))
+                busy = next(iter(creating)) if creating else self.offloading(request.pool)
+                if not err.satisfiable or busy is None:
                     raise
-                await next(iter(creating)).wait()
+                await busy.wait()
 
     # -- placing --------------------------------------------------------------------------
 
-    async def _place(self, request: AllocationRequest) -> AllocateResult:
+    async def _place(self, request: AllocationRequest, place: Callable[[], AllocateResult] | None = None) -> AllocateResult:
         """The core's placement, running the compactions it asks for. Raises
         ``ResourceExhausted`` when there is no room."""
         for _ in range(MAX_COMPACTIONS):
@@ -126,7 +151,7 @@ class Allocator:
                 await self._compactions.quiet(request.pool)
             attributes = {"kvbroker.pool": request.pool, "kvbroker.nbytes": request.nbytes}
             with self._observer.span("placement", attributes) as span:
-                result = self._broker.allocate(request)
+                result = self._broker.allocate(request) if place is None else place()
                 span.set_attribute("kvbroker.outcome", _outcome(result))
                 if result.cache is not None:
                     span.set_attribute("kvbroker.device", result.cache.device_id)
@@ -173,7 +198,9 @@ class Allocator:
 
     # -- backing and handing out ----------------------------------------------------------
 
-    async def _back(self, result: AllocateResult, holder: str) -> tuple[CacheInfo, CacheHandle]:
+    async def _back(
+        self, result: AllocateResult, holder: str, fill: Callable[[CacheInfo], Awaitable[None]] | None = None
+    ) -> tuple[CacheInfo, CacheHandle]:
         cache = result.cache
         zero = result.needs_zeroing and self._scrub.get(cache.pool, True)
         if result.new_segment is None and zero and cache.extents[0].nbytes <= INLINE_ZERO_BYTES:
@@ -183,12 +210,13 @@ class Allocator:
                 self._abort(result, False, None)
                 raise
             zero = False
-        if result.new_segment is None and not zero:
+        if result.new_segment is None and not zero and fill is None:
             return self._hand_out(result, holder, None)
         done = self._pending[cache.cache_id] = asyncio.Event()
         if result.new_segment is not None:
             self._creating.setdefault(cache.pool, set()).add(done)
-        work = asyncio.get_running_loop().create_task(self._device_work(result, zero))
+        self._backing.setdefault(cache.pool, set()).add(done)
+        work = asyncio.get_running_loop().create_task(self._device_work(result, zero, fill))
         self._device.track(work)
         try:
             await asyncio.shield(work)
@@ -203,16 +231,21 @@ class Allocator:
             raise
         return self._hand_out(result, holder, done)
 
-    async def _device_work(self, result: AllocateResult, zero: bool) -> None:
-        """Create the new segment and/or zero the extent; on failure leave nothing."""
+    async def _device_work(
+        self, result: AllocateResult, zero: bool, fill: Callable[[CacheInfo], Awaitable[None]] | None = None
+    ) -> None:
+        """Create the new segment and/or zero (or ``fill``) the extent; on failure leave nothing."""
         segment = result.new_segment
         if segment is not None:
             attributes = {"kvbroker.device": segment.device_id, "kvbroker.nbytes": segment.nbytes}
             with self._observer.span("segment_create", attributes):
                 await self._device.create(segment)
-        if zero:
+        if zero or fill is not None:
             try:
-                await self._device.zero(result.cache.device_id, result.cache.extents[0])
+                if fill is not None:
+                    await fill(result.cache)
+                else:
+                    await self._device.zero(result.cache.device_id, result.cache.extents[0])
             except BaseException:
                 if segment is not None:
                     self._device.free_soon((segment,))
@@ -251,11 +284,12 @@ class Allocator:
         if done is not None:
             if self._pending.get(cache_id) is done:
                 del self._pending[cache_id]
-            for pool, events in list(self._creating.items()):
-                if done in events:
-                    events.discard(done)
-                    if not events:
-                        del self._creating[pool]
+            for index in (self._creating, self._backing):
+                for pool, events in list(index.items()):
+                    if done in events:
+                        events.discard(done)
+                        if not events:
+                            del index[pool]
             done.set()
 
 

@@ -14,10 +14,10 @@ awaits would never be contended). Device work (creating and zeroing segments,
 compaction copies, frees) runs in threads between two such sections, and the core's
 in-flight states (PENDING caches, CREATING segments, compacting arenas, MOVING caches;
 see ``Broker.allocate``, ``begin_compaction`` and ``commit`` in ``kvbroker/core/broker.py``)
-keep every other call correct meanwhile: an attach or pin of a PENDING or
-MOVING cache waits for the work to end, then retries; an allocation of a pool being
-compacted waits for the compaction. Reads (``stats``, ``list_caches``) run between
-mutations and see a consistent state.
+keep every other call correct meanwhile: an attach or pin of a PENDING, MOVING or
+offloading cache waits for the work to end, then retries (and restores an OFFLOADED one,
+``offload``); an allocation of a pool being compacted waits for the compaction. Reads
+run between mutations and see a consistent state.
 
 Sessions are the holders: every handle handed to a session is recorded as a mapping of
 its segment; a session that ends (its Watch stream breaks, its lease runs out) loses
@@ -53,6 +53,7 @@ from kvbroker.engine.background import Background, EngineSettings
 from kvbroker.engine.compaction import Compactions
 from kvbroker.engine.devicework import DeviceWork
 from kvbroker.engine.handles import CacheHandle, HandleCache
+from kvbroker.engine.offload import Offloader
 from kvbroker.engine.persistence import Persistence, PersistenceObserver
 from kvbroker.engine.ports import LiveFigures, NullObserver, Observer, RpcStats
 from kvbroker.engine.sessions import SessionEvent, SessionOpened, SessionRegistry
@@ -98,6 +99,9 @@ class Engine:
         self._compactions = Compactions(broker, self._device, self._observer, self._settle)
         self._allocator = Allocator(broker, self._device, self._handles, self._compactions, self._observer, self._settle)
         self._background = Background(broker, self._sessions, self.settings, self._end_session_now, self._settle)
+        self.offload = Offloader(broker, self._device, self._compactions, self._observer, self._settle,
+                                 self._allocator.restore)  # the offload tier's copies (``offload``)
+        self._allocator.offloading = self.offload.in_flight
         self._closed = False
         self.checkpoints: Persistence | None = None  # set by ``persist``
         #: Called with a session's id when it ends (paged pools drop its sequences).
@@ -128,8 +132,7 @@ class Engine:
         await self._device.close()
 
     async def idle(self) -> None:
-        """Until no device work (creation, zeroing, copy, free, abandoned allocation)
-        is in flight."""
+        """Until no device work (creation, zeroing, copy, offload, free) is in flight."""
         await self._device.idle()
 
     def persist(self, store: Store, pools: frozenset[str], *, restore_grace_seconds: float,
@@ -155,24 +158,24 @@ class Engine:
         self._observer.allocation_finished(request.pool, None)
         return placed
 
-    async def release(self, cache_id: str, holder: str, *, force: bool = False) -> bool:
-        """Drop ``holder``'s hold; True when this freed the cache."""
+    async def release(self, cache_id: str, holder: str, *, force: bool = False) -> bool:  # True: freed
         self._touch(holder)
         freed = self.broker.release(cache_id, holder, force=force)
         self._settle((), True)  # freed bytes, or a dropped pin that makes eviction possible
         return freed
 
     async def attach(self, cache_id: str, holder: str) -> tuple[CacheInfo, CacheHandle]:
-        """Hold an existing cache; waits while it is being created or moved."""
+        """Hold an existing cache; waits while it is being created, moved or offloaded,
+        restores an offloaded one."""
         self._touch(holder)
-        await self._until_settled(cache_id)
+        await self._until_settled(cache_id, holder)
         info = self.broker.attach(cache_id, holder)
         return info, self._handles.for_cache(info, holder)
 
     async def pin(self, cache_id: str, holder: str) -> tuple[CacheInfo, CacheHandle]:
-        """Pin (and hold) a cache; waits while it is being created or moved."""
+        """Pin (and hold) a cache; waits and restores as ``attach``."""
         self._touch(holder)
-        await self._until_settled(cache_id)
+        await self._until_settled(cache_id, holder)
         info = self.broker.pin(cache_id, holder)
         return info, self._handles.for_cache(info, holder)
 
@@ -182,12 +185,13 @@ class Engine:
         self._settle((), not info.pinned)
         return info
 
-    async def _until_settled(self, cache_id: str) -> None:
-        """Wait (outside any core section) while ``cache_id`` is PENDING or MOVING."""
+    async def _until_settled(self, cache_id: str, holder: str | None = None) -> None:
+        """Wait (outside any core section) while ``cache_id`` is PENDING, MOVING or being
+        offloaded; then, for a ``holder``, restore it if OFFLOADED."""
         while True:
-            busy = self._allocator.pending(cache_id) or self._compactions.moving(cache_id)
+            busy = self._allocator.pending(cache_id) or self._compactions.moving(cache_id) or self.offload.pending(cache_id)
             if busy is None:
-                return
+                return await self.offload.restore_if_offloaded(cache_id, holder) if holder is not None else None
             await busy.wait()
 
     # -- sessions ---------------------------------------------------------------------
@@ -232,8 +236,7 @@ class Engine:
             return session.secret
         return None
 
-    def heartbeat(self, session_id: str) -> float:
-        """Renew a session's lease; returns the lease in seconds."""
+    def heartbeat(self, session_id: str) -> float:  # renews the lease; returns its seconds
         self._touch(session_id)
         return self._sessions.lease_seconds
 
@@ -310,10 +313,10 @@ class Engine:
             self._sessions.lease_seconds, self._observer.rpc_stats(), self.live(),
         )  # fmt: skip
 
-    def live(self) -> LiveFigures:
-        """Live sessions and, per pool, allocations waiting now and waited so far."""
+    def live(self) -> LiveFigures:  # live sessions; per pool, allocations waiting now and waited so far
         queue = self._allocator.queue
-        return LiveFigures(len(self._sessions), dict(queue.depth), dict(queue.joined), self.paged_figures())
+        return LiveFigures(len(self._sessions), dict(queue.depth), dict(queue.joined), paged=self.paged_figures(),
+                           offloaded=dict(self.broker.offload.by_pool))  # fmt: skip
 
     def list_caches(
         self, *, pool: str | None, model_name: str | None, state: CacheState | None, after: str, limit: int
@@ -324,8 +327,7 @@ class Engine:
         return CachePage(caches, token)
 
     @property
-    def waiting(self) -> int:
-        """Allocations waiting for room."""
+    def waiting(self) -> int:  # allocations waiting for room
         return len(self._allocator.queue)
 
     def memory(self, device_id: str) -> SegmentMemory:
@@ -416,9 +418,10 @@ class Engine:
             self._sessions.touch(holder)
 
     def _settle(self, retired: Sequence[SegmentInfo], memory_freed: bool) -> None:
-        """After a core mutation: queue the core's events for the sessions they concern,
-        free retired segments (in a thread), and let the first waiting allocation retry
-        when memory was freed."""
+        """After a core mutation: start the offload tier's copies, queue the core's events
+        for the sessions they concern, free retired segments (in a thread), and let the
+        first waiting allocation retry when memory was freed."""
+        self.offload.dispatch(self.broker.offload.drain_jobs())
         events = self.broker.drain_events()
         if events:
             self._sessions.deliver(events)

@@ -28,13 +28,16 @@ class MethodStats(NamedTuple):
 
 class LiveFigures(NamedTuple):
     """What the engine knows beyond the core's stats (Stats RPC, gauges): live sessions,
-    and per pool the allocations queued for room now and every one queued so far."""
+    and per pool the allocations queued for room now and every one queued so far, and per
+    (pool, offload tier) the bytes of offloaded caches the tier holds."""
 
     sessions: int
     waiting: Mapping[str, int]
     waits: Mapping[str, int]
     #: Per paged pool (``kvbroker.engine.paged``): its ``kvbroker.core.paged.PagedStats``.
     paged: Mapping[str, Any] = {}
+    #: Per (pool, offload tier): the bytes of offloaded caches the tier holds.
+    offloaded: Mapping[tuple[str, str], int] = {}
 
 
 class RpcStats(NamedTuple):
@@ -59,6 +62,8 @@ class Observer(Protocol):
     def allocation_finished(self, pool: str, error: BaseException | None) -> None: ...
     def allocation_waited(self, pool: str, seconds: float) -> None: ...
     def compaction_copied(self, device: str, nbytes: int, seconds: float) -> None: ...
+    def offload_finished(self, pool: str, tier: str, outcome: str, nbytes: int, seconds: float) -> None: ...
+    def restore_finished(self, pool: str, tier: str, outcome: str, seconds: float) -> None: ...
     def session_opened(self) -> None: ...
     def session_reclaimed(self, reason: SessionEndReason) -> None: ...
     def rpc_stats(self) -> RpcStats | None: ...
@@ -90,6 +95,12 @@ class NullObserver:
         pass
 
     def compaction_copied(self, device: str, nbytes: int, seconds: float) -> None:
+        pass
+
+    def offload_finished(self, pool: str, tier: str, outcome: str, nbytes: int, seconds: float) -> None:
+        pass
+
+    def restore_finished(self, pool: str, tier: str, outcome: str, seconds: float) -> None:
         pass
 
     def session_opened(self) -> None:

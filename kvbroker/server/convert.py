@@ -71,6 +71,7 @@ _STATE_TO_PB = {
     CacheState.RESIDENT: pb.CACHE_STATE_RESIDENT,
     CacheState.EVICTED: pb.CACHE_STATE_EVICTED,
     CacheState.PENDING: pb.CACHE_STATE_PENDING,
+    CacheState.OFFLOADED: pb.CACHE_STATE_OFFLOADED,
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
 
@@ -335,6 +336,8 @@ def stats_message(stats: BrokerStats, status: EngineStatus) -> pb.StatsResponse:
                 eviction_policy=p.eviction_policy,
                 waiting_allocations=live.waiting.get(p.pool, 0),
                 allocation_waits=live.waits.get(p.pool, 0),
+                offloaded_host_bytes=live.offloaded.get((p.pool, "host"), 0),
+                offloaded_disk_bytes=live.offloaded.get((p.pool, "disk"), 0),
             )
             for p in stats.pools
         ],

@@ -189,6 +189,20 @@ CATALOGUE: tuple[MetricSpec, ...] = (
                "size, digest or binding check (the previous generation is tried next)."),
     MetricSpec("kvbroker_restored_caches_total", Kind.COUNTER, "",
                "Caches restored from a checkpoint at start."),
+    # The offload tier (issue 13): caches offloaded instead of evicted, and their restores.
+    MetricSpec("kvbroker_offloaded_bytes", Kind.GAUGE, "bytes",
+               "Bytes of offloaded caches an offload tier (host, disk) holds now, by pool and tier.",
+               ("pool", "tier")),
+    MetricSpec("kvbroker_offloads_total", Kind.COUNTER, "",
+               "Copy-outs to an offload tier by pool, tier and outcome: ok, freed (released while "
+               "copied), failed (the cache was evicted).", ("pool", "tier", "outcome")),
+    MetricSpec("kvbroker_restores_total", Kind.COUNTER, "",
+               "Restores of offloaded caches by pool, tier and outcome: ok, failed (no room, or "
+               "the copy-in failed: still offloaded), corrupt (the copy failed its checks: evicted).",
+               ("pool", "tier", "outcome")),
+    MetricSpec("kvbroker_restore_duration_seconds", Kind.HISTOGRAM, "seconds",
+               "Time one restore took (placement, waits and the copy-in), by pool and tier.",
+               ("pool", "tier"), WAIT_BUCKETS),
     MetricSpec("kvbroker_build_info", Kind.INFO, "",
                "Always 1; the labels give the running kvbroker version and Python version.",
                ("version", "python")),
@@ -198,7 +212,8 @@ BY_NAME: dict[str, MetricSpec] = {spec.name: spec for spec in CATALOGUE}
 
 #: Labels a metric may carry (bounded sets; see the module docstring).
 ALLOWED_LABELS = frozenset(
-    {"device", "pool", "policy", "reason", "outcome", "service", "method", "code", "version", "python", "state"}
+    {"device", "pool", "policy", "reason", "outcome", "service", "method", "code", "version", "python", "state",
+     "tier"}
 )
 
 

@@ -26,6 +26,8 @@ class TelemetryObserver:
         self.allocation_finished = recorder.allocation_finished
         self.allocation_waited = recorder.allocation_waited
         self.compaction_copied = recorder.compaction_copied
+        self.offload_finished = recorder.offload_finished
+        self.restore_finished = recorder.restore_finished
         self.session_opened = recorder.session_opened
         self.session_reclaimed = recorder.session_reclaimed
         self.checkpoint_finished = recorder.checkpoint_finished  # kvbroker.engine.PersistenceObserver

@@ -164,6 +164,9 @@ def read(snapshot: Snapshot) -> list[tuple[MetricSpec, list[Point]]]:
             points = [Point((p.pool,), snapshot.live.waiting.get(p.pool, 0)) for p in snapshot.stats.pools]
         elif name.startswith("kvbroker_paged_pool_"):
             points = _paged_points(name, snapshot.live.paged)
+        elif name == "kvbroker_offloaded_bytes":
+            offloaded = snapshot.live.offloaded  # every pool and tier from 0
+            points = [Point((p.pool, t), offloaded.get((p.pool, t), 0)) for p in snapshot.stats.pools for t in ("host", "disk")]
         elif name == "kvbroker_sessions_active":
             points = [Point((), snapshot.live.sessions)]
         elif name.startswith("kvbroker_pool_"):

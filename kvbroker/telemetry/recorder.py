@@ -66,6 +66,12 @@ _CHECKPOINT_TIME = BY_NAME["kvbroker_checkpoint_duration_seconds"]
 _REJECTED = BY_NAME["kvbroker_checkpoint_generations_rejected_total"].name
 _RESTORED = BY_NAME["kvbroker_restored_caches_total"].name
 CHECKPOINT_OUTCOMES = ("ok", "budget_exceeded", "disk_full", "error")
+_OFFLOADS = BY_NAME["kvbroker_offloads_total"].name
+_RESTORES = BY_NAME["kvbroker_restores_total"].name
+_RESTORE_TIME = BY_NAME["kvbroker_restore_duration_seconds"]
+OFFLOAD_OUTCOMES = ("ok", "freed", "failed")
+RESTORE_OUTCOMES = ("ok", "failed", "corrupt")
+TIERS = ("host", "disk")
 
 
 def outcome_of(error: BaseException | None) -> str:
@@ -117,9 +123,11 @@ class Recorder:
             _RECLAIMED: {(reason,): 0 for reason in (*(r.value for r in SessionEndReason), OTHER_REASON)},
             _CHECKPOINTS: {(outcome,): 0 for outcome in CHECKPOINT_OUTCOMES},
             _CHECKPOINT_BYTES: {(): 0}, _REJECTED: {(): 0}, _RESTORED: {(): 0},
+            _OFFLOADS: {(pool, tier, o): 0 for pool in pools for tier in TIERS for o in OFFLOAD_OUTCOMES},
+            _RESTORES: {(pool, tier, o): 0 for pool in pools for tier in TIERS for o in RESTORE_OUTCOMES},
         }
         self._histograms: dict[str, dict[tuple[str, ...], Histogram]] = {
-            _WAIT.name: {}, _COMPACTION.name: {}, _CHECKPOINT_TIME.name: {},
+            _WAIT.name: {}, _COMPACTION.name: {}, _CHECKPOINT_TIME.name: {}, _RESTORE_TIME.name: {},
         }
         self._rpcs: dict[tuple[str, str, str], _RpcSeries] = {}
         self._window_shape = Window(0)  # every RPC window has this shape: it gives the span
@@ -157,6 +165,19 @@ class Recorder:
 
     def caches_restored(self, count: int) -> None:
         self._add(_RESTORED, (), count)
+
+    def offload_finished(self, pool: str, tier: str, outcome: str, nbytes: int, seconds: float) -> None:
+        """One copy-out to an offload tier ended (``kvbroker.engine.offload``)."""
+        self._add(_OFFLOADS, self._tiered(pool, tier, outcome, OFFLOAD_OUTCOMES), 1)
+
+    def restore_finished(self, pool: str, tier: str, outcome: str, seconds: float) -> None:
+        """One restore of an offloaded cache ended."""
+        key = self._tiered(pool, tier, outcome, RESTORE_OUTCOMES)
+        self._add(_RESTORES, key, 1)
+        self._observe(_RESTORE_TIME.name, key[:2], _RESTORE_TIME.buckets, seconds)
+
+    def _tiered(self, pool: str, tier: str, outcome: str, outcomes: tuple[str, ...]) -> tuple[str, str, str]:
+        return (pool if pool in self._pools else "", tier if tier in TIERS else "", outcome if outcome in outcomes else "failed")
 
     def _add(self, name: str, key: tuple[str, ...], n: int) -> None:
         series = self._counters[name]

@@ -32,6 +32,7 @@ class CacheState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CACHE_STATE_RESIDENT: _ClassVar[CacheState]
     CACHE_STATE_EVICTED: _ClassVar[CacheState]
     CACHE_STATE_PENDING: _ClassVar[CacheState]
+    CACHE_STATE_OFFLOADED: _ClassVar[CacheState]
 
 class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -66,6 +67,7 @@ CACHE_STATE_UNSPECIFIED: CacheState
 CACHE_STATE_RESIDENT: CacheState
 CACHE_STATE_EVICTED: CacheState
 CACHE_STATE_PENDING: CacheState
+CACHE_STATE_OFFLOADED: CacheState
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_SESSION_OPENED: EventKind
 EVENT_KIND_EVICTED: EventKind
@@ -317,7 +319,7 @@ class DeviceStats(_message.Message):
     def __init__(self, device: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class PoolStats(_message.Message):
-    __slots__ = ("pool", "usage", "min_bytes", "max_bytes", "priority", "eviction_policy", "waiting_allocations", "allocation_waits")
+    __slots__ = ("pool", "usage", "min_bytes", "max_bytes", "priority", "eviction_policy", "waiting_allocations", "allocation_waits", "offloaded_host_bytes", "offloaded_disk_bytes")
     POOL_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -326,6 +328,8 @@ class PoolStats(_message.Message):
     EVICTION_POLICY_FIELD_NUMBER: _ClassVar[int]
     WAITING_ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_WAITS_FIELD_NUMBER: _ClassVar[int]
+    OFFLOADED_HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFLOADED_DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     pool: str
     usage: Usage
     min_bytes: int
@@ -334,7 +338,9 @@ class PoolStats(_message.Message):
     eviction_policy: str
     waiting_allocations: int
     allocation_waits: int
-    def __init__(self, pool: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., min_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., waiting_allocations: _Optional[int] = ..., allocation_waits: _Optional[int] = ...) -> None: ...
+    offloaded_host_bytes: int
+    offloaded_disk_bytes: int
+    def __init__(self, pool: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., min_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., waiting_allocations: _Optional[int] = ..., allocation_waits: _Optional[int] = ..., offloaded_host_bytes: _Optional[int] = ..., offloaded_disk_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("total_capacity_bytes", "total_allocated_bytes", "utilization_ratio", "fragmentation_ratio", "active_caches", "allocation_count", "eviction_count", "devices", "pools", "pinned_bytes", "free_bytes", "largest_free_extent_bytes", "version", "instance_id", "uptime_seconds", "methods", "window_seconds", "sessions", "recent_errors", "errors_total", "paged_pools")

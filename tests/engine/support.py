@@ -61,13 +61,13 @@ class Door:
 
 
 class DoorMemory:
-    """A ``HostMemory`` whose create, zero and copy pass a ``Door`` first, and whose
+    """A ``HostMemory`` whose create, zero, copy and read_into pass a ``Door`` first, and whose
     copy can fail after ``copy_fails_after`` moves (the earlier moves complete, the rest
     do not start: what ``CopyError`` promises)."""
 
     def __init__(self, inner: HostMemory) -> None:
         self.inner = inner
-        self.doors = {"create": Door(), "zero": Door(), "copy": Door()}
+        self.doors = {"create": Door(), "zero": Door(), "copy": Door(), "read": Door()}
         self.copy_fails_after: int | None = None
         self.create_error: BaseException | None = None
         self.zeroed: list[tuple[int, int, int]] = []
@@ -85,6 +85,11 @@ class DoorMemory:
         self.doors["zero"].pass_through()
         self.inner.zero(segment_id, offset, nbytes)
         self.zeroed.append((segment_id, offset, nbytes))
+
+    def read_into(self, segment_id: int, offset: int, out) -> None:
+        """``ByteAccess.read_into`` (an offload's copy-out), after the "read" door."""
+        self.doors["read"].pass_through()
+        self.inner.read_into(segment_id, offset, out)
 
     def copy(self, moves: Sequence[Move]) -> None:
         self.doors["copy"].pass_through()
