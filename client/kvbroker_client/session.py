@@ -109,7 +109,11 @@ class SessionRules:
                     if kind == pb.EVENT_KIND_EVICTED:
                         held.evicted = True
                     held.moved_epoch = max(held.moved_epoch, event.epoch)
-                    self._revoke(held)  # the old place is free: views of it must not reach it
+                    if kind == pb.EVENT_KIND_EVICTED or event.epoch > held.handle.epoch:
+                        # The old place is free: views of it must not reach it. A move this
+                        # client already followed (its Attach answered at that epoch, e.g.
+                        # a restore from an offload tier) is old news: its views are current.
+                        self._revoke(held)
             elif kind == pb.EVENT_KIND_SEGMENT_RETIRED:
                 mapper = loaded_mapper()
                 if mapper is not None:
