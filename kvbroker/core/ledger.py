@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from kvbroker.core.arena import build, layout_of, new_segment_bytes, occupy, vacate
+from kvbroker.core.arena import build, layout_of, new_segment_bytes, occupy, round_up, vacate
 from kvbroker.core.caches import CacheTable, Gone
 from kvbroker.core.compaction import plan_arenas
 from kvbroker.core.targeted import opening
@@ -273,7 +273,12 @@ class Ledger:
         """A compaction plan for ``arenas`` (pure): the full pack, or with ``target``
         the fewest moves that open ``target`` bytes per arena (``targeted``). Cost:
         O(n log n) in their caches (plus the targeted planner's window tries)."""
-        layouts = (layout_of(arena) for arena in arenas)
         if target is None:
-            return plan_arenas(layouts, self.version)
-        return plan_arenas(layouts, self.version, opening(target))
+            return plan_arenas((layout_of(arena) for arena in arenas), self.version)
+        opening(target)  # validates it once, for every arena
+        # Caches sit at multiples of their pool's block_bytes: an extent of any other size
+        # would have the planner slide caches to unaligned offsets.
+        pairs = [(layout_of(arena), round_up(target, arena.pool.spec.block_bytes)) for arena in arenas]
+        need_of = {id(layout): need for layout, need in pairs}
+        return plan_arenas((layout for layout, _ in pairs), self.version,
+                           lambda layout: opening(need_of[id(layout)])(layout))  # fmt: skip

@@ -170,3 +170,23 @@ def test_plan_compaction_target_bytes_must_be_a_positive_int() -> None:
             b.plan_compaction(target_bytes=bad)
         assert caught.value.field == "target_bytes"
     assert b.plan_compaction(target_bytes=10**30).moves == ()  # larger than any segment: nothing to move
+
+
+
+def test_a_target_that_is_not_a_whole_number_of_blocks_keeps_every_cache_aligned(monkeypatch) -> None:
+    """The state machine's failing example, replayed: Defragment with target_bytes 16385
+    in a pool of 4 KiB blocks slid a cache to offset 24577, and the next allocation
+    landed there. The target is now rounded up to the pool's block size first."""
+    from tests.core import test_state_machine
+    from tests.core.test_state_machine import BrokerMachine
+
+    monkeypatch.setattr(test_state_machine, "event", lambda *args: None)  # outside a Hypothesis run
+    machine = BrokerMachine()
+    try:
+        machine.compact_targeted(device="d1", fragment=2, pool="c", size=4097, want=16385)
+        machine.accounting()
+        machine.check_bytes()
+        machine.session_allocate(backend=0, index=0, pinned=0, pool="c", retain=False, size=1)
+        machine.accounting()
+    finally:
+        machine.teardown()
