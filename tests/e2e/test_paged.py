@@ -4,7 +4,8 @@ with its own session and its own mapping of the arena, against a real daemon.
 Worker A writes K/V token by token through the per-layer tensors; worker B attaches the
 sequence and reads the same bytes through its own mapping; an eviction is seen by both
 (EVICTED with the sequence id on their Watch streams); a pinned sequence is never
-evicted; the three OOM strategies; a killed worker's sequences go back to the pool.
+evicted; a defragment moves a split sequence into one run, both holders see MOVED and
+read the same bytes at the new blocks, and a pinned sequence stays put; the three OOM strategies; a killed worker's sequences go back to the pool.
 """
 
 from __future__ import annotations
@@ -152,6 +153,47 @@ def test_an_eviction_is_seen_by_both_holders_and_a_pinned_sequence_is_not_evicte
     assert gone.value.kind == "SequenceEvicted"
     assert [s.sequence_id for s in block_map(daemon).sequences] == ["high"]
     assert "evicted sequence low" in daemon.log()
+
+
+def defragment(daemon, dry_run: bool = False) -> pb.DefragmentResponse:
+    with grpc.insecure_channel(daemon.target) as channel:
+        return broker_pb2_grpc.CacheBrokerStub(channel).Defragment(pb.DefragmentRequest(pool="kv", dry_run=dry_run))
+
+
+def test_a_defragment_joins_a_split_sequence_and_both_holders_see_it_moved(daemon, workers):
+    a, b = workers(grant_tokens=0), workers(grant_tokens=0)
+    a("allocate", seq="s", prompt=0, max_tokens=200)
+    a("write", seq="s", salt=5, tokens=8)  # blocks for 8 tokens
+    b("allocate", seq="p", prompt=8, pinned=True)  # pinned, right after s
+    b("allocate", seq="gap", prompt=8)
+    split = a("write", seq="s", salt=5, tokens=12)["table"]  # s grows past p and gap: several runs
+    b("free", seq="gap")
+    assert split != list(range(split[0], split[0] + len(split))), split
+    b("attach", seq="s")
+    assert b("check", seq="s", salt=5) == {"ok": True, "used": 20, "contiguous": False}
+    before = {s.sequence_id: [(r.first_block, r.count) for r in s.runs] for s in block_map(daemon).sequences}
+
+    planned = defragment(daemon, dry_run=True)
+    assert planned.dry_run and planned.caches_moved == 1 and planned.moves[0].cache_id == "s"
+    runs_now = {s.sequence_id: [(r.first_block, r.count) for r in s.runs] for s in block_map(daemon).sequences}
+    assert runs_now == before and not a("moved", seq="s")  # a dry run moves nothing
+    result = defragment(daemon)
+    # p (pinned) keeps its blocks: s moves past it, the two blocks before p stay free
+    assert result.caches_moved == 1 and result.fragmentation_after <= result.fragmentation_before, result
+    assert {m.cache_id for m in result.moves} == {"s"} and len(result.moves) > 0
+
+    wait_until(lambda: a("moved", seq="s") and b("moved", seq="s"), 20.0, "both holders get MOVED for s")
+    after = {s.sequence_id: [(r.first_block, r.count) for r in s.runs] for s in block_map(daemon).sequences}
+    assert after["p"] == before["p"], "the pinned sequence moved"
+    assert len(after["s"]) == 1 and after["s"] != before["s"]
+    table = b("table", seq="s")
+    assert table == list(range(after["s"][0][0], after["s"][0][0] + after["s"][0][1]))
+    assert b("check", seq="s", salt=5) == {"ok": True, "used": 20, "contiguous": True}  # the same bytes, moved
+    assert a("check", seq="s", salt=5) == {"ok": True, "used": 20, "contiguous": True}
+    a("write", seq="s", salt=5, tokens=4)  # appends go to the new blocks
+    b("attach", seq="s")
+    assert b("check", seq="s", salt=5) == {"ok": True, "used": 24, "contiguous": True}
+    assert "paged pool kv: defragmented, 1 sequences moved" in daemon.log()
 
 
 def test_oom_strategies_reject_reduce_and_wait(daemon, workers):
