@@ -48,14 +48,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kvbroker.core import AllocationRequest, CacheInfo, Event, EventKind, Extent, Fragmentation, validate_id
+from kvbroker.core import AllocationRequest, CacheInfo, Event, EventKind, Fragmentation, validate_id
 from kvbroker.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from kvbroker.core.paged import OutOfTokens, PagedArena, PagedStats, SequenceView
 from kvbroker.core.paged_defrag import plan_defragment
 from kvbroker.engine.engine import Engine
 from kvbroker.engine.handles import CacheHandle
 from kvbroker.engine.paged_defrag import block_moves
-from kvbroker.engine.views import DefragmentResult, MoveView
+from kvbroker.engine.views import DefragmentResult
 from kvbroker.kvlayout import KvLayout
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 ARENA_HOLDER = "~kvbroker-paged"
 OOM_STRATEGIES = ("reject", "reduce", "wait")
 #: Block copies listed in a paged defragment's result (the rest are counted).
-MAX_LISTED_BLOCK_MOVES = 64
+MAX_LISTED_BLOCK_MOVES = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,22 +250,15 @@ class PagedPools:
 
     async def defragment(self, pool: str, *, dry_run: bool) -> DefragmentResult:
         """Move unpinned sequences' blocks so that each is one run (module docstring).
-        The result counts sequences as ``caches_moved``, the blocks' bytes over every
-        layer as ``bytes_moved``, and lists each block copy as a move of the sequence
-        (offsets: the block's K in layer 0; ``nbytes``: the block over all layers)."""
+        The result counts sequences as ``caches_moved``, the copied blocks' bytes over
+        every layer as ``bytes_moved``, and lists the block copies (``block_moves``)."""
         arena = self.arena(pool)
         started = time.perf_counter()
         await self._quiet(pool)
         spec, info = self.specs[pool], self._arena_infos[pool]
         plan = plan_defragment(arena)
         extent, per_block = info.extents[0], spec.layout.bytes_per_block
-        half_block = spec.layout.layer_bytes(spec.num_blocks) // 2 // spec.num_blocks
-        listed = tuple(
-            MoveView(c.seq_id, pool, info.device_id,
-                     Extent(extent.segment_id, extent.offset + c.source * half_block, per_block),
-                     Extent(extent.segment_id, extent.offset + c.destination * half_block, per_block))
-            for c in plan.copies[:MAX_LISTED_BLOCK_MOVES]
-        )  # fmt: skip
+        listed = tuple((c.seq_id, c.source, c.destination) for c in plan.copies[:MAX_LISTED_BLOCK_MOVES])
         moved = plan.sequences_moved
         if plan.copies and not dry_run:
             done = asyncio.Event()
@@ -281,7 +274,7 @@ class PagedPools:
             fragmentation_before=plan.fragmentation_before, fragmentation_after=plan.fragmentation_after,
             segments_freed=0, duration_seconds=time.perf_counter() - started, dry_run=dry_run,
             before=Fragmentation(free_bytes=free_bytes), after=Fragmentation(free_bytes=free_bytes),
-            moves=listed, moves_total=len(plan.copies),
+            moves_total=len(plan.copies), paged=True, block_moves=listed,
         )  # fmt: skip
 
     async def _copy_and_commit(self, pool: str, plan, moves, device_id: str, done: asyncio.Event) -> int:

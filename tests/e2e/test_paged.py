@@ -174,13 +174,13 @@ def test_a_defragment_joins_a_split_sequence_and_both_holders_see_it_moved(daemo
     before = {s.sequence_id: [(r.first_block, r.count) for r in s.runs] for s in block_map(daemon).sequences}
 
     planned = defragment(daemon, dry_run=True)
-    assert planned.dry_run and planned.caches_moved == 1 and planned.moves[0].cache_id == "s"
+    assert planned.dry_run and planned.caches_moved == 1 and planned.block_moves[0].sequence_id == "s"
     runs_now = {s.sequence_id: [(r.first_block, r.count) for r in s.runs] for s in block_map(daemon).sequences}
     assert runs_now == before and not a("moved", seq="s")  # a dry run moves nothing
     result = defragment(daemon)
     # p (pinned) keeps its blocks: s moves past it, the two blocks before p stay free
     assert result.caches_moved == 1 and result.fragmentation_after <= result.fragmentation_before, result
-    assert {m.cache_id for m in result.moves} == {"s"} and len(result.moves) > 0
+    assert result.paged and {m.sequence_id for m in result.block_moves} == {"s"} and not result.moves
 
     wait_until(lambda: a("moved", seq="s") and b("moved", seq="s"), 20.0, "both holders get MOVED for s")
     after = {s.sequence_id: [(r.first_block, r.count) for r in s.runs] for s in block_map(daemon).sequences}
