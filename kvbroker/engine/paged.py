@@ -9,10 +9,11 @@ mapping (once per process), Stats and telemetry. The arena is laid out as
 head_dim)``, layer ``i`` at ``i * layout.layer_bytes(num_blocks)``.
 
 Which blocks belong to which sequence is ``kvbroker.core.paged.PagedArena``'s, one per
-pool, mutated only in synchronous sections on the loop (as the engine's core is). No
-bytes move here: a sequence's blocks are integers; the client writes K/V through its own
-mapping. Prefaulting (``prefault``) zeroes the whole arena once in a device thread at
-creation, so that every page exists before the first token is written.
+pool, mutated only in synchronous sections on the loop (as the engine's core is). Bytes
+move here only in a defragment (below): a sequence's blocks are integers; the client
+writes K/V through its own mapping. Prefaulting (``prefault``) zeroes the whole arena
+once in a device thread at creation, so that every page exists before the first token
+is written.
 
 Out of blocks, a call picks its strategy (``OOM_STRATEGIES``, the cortexstream guide's):
 
