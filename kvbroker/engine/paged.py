@@ -173,13 +173,13 @@ class PagedPools:
         ``max_tokens``, or what fits) plus headroom up to ``tokens_wanted``."""
         arena = self.arena(pool)
         validate_id("sequence_id", seq_id)
-        await self._quiet(pool)
         if on_oom not in OOM_STRATEGIES:
             raise InvalidArgument("on_oom", f"must be one of {', '.join(OOM_STRATEGIES)}, got {on_oom!r}")
         if on_oom == "reduce" and not max_tokens:
             raise InvalidArgument("max_tokens", "the reduce strategy needs max_tokens (what to reduce)")
         deadline = time.monotonic() + wait_timeout_s
         while True:
+            await self._quiet(pool)  # also after a wait: a defragment may have begun meanwhile
             needed = prompt_tokens
             if on_oom == "reduce":  # all of max_tokens now, or every free block
                 needed = max(prompt_tokens, min(max_tokens, arena.free_blocks * arena.block_tokens))

@@ -1,7 +1,8 @@
 """A paged pool's defragment in the engine, over real host segments: the bytes of every
 layer's K and V of each moved block arrive at its new block; a sequence call made while
 the copy runs waits for the commit (and then sees the new blocks); a failed copy evicts
-the sequences it was moving and leaves the pool usable; a pinned sequence never moves."""
+the sequences it was moving and leaves the pool usable; a pinned sequence never moves; a
+session that ends mid-copy frees its sequence and the commit skips it."""
 
 from __future__ import annotations
 
@@ -83,11 +84,13 @@ def test_the_copy_moves_every_layer_and_half_and_sequence_calls_wait_for_the_com
         defrag = asyncio.create_task(paged.defragment("kv", dry_run=False))
         await door.arrival()
         extend = asyncio.create_task(paged.extend("kv", "s", "h", tokens_used=16, tokens_needed=20, tokens_wanted=20))
+        new = asyncio.create_task(paged.allocate("kv", "n", "h2", prompt_tokens=4, max_tokens=0, tokens_wanted=4))
         await steps(50)
-        assert not extend.done(), "an extension ran while the copy did"
+        assert not extend.done() and not new.done(), "a sequence call ran while the copy did"
         door.open()
         result = await defrag
         view = await extend
+        assert (await new).runs == ((5, 1),)  # placed after the commit, in the free blocks it left
         assert result.paged and result.caches_moved == 1 and result.moves_total == 2
         assert [(s, f, t) for s, f, t in result.block_moves] == [("s", 4, 2), ("s", 5, 3)]
         assert view.runs == ((0, 5),), "the extension saw the new blocks and grew them in place"
@@ -113,5 +116,25 @@ def test_a_failed_copy_evicts_the_moving_sequences_and_a_pinned_one_stays(setup)
         arena.check()
         memory.copy_fails_after = None
         await paged.allocate("kv", "again", "h", prompt_tokens=4, max_tokens=0, tokens_wanted=4)  # not stuck
+
+    asyncio.run(body())
+
+
+def test_a_session_that_ends_during_the_copy_frees_its_sequence_and_the_commit_skips_it(setup):
+    engine, paged = setup
+
+    async def body():
+        memory, _ = await _split(engine, paged)
+        door = memory.doors["copy"]
+        door.close()
+        defrag = asyncio.create_task(paged.defragment("kv", dry_run=False))
+        await door.arrival()
+        paged._session_ended("h")  # the engine's session-end hook: synchronous, it cannot wait
+        door.open()
+        result = await defrag
+        arena = paged.arena("kv")
+        assert result.caches_moved == 0 and len(arena) == 0
+        assert arena.free_runs() == [(0, NUM_BLOCKS)]
+        arena.check()
 
     asyncio.run(body())
