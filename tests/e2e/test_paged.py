@@ -307,3 +307,53 @@ def test_the_async_pool_allocates_appends_reads_and_frees(daemon, workers):
             assert await asyncio.to_thread(w, "free", seq="vip") is True
 
     asyncio.run(scenario())
+
+
+def test_the_async_pool_re_reads_a_moved_sequence(daemon, workers):
+    import asyncio
+
+    import torch
+
+    from kvbroker_client import AsyncBrokerClient, SequenceMoved
+    from tests.e2e.paged_worker import expected
+
+    async def scenario() -> None:
+        async with AsyncBrokerClient(daemon.target) as client:
+            pool = await client.paged_pool("kv", grant_tokens=0)
+            lay = pool.layout
+            w = await asyncio.to_thread(workers)
+            await pool.allocate_for("x", 0)
+
+            async def write(n: int) -> None:
+                for _ in range(n):
+                    where = await pool.append_token("x")
+                    t = pool.tokens_used("x") - 1
+                    for layer in range(lay.num_layers):
+                        flat = pool.layer(layer).view(2, -1, lay.num_kv_heads, lay.head_dim)
+                        for kv in (0, 1):
+                            flat[kv, where.slot] = expected(4, layer, kv, t + 1, lay.num_kv_heads, lay.head_dim)[t]
+
+            await write(4)
+            await asyncio.to_thread(w, "allocate", seq="y", prompt=4)  # the block right after x
+            await write(4)  # x's next block lies past y
+            await asyncio.to_thread(w, "free", seq="y")
+            assert not pool.is_contiguous("x")
+            result = await asyncio.to_thread(defragment, daemon)
+            assert result.caches_moved == 1
+            await asyncio.wait_for(_until(lambda: pool.moved("x")), 20)
+            with pytest.raises(SequenceMoved):
+                pool.k_view("x", 0)
+            await pool.refresh("x")
+            assert pool.is_contiguous("x") and pool.tokens_used("x") == 8
+            for layer in range(lay.num_layers):
+                assert torch.equal(pool.k_view("x", layer), expected(4, layer, 0, 8, lay.num_kv_heads, lay.head_dim))
+                assert torch.equal(pool.v_view("x", layer), expected(4, layer, 1, 8, lay.num_kv_heads, lay.head_dim))
+            await write(1)  # appends go on in the new run
+            assert pool.block_table("x") == list(range(pool.block_table("x")[0], pool.block_table("x")[0] + 3))
+            assert await pool.free_for("x") is True
+
+    async def _until(predicate) -> None:
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
