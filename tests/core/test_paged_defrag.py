@@ -1,10 +1,14 @@
 """Directed cases of ``plan_defragment`` (the state machine covers random ones): a split
 sequence joined through a cycle with a scratch block, a full arena where the cycle cannot
-be broken, a pinned sequence in the way."""
+be broken, a pinned sequence in the way; and a property over any layout (blocks of
+sequences in any order, so copies form long chains and cycles)."""
 
 from __future__ import annotations
 
-from kvbroker.core.paged import PagedArena
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvbroker.core.paged import PagedArena, Sequence
 from kvbroker.core.paged_defrag import plan_defragment
 
 
@@ -59,3 +63,56 @@ def test_a_pinned_sequence_never_moves_and_others_go_around_it():
     assert arena.get("p").runs == ((2, 2),)
     assert arena.get("y").runs == ((0, 2),) and arena.get("z").runs == ((4, 2),)
     assert plan.fragmentation_before > 0 and plan.sequences_moved == 2
+
+
+@st.composite
+def layouts(draw):
+    """Any layout: each block free or owned by one of up to six sequences, each
+    sequence's blocks in any order (so copies form long chains and cycles), some pinned."""
+    num_blocks = draw(st.integers(1, 40))
+    owners = draw(st.lists(st.sampled_from(["", "a", "b", "c", "d", "e", "f"]), min_size=num_blocks, max_size=num_blocks))
+    tables = {}
+    for seq in sorted(set(owners) - {""}):
+        blocks = [b for b, o in enumerate(owners) if o == seq]
+        tables[seq] = draw(st.permutations(blocks))
+    pinned = draw(st.sets(st.sampled_from(sorted(tables) or ["-"])))
+    return num_blocks, tables, pinned
+
+
+def _arena_of(num_blocks: int, tables: dict[str, list[int]], pinned: set[str]) -> PagedArena:
+    arena = PagedArena(num_blocks, 2)
+    arena._sequences = {
+        seq: Sequence(seq, _runs(table), 2 * len(table), 0, 0, {"h"}, seq in pinned) for seq, table in tables.items()
+    }  # (built directly: no sequence of calls makes an arbitrary layout)
+    held = {b for table in tables.values() for b in table}
+    arena._starts, arena._free = [], {}
+    arena._give_back([(b, 1) for b in range(num_blocks) if b not in held])
+    arena.check()
+    return arena
+
+
+def _runs(table: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for b in table:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
+
+
+@settings(max_examples=400, deadline=None)
+@given(layouts())
+def test_any_layout_every_sequence_keeps_its_data_in_order_and_pinned_ones_stay(layout):
+    num_blocks, tables, pinned = layout
+    arena = _arena_of(num_blocks, tables, pinned)
+    free_before = arena.free_blocks
+    plan = _run_plan(arena)  # data in order, invariants (partition, no block twice)
+    assert not set(plan.runs_after) & pinned
+    for seq in pinned:
+        assert list(arena.get(seq).runs) == _runs(tables[seq])
+    assert arena.free_blocks == free_before and len(arena) == len(tables)
+    if not pinned and free_before:  # nothing in the way and a scratch block: a full pack
+        assert all(len(arena.get(seq).runs) == 1 for seq in tables)
+        assert arena.free_runs() == [(num_blocks - free_before, free_before)]
+        assert plan.fragmentation_after == 0.0
