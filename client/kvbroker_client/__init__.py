@@ -63,7 +63,7 @@ from kvbroker_client.errors import (
     UnexpectedBrokerError,
 )
 from kvbroker_client.handles import HandleError, StaleHandleError
-from kvbroker_client.paged import DEFAULT_GRANT_TOKENS, OutOfTokens, PagedPool, SequenceEvicted, Slot
+from kvbroker_client.paged import DEFAULT_GRANT_TOKENS, OutOfTokens, PagedPool, SequenceEvicted, SequenceMoved, Slot
 from kvbroker_client.paged_aio import AsyncPagedPool
 from kvbroker_client.summary import summarize
 from kvbroker_client.sync import BrokerClient
@@ -80,6 +80,7 @@ __all__ = [
     "OutOfTokens",
     "PagedPool",
     "SequenceEvicted",
+    "SequenceMoved",
     "Slot",
     "DEFAULT_TARGET",
     "PRIORITIES",

@@ -34,6 +34,13 @@ A sequence the broker evicted (a higher-priority sequence needed its blocks) rai
 set) tells the pool at once. When the client's session is lost, the broker freed the
 session's sequences: every later use raises ``SessionLost``.
 
+A sequence the broker *moved* (``kvbroker defrag --pool P``: its blocks now form one run)
+arrives as a MOVED event with ``sequence_id``: the pool drops its block table, and the
+next append, view or ``block_table`` of that sequence re-reads it (one AttachSequence
+RPC; tokens appended locally are kept). Writes into an unpinned sequence's blocks while
+a defragment copies them may be lost: pin a sequence while writing it, or defragment
+while writers are idle (``kvbroker.engine.paged``).
+
 Thread-safety: one pool per thread, or a lock around it (appends mutate local state).
 """
 
@@ -48,11 +55,12 @@ from kvbroker.kvlayout import KvLayout
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.wire import DTYPE_BY_VALUE
 from kvbroker_client.errors import CacheEvicted, CacheExhausted, CacheNotFound, InvalidRequest, SessionLost
+from kvbroker_client.paged_format import format_block_map, format_cache_stats
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEFAULT_GRANT_TOKENS", "OutOfTokens", "PagedPool", "SequenceEvicted", "Slot"]
+__all__ = ["DEFAULT_GRANT_TOKENS", "OutOfTokens", "PagedPool", "SequenceEvicted", "SequenceMoved", "Slot"]
 
 #: Tokens asked for beyond the need when a sequence's blocks are full (tunable per pool).
 DEFAULT_GRANT_TOKENS = 512
@@ -86,6 +94,10 @@ class OutOfTokens(CacheExhausted):
 
 class SequenceEvicted(CacheEvicted):
     """The broker evicted this sequence: its blocks belong to others now."""
+
+
+class SequenceMoved(CacheNotFound):
+    """(Async pool) the broker moved this sequence: ``await pool.refresh(seq_id)``."""
 
 
 class Slot(NamedTuple):
@@ -135,6 +147,7 @@ class PagedPool:
         self._handle = response.handle
         self._seqs: dict[str, _Sequence] = {}
         self._evicted: set[str] = set()
+        self._moved: dict[str, _Sequence] = {}  # moved by the broker: table to re-read
         self._arena = _map(response.handle)
         self._layers = _layer_views(self._arena, self.layout, self.num_blocks)
         self.populate_seconds = self.warmup() if populate else 0.0
@@ -228,6 +241,7 @@ class PagedPool:
 
     def _freed(self, seq_id: str) -> Plan:
         self._seqs.pop(seq_id, None)
+        self._moved.pop(seq_id, None)
         self._evicted.discard(seq_id)
         return (yield ("FreeSequence", pb.FreeSequenceRequest(pool=self.pool, sequence_id=seq_id), 0)).freed
 
@@ -239,6 +253,7 @@ class PagedPool:
     def _attached(self, seq_id: str) -> Plan:
         seq = (yield ("AttachSequence", pb.AttachSequenceRequest(pool=self.pool, sequence_id=seq_id), 0)).sequence
         self._evicted.discard(seq_id)
+        self._moved.pop(seq_id, None)
         self._seqs[seq_id] = _Sequence(_table(seq), seq.tokens_used, seq.max_tokens, seq.pinned, _runs(seq))
         return seq.tokens_used
 
@@ -359,6 +374,25 @@ class PagedPool:
             return stop.value
 
     def _missing(self, seq_id: str) -> _Sequence:
+        if seq_id in self._moved:
+            return self._run(self._refreshed(seq_id))
+        return self._gone(seq_id)
+
+    def _refreshed(self, seq_id: str) -> Plan:
+        """Re-read a moved sequence's block table (the tokens appended here are kept)."""
+        seq = self._moved[seq_id]
+        view = (yield ("AttachSequence", pb.AttachSequenceRequest(pool=self.pool, sequence_id=seq_id), 0)).sequence
+        seq.table, seq.runs, seq.pinned = _table(view), _runs(view), view.pinned
+        seq.used = max(seq.used, view.tokens_used)
+        self._moved.pop(seq_id, None)
+        self._seqs[seq_id] = seq
+        return seq
+
+    def moved(self, seq_id: str) -> bool:
+        """Whether the broker moved the sequence and its table is not re-read yet."""
+        return seq_id in self._moved
+
+    def _gone(self, seq_id: str) -> _Sequence:
         self._check_session()
         if seq_id in self._evicted:
             raise SequenceEvicted(f"sequence {seq_id!r} was evicted by the broker: allocate it again")
@@ -391,10 +425,15 @@ class PagedPool:
         return err
 
     def _on_event(self, event: pb.WatchEvent) -> None:
-        """Watch thread: a sequence of this pool was evicted."""
+        """Watch thread: a sequence of this pool was evicted or moved."""
         if event.cache_id == self.arena_id and event.kind == pb.EVENT_KIND_EVICTED:
             self._evicted.add(event.sequence_id)
             self._seqs.pop(event.sequence_id, None)
+            self._moved.pop(event.sequence_id, None)
+        elif event.cache_id == self.arena_id and event.kind == pb.EVENT_KIND_MOVED:
+            seq = self._seqs.pop(event.sequence_id, None)
+            if seq is not None:
+                self._moved[event.sequence_id] = seq
 
     def evicted(self, seq_id: str) -> bool:
         """Whether the broker evicted the sequence (its EVICTED event arrived)."""
@@ -443,34 +482,6 @@ def _layer_views(arena: torch.Tensor, layout: KvLayout, num_blocks: int) -> list
     dtype = to_torch_dtype(layout.dtype)
     size, shape = layout.layer_bytes(num_blocks), layout.layer_shape(num_blocks)
     return [arena[i * size : (i + 1) * size].view(dtype).view(shape) for i in range(layout.num_layers)]
-
-
-def format_block_map(response: pb.BlockMapResponse, width: int = 64) -> str:
-    """The seed's block map: header figures, then ``X``/``.`` lines of ``width`` blocks."""
-    s = response.stats
-    lines = ["KVBlockAllocator State:", f"  Total blocks: {s.num_blocks}",
-             f"  Used: {s.blocks_used} Free: {s.blocks_free}", f"  Fragmentation: {s.fragmentation:.2f}",
-             "  Block map (. = free, X = used):"]  # fmt: skip
-    text = response.block_map
-    lines += [f"    {text[i:i + width]}" for i in range(0, len(text), width)]
-    return "\n".join(lines)
-
-
-def format_cache_stats(pool: str, response: pb.BlockMapResponse) -> str:
-    """The seed's ``dumpCacheStats`` for one pool (sizes in MiB, blocks as ``[start, +count]``)."""
-    s, lay = response.stats, response.stats.layout
-    mib = lay.bytes_per_block / 2**20
-    lines = [f"=== KVCache Statistics (pool {pool}) ===", "Configuration:",
-             f"  Layers: {lay.num_layers}, Heads: {lay.num_kv_heads}, HeadDim: {lay.head_dim}",
-             f"  BlockSize: {lay.block_tokens}, TotalBlocks: {s.num_blocks}", "Allocation State:",
-             f"  Allocated sequences: {s.sequences}", f"  Total allocated: {s.blocks_used * mib:.2f} MB",
-             f"  Total free: {s.blocks_free * mib:.2f} MB", f"  Fragmentation: {s.fragmentation:.2f}",
-             f"  Tokens used/reserved/free: {s.tokens_used}/{s.tokens_reserved}/{s.tokens_free}", "Sequences:"]  # fmt: skip
-    for seq in response.sequences:
-        blocks = ", ".join(f"[{r.first_block}, +{r.count}]" for r in seq.runs)
-        pin = " pinned" if seq.pinned else ""
-        lines.append(f"  {seq.sequence_id}: {seq.tokens_used}/{seq.tokens_reserved} tokens, blocks {blocks}{pin}")
-    return "\n".join(lines)
 
 
 __all__ += ["format_block_map", "format_cache_stats"]

@@ -4,7 +4,9 @@ The same state and the same operations (``kvbroker_client.paged``'s plans), run 
 async driver: the methods that may call the broker are coroutines (``allocate_for``,
 ``append_token``, ``append_tokens``, ``free_for``, ``attach``, ``report``, ``pin``,
 ``unpin``, ``block_map``, ``stats``, ``dump_cache_stats``, ``dump_block_map``); views,
-block tables and slots are the sync pool's, unchanged. ``append_token`` still costs no
+block tables and slots are the sync pool's, unchanged. A sequence the broker moved is
+re-read by the next ``append_token``/``append_tokens``, or by ``await pool.refresh(seq)``;
+a view or block table of it before that raises ``SequenceMoved``. ``append_token`` still costs no
 RPC inside granted blocks; only the coroutine call is added (about a microsecond).
 
     pool = await client.paged_pool("llama")
@@ -19,7 +21,9 @@ from typing import Any
 
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker_client.errors import CacheExhausted, CacheNotFound
-from kvbroker_client.paged import DEFAULT_GRANT_TOKENS, PagedPool, Plan, Slot, _plan, format_block_map, format_cache_stats
+from kvbroker_client.paged import (
+    DEFAULT_GRANT_TOKENS, PagedPool, Plan, SequenceMoved, Slot, _plan, format_block_map, format_cache_stats,
+)
 
 __all__ = ["AsyncPagedPool"]
 
@@ -43,13 +47,13 @@ class AsyncPagedPool(PagedPool):
 
     async def append_token(self, seq_id: str) -> Slot:  # type: ignore[override]
         """Like ``PagedPool.append_token``."""
-        seq = self._seqs.get(seq_id) or self._missing(seq_id)
+        seq = self._seqs.get(seq_id) or await self._current(seq_id)
         if seq.used >= len(seq.table) * self.layout.block_tokens:
             await self._arun(self._grow(seq_id, seq, seq.used + 1))
         return self._slots(seq, 1)[0]
 
     async def append_tokens(self, seq_id: str, n: int) -> list[Slot]:  # type: ignore[override]
-        seq = self._seqs.get(seq_id) or self._missing(seq_id)
+        seq = self._seqs.get(seq_id) or await self._current(seq_id)
         if n > 0 and seq.used + n > len(seq.table) * self.layout.block_tokens:
             await self._arun(self._grow(seq_id, seq, seq.used + n))
         return self._slots(seq, max(0, n))
@@ -80,6 +84,21 @@ class AsyncPagedPool(PagedPool):
 
     async def dump_block_map(self) -> str:  # type: ignore[override]
         return format_block_map(await self.block_map())
+
+    async def refresh(self, seq_id: str) -> None:
+        """Re-read a sequence's block table after the broker moved it (a no-op otherwise)."""
+        if seq_id in self._moved:
+            await self._arun(self._refreshed(seq_id))
+
+    async def _current(self, seq_id: str) -> Any:
+        if seq_id in self._moved:
+            return await self._arun(self._refreshed(seq_id))
+        return self._gone(seq_id)
+
+    def _missing(self, seq_id: str) -> Any:
+        if seq_id in self._moved:
+            raise SequenceMoved(f"sequence {seq_id!r} was moved by the broker: await pool.refresh({seq_id!r}) first")
+        return self._gone(seq_id)
 
     async def _arun(self, plan: Plan) -> Any:
         try:

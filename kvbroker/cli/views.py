@@ -105,7 +105,9 @@ def render_methods(methods: Sequence[pb.MethodStats]) -> str:
 def render_defrag(result: pb.DefragmentResponse) -> str:
     """The ``kvbroker defrag`` text: what moved (or would), the fragmentation a
     compaction fixes (within segments) apart from what it cannot (across segments), and
-    the moves themselves."""
+    the moves themselves. A paged pool's defragment has its own text (``render_paged_defrag``)."""
+    if result.paged:
+        return render_paged_defrag(result)
     noun = "cache" if result.caches_moved == 1 else "caches"
     segs = "segment" if result.segments_freed == 1 else "segments"
     verb, freed = ("would move", "would be freed") if result.dry_run else ("moved", "freed")
@@ -132,6 +134,24 @@ def render_defrag(result: pb.DefragmentResponse) -> str:
         lines += ["", render_table(("CACHE", "POOL", "DEVICE", "BYTES", "FROM (seg:offset)", "TO"), rows, "lllrll")]
         if result.moves_total > len(result.moves):
             lines.append(f"(first {len(result.moves)} of {result.moves_total} moves)")
+    return "\n".join(lines)
+
+
+def render_paged_defrag(result: pb.DefragmentResponse) -> str:
+    """``kvbroker defrag --pool P`` of a paged pool: sequences moved, block copies, the
+    arena's fragmentation, and the copies (sequence, from block, to block)."""
+    noun = "sequence" if result.caches_moved == 1 else "sequences"
+    verb = "dry run: would move" if result.dry_run else "moved"
+    lines = [
+        f"{verb} {result.caches_moved} {noun} into one run each: {result.moves_total} block copies "
+        f"({format_bytes(result.bytes_moved)}); took {result.duration_seconds * 1000:.1f} ms",
+        f"block fragmentation  {format_ratio(result.fragmentation_before)} -> {format_ratio(result.fragmentation_after)}",
+    ]
+    if result.block_moves:
+        rows = [[m.sequence_id, str(m.from_block), str(m.to_block)] for m in result.block_moves]
+        lines += ["", render_table(("SEQUENCE", "FROM BLOCK", "TO BLOCK"), rows, "lrr")]
+        if result.moves_total > len(result.block_moves):
+            lines.append(f"(first {len(result.block_moves)} of {result.moves_total} block copies)")
     return "\n".join(lines)
 
 

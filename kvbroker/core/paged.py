@@ -310,6 +310,31 @@ class PagedArena:
         self._events.append(SequenceEvent("evicted", seq_id, frozenset(seq.holders), seq.epoch + 1, reason))
         return view
 
+    def relocate(self, runs_before: dict[str, tuple], runs_after: dict[str, tuple], reason: str) -> list[str]:
+        """Commit a defragmentation (``kvbroker.core.paged_defrag``) whose bytes were
+        copied: each sequence still holding ``runs_before`` (unpinned) gets
+        ``runs_after``, a new epoch and a ``moved`` event for its holders; one freed or
+        pinned meanwhile is skipped (its target blocks stay free). Returns the moved ids."""
+        moved = []
+        for seq_id, before in runs_before.items():
+            seq = self._sequences.get(seq_id)
+            if seq is None or seq.pinned or tuple(seq.runs) != tuple(before):
+                continue
+            seq.runs = [tuple(run) for run in runs_after[seq_id]]
+            seq.epoch += 1
+            moved.append(seq_id)
+            self._events.append(SequenceEvent("moved", seq_id, frozenset(seq.holders), seq.epoch, reason))
+        self._starts, self._free = [], {}
+        self._give_back(sorted(self._unheld_runs()))
+        return moved
+
+    def _unheld_runs(self) -> list[tuple[int, int]]:
+        held = [False] * self.num_blocks
+        for seq in self._sequences.values():
+            for start, count in seq.runs:
+                held[start:start + count] = [True] * count
+        return [(b, 1) for b, h in enumerate(held) if not h]
+
     def victims(self, blocks: int, priority: int) -> list[str]:
         """Unpinned sequences of a priority below ``priority``, least recently used
         first (lowest priority first), whose blocks with the free ones make ``blocks``;

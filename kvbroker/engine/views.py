@@ -50,6 +50,8 @@ class DefragmentResult:
     segments_freed_bytes: int = 0
     moves: tuple[MoveView, ...] = ()
     moves_total: int = 0
+    paged: bool = False  # a paged pool's blocks: caches are sequences, block_moves the copies
+    block_moves: tuple[tuple[str, int, int], ...] = ()  # (sequence, from block, to block)
 
 
 class SessionView(NamedTuple):

@@ -389,6 +389,8 @@ def defragment_message(result: DefragmentResult) -> pb.DefragmentResponse:
             for m in result.moves
         ],
         moves_total=result.moves_total,
+        paged=result.paged,
+        block_moves=[pb.PagedBlockMove(sequence_id=s, from_block=f, to_block=t) for s, f, t in result.block_moves],
     )
 
 

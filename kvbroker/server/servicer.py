@@ -186,6 +186,9 @@ class CacheBrokerServicer(PagedService, broker_pb2_grpc.CacheBrokerServicer):
     async def Defragment(self, request: pb.DefragmentRequest, context) -> pb.DefragmentResponse:
         caller = await self._gate.caller(context)
         self._gate.operator(caller, Action.DEFRAGMENT)
+        if self._paged is not None and request.pool in self._paged.specs:  # a paged pool: its blocks
+            result = await self._paged.defragment(request.pool, dry_run=request.dry_run)
+            return convert.defragment_message(result)
         result = await self._engine.defragment(
             device=request.device or None, pool=request.pool or None, dry_run=request.dry_run,
             target_bytes=request.target_bytes or None,

@@ -470,7 +470,7 @@ class PlannedMove(_message.Message):
     def __init__(self, cache_id: _Optional[str] = ..., pool: _Optional[str] = ..., device: _Optional[str] = ..., nbytes: _Optional[int] = ..., from_segment_id: _Optional[int] = ..., from_offset: _Optional[int] = ..., to_segment_id: _Optional[int] = ..., to_offset: _Optional[int] = ...) -> None: ...
 
 class DefragmentResponse(_message.Message):
-    __slots__ = ("caches_moved", "bytes_moved", "fragmentation_before", "fragmentation_after", "segments_freed", "duration_seconds", "dry_run", "fragmentation_within_segments_before", "fragmentation_within_segments_after", "fragmentation_across_segments_before", "fragmentation_across_segments_after", "free_bytes_in_segments", "largest_free_extent_before_bytes", "largest_free_extent_after_bytes", "segments_freed_bytes", "moves", "moves_total")
+    __slots__ = ("caches_moved", "bytes_moved", "fragmentation_before", "fragmentation_after", "segments_freed", "duration_seconds", "dry_run", "fragmentation_within_segments_before", "fragmentation_within_segments_after", "fragmentation_across_segments_before", "fragmentation_across_segments_after", "free_bytes_in_segments", "largest_free_extent_before_bytes", "largest_free_extent_after_bytes", "segments_freed_bytes", "moves", "moves_total", "paged", "block_moves")
     CACHES_MOVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
     FRAGMENTATION_BEFORE_FIELD_NUMBER: _ClassVar[int]
@@ -488,6 +488,8 @@ class DefragmentResponse(_message.Message):
     SEGMENTS_FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MOVES_FIELD_NUMBER: _ClassVar[int]
     MOVES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PAGED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_MOVES_FIELD_NUMBER: _ClassVar[int]
     caches_moved: int
     bytes_moved: int
     fragmentation_before: float
@@ -505,7 +507,9 @@ class DefragmentResponse(_message.Message):
     segments_freed_bytes: int
     moves: _containers.RepeatedCompositeFieldContainer[PlannedMove]
     moves_total: int
-    def __init__(self, caches_moved: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., fragmentation_before: _Optional[float] = ..., fragmentation_after: _Optional[float] = ..., segments_freed: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., dry_run: _Optional[bool] = ..., fragmentation_within_segments_before: _Optional[float] = ..., fragmentation_within_segments_after: _Optional[float] = ..., fragmentation_across_segments_before: _Optional[float] = ..., fragmentation_across_segments_after: _Optional[float] = ..., free_bytes_in_segments: _Optional[int] = ..., largest_free_extent_before_bytes: _Optional[int] = ..., largest_free_extent_after_bytes: _Optional[int] = ..., segments_freed_bytes: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[PlannedMove, _Mapping]]] = ..., moves_total: _Optional[int] = ...) -> None: ...
+    paged: bool
+    block_moves: _containers.RepeatedCompositeFieldContainer[PagedBlockMove]
+    def __init__(self, caches_moved: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., fragmentation_before: _Optional[float] = ..., fragmentation_after: _Optional[float] = ..., segments_freed: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., dry_run: _Optional[bool] = ..., fragmentation_within_segments_before: _Optional[float] = ..., fragmentation_within_segments_after: _Optional[float] = ..., fragmentation_across_segments_before: _Optional[float] = ..., fragmentation_across_segments_after: _Optional[float] = ..., free_bytes_in_segments: _Optional[int] = ..., largest_free_extent_before_bytes: _Optional[int] = ..., largest_free_extent_after_bytes: _Optional[int] = ..., segments_freed_bytes: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[PlannedMove, _Mapping]]] = ..., moves_total: _Optional[int] = ..., paged: _Optional[bool] = ..., block_moves: _Optional[_Iterable[_Union[PagedBlockMove, _Mapping]]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("session_id", "client_name", "pid", "host")
@@ -922,3 +926,13 @@ class BlockMapResponse(_message.Message):
     block_map: str
     sequences: _containers.RepeatedCompositeFieldContainer[Sequence]
     def __init__(self, stats: _Optional[_Union[PagedPoolStats, _Mapping]] = ..., block_map: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ...) -> None: ...
+
+class PagedBlockMove(_message.Message):
+    __slots__ = ("sequence_id", "from_block", "to_block")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    TO_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: str
+    from_block: int
+    to_block: int
+    def __init__(self, sequence_id: _Optional[str] = ..., from_block: _Optional[int] = ..., to_block: _Optional[int] = ...) -> None: ...

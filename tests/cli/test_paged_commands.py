@@ -96,3 +96,17 @@ def test_metrics_carry_the_paged_pool_figures(daemon, sequences):
         assert line in lines, line
     frag = next(line for line in lines if line.startswith('kvbroker_paged_pool_fragmentation_ratio{pool="kv"}'))
     assert abs(float(frag.split()[-1]) - (1 - 107 / 123)) < 1e-9
+
+
+def test_defrag_of_a_paged_pool_moves_unpinned_sequences_into_runs_around_pinned_ones(daemon, sequences):
+    planned = kvbroker(daemon.target, "defrag", "--pool", "kv", "--dry-run").stdout
+    assert planned.startswith("dry run: would move 1 sequence into one run each: 2 block copies (1.00 KiB)"), planned  # 512 B a block
+    assert "block fragmentation  13.0% -> 11.4%" in planned  # 1 - 107/123, then 1 - 109/123
+    assert [line.split() for line in planned.splitlines() if line.startswith("req_003")] == [
+        ["req_003", "19", "0"], ["req_003", "20", "1"]]
+    reply = json.loads(kvbroker(daemon.target, "defrag", "--pool", "kv", "--json").stdout)
+    assert reply["paged"] is True and reply["caches_moved"] == 1
+    lines = kvbroker(daemon.target, "blocks", "--pool", "kv").stdout.splitlines()
+    assert "  req_003: 8/8 tokens, blocks [0, +2]" in lines  # moved to the hole's start
+    assert "  req_002: 10/12 tokens, blocks [16, +3] pinned" in lines  # pinned: where it was
+    assert sequences.block_table("req_003") == [0, 1]  # the MOVED event re-read the table (or it is re-read now)

@@ -238,3 +238,16 @@ def test_stats_split_fragmentation_into_what_compaction_fixes_and_what_it_cannot
     rows = {line.split()[1]: line.split()[2:] for line in text.splitlines()[text.splitlines().index(header) + 1:]
             if line.startswith(("device", "pool"))}
     assert rows == {"host": ["50.0%", "20.0%", "30.0%"], "p": ["25.0%", "25.0%", "0.0%"]}
+
+
+def test_defrag_of_a_paged_pool_lists_block_copies():
+    from kvbroker.cli.views import render_defrag
+
+    result = pb.DefragmentResponse(
+        caches_moved=1, bytes_moved=4096, fragmentation_before=0.5, fragmentation_after=0.0, paged=True,
+        moves_total=3, block_moves=[pb.PagedBlockMove(sequence_id="s", from_block=5, to_block=1)],
+    )  # fmt: skip
+    text = render_defrag(result)
+    assert text.startswith("moved 1 sequence into one run each: 3 block copies (4.00 KiB)")
+    assert "block fragmentation  50.0% -> 0.0%" in text and "(first 1 of 3 block copies)" in text
+    assert ["s", "5", "1"] in [line.split() for line in text.splitlines()]

@@ -9,6 +9,11 @@ sequence's blocks never change (an extension only appends to its block table), e
 appended token's slot lies inside its sequence's blocks, and every slot written is owned
 by exactly that sequence (no two live tokens share a slot). Refusals are checked too:
 ``OutOfTokens`` only when the free blocks really are too few, carrying those figures.
+A defragment rule plans (``plan_defragment``), runs the block copies over a model of the
+blocks' contents and commits (``PagedArena.relocate``): every moved sequence's data ends
+in its new blocks in order, pinned sequences never move, only moved sequences get a
+``moved`` event, and without pinned sequences every sequence ends in one run with the
+free blocks in one run.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from kvbroker.core.errors import FailedPrecondition, InvalidArgument
 from kvbroker.core.paged import OutOfTokens, PagedArena
+from kvbroker.core.paged_defrag import plan_defragment
 
 BLOCK_TOKENS = 4
 NUM_BLOCKS = 24
@@ -158,6 +164,28 @@ class PagedMachine(RuleBasedStateMachine):
                 assert self.arena.get(seq).holders
         assert set(freed) <= held
 
+    @rule()
+    def defragment(self):
+        tables = {s: self.arena_table(s) for s in self.used}
+        content = {b: (s, i) for s, table in tables.items() for i, b in enumerate(table)}
+        plan = plan_defragment(self.arena)
+        assert not set(plan.runs_after) & set(self.pinned_table), "a pinned sequence is planned to move"
+        for copy in plan.copies:  # a copy reads what earlier copies left
+            content[copy.destination] = content.get(copy.source)
+        moved = self.arena.relocate(plan.runs_before, plan.runs_after, "defragment")
+        assert sorted(moved) == sorted(plan.runs_after)
+        assert sorted(e.seq_id for e in self.arena.drain_events() if e.kind == "moved") == sorted(moved)
+        for seq in self.used:
+            new = self.arena_table(seq)
+            assert len(new) == len(tables[seq])
+            for i, b in enumerate(new):
+                assert content[b] == (seq, i), f"block {i} of {seq} lost its data"
+            bt = BLOCK_TOKENS
+            self.slots[seq] = [new[tables[seq].index(slot // bt)] * bt + slot % bt for slot in self.slots[seq]]
+        if not self.pinned_table and self.arena.free_blocks:
+            assert all(len(self.arena.get(s).runs) <= 1 for s in self.used), "a sequence left in several runs"
+            assert len(self.arena.free_runs()) == 1 and self.arena.stats().fragmentation == 0.0
+
     @invariant()
     def consistent(self):
         self.arena.check()
@@ -179,7 +207,7 @@ class PagedMachine(RuleBasedStateMachine):
             assert self.arena_table(seq)[: len(table)] == table, "a pinned sequence's blocks changed"
 
 
-PagedMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+PagedMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 TestPagedMachine = PagedMachine.TestCase
 
 

@@ -57,6 +57,10 @@ def run(pool, op: str, c: dict):
         return {"ok": ok, "used": used, "contiguous": pool.is_contiguous(seq)}
     if op == "evicted":
         return pool.evicted(c["seq"])
+    if op == "moved":  # a MOVED event arrived and the table is not re-read yet
+        return pool.moved(c["seq"])
+    if op == "table":  # re-reads a moved sequence's table first
+        return pool.block_table(c["seq"])
     if op == "pin":
         pool.pin(c["seq"], c.get("pinned", True))
         return True

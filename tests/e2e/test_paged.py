@@ -4,7 +4,8 @@ with its own session and its own mapping of the arena, against a real daemon.
 Worker A writes K/V token by token through the per-layer tensors; worker B attaches the
 sequence and reads the same bytes through its own mapping; an eviction is seen by both
 (EVICTED with the sequence id on their Watch streams); a pinned sequence is never
-evicted; the three OOM strategies; a killed worker's sequences go back to the pool.
+evicted; a defragment moves a split sequence into one run, both holders see MOVED and
+read the same bytes at the new blocks, and a pinned sequence stays put; the three OOM strategies; a killed worker's sequences go back to the pool.
 """
 
 from __future__ import annotations
@@ -154,6 +155,47 @@ def test_an_eviction_is_seen_by_both_holders_and_a_pinned_sequence_is_not_evicte
     assert "evicted sequence low" in daemon.log()
 
 
+def defragment(daemon, dry_run: bool = False) -> pb.DefragmentResponse:
+    with grpc.insecure_channel(daemon.target) as channel:
+        return broker_pb2_grpc.CacheBrokerStub(channel).Defragment(pb.DefragmentRequest(pool="kv", dry_run=dry_run))
+
+
+def test_a_defragment_joins_a_split_sequence_and_both_holders_see_it_moved(daemon, workers):
+    a, b = workers(grant_tokens=0), workers(grant_tokens=0)
+    a("allocate", seq="s", prompt=0, max_tokens=200)
+    a("write", seq="s", salt=5, tokens=8)  # blocks for 8 tokens
+    b("allocate", seq="p", prompt=8, pinned=True)  # pinned, right after s
+    b("allocate", seq="gap", prompt=8)
+    split = a("write", seq="s", salt=5, tokens=12)["table"]  # s grows past p and gap: several runs
+    b("free", seq="gap")
+    assert split != list(range(split[0], split[0] + len(split))), split
+    b("attach", seq="s")
+    assert b("check", seq="s", salt=5) == {"ok": True, "used": 20, "contiguous": False}
+    before = {s.sequence_id: [(r.first_block, r.count) for r in s.runs] for s in block_map(daemon).sequences}
+
+    planned = defragment(daemon, dry_run=True)
+    assert planned.dry_run and planned.caches_moved == 1 and planned.block_moves[0].sequence_id == "s"
+    runs_now = {s.sequence_id: [(r.first_block, r.count) for r in s.runs] for s in block_map(daemon).sequences}
+    assert runs_now == before and not a("moved", seq="s")  # a dry run moves nothing
+    result = defragment(daemon)
+    # p (pinned) keeps its blocks: s moves past it, the two blocks before p stay free
+    assert result.caches_moved == 1 and result.fragmentation_after <= result.fragmentation_before, result
+    assert result.paged and {m.sequence_id for m in result.block_moves} == {"s"} and not result.moves
+
+    wait_until(lambda: a("moved", seq="s") and b("moved", seq="s"), 20.0, "both holders get MOVED for s")
+    after = {s.sequence_id: [(r.first_block, r.count) for r in s.runs] for s in block_map(daemon).sequences}
+    assert after["p"] == before["p"], "the pinned sequence moved"
+    assert len(after["s"]) == 1 and after["s"] != before["s"]
+    table = b("table", seq="s")
+    assert table == list(range(after["s"][0][0], after["s"][0][0] + after["s"][0][1]))
+    assert b("check", seq="s", salt=5) == {"ok": True, "used": 20, "contiguous": True}  # the same bytes, moved
+    assert a("check", seq="s", salt=5) == {"ok": True, "used": 20, "contiguous": True}
+    a("write", seq="s", salt=5, tokens=4)  # appends go to the new blocks
+    b("attach", seq="s")
+    assert b("check", seq="s", salt=5) == {"ok": True, "used": 24, "contiguous": True}
+    assert "paged pool kv: defragmented, 1 sequences moved" in daemon.log()
+
+
 def test_oom_strategies_reject_reduce_and_wait(daemon, workers):
     a, b = workers(), workers()
     a("allocate", seq="big", prompt=200)
@@ -263,5 +305,55 @@ def test_the_async_pool_allocates_appends_reads_and_frees(daemon, workers):
                 await pool.append_token("aio")
             assert await pool.free_for("aio") is False
             assert await asyncio.to_thread(w, "free", seq="vip") is True
+
+    asyncio.run(scenario())
+
+
+def test_the_async_pool_re_reads_a_moved_sequence(daemon, workers):
+    import asyncio
+
+    import torch
+
+    from kvbroker_client import AsyncBrokerClient, SequenceMoved
+    from tests.e2e.paged_worker import expected
+
+    async def scenario() -> None:
+        async with AsyncBrokerClient(daemon.target) as client:
+            pool = await client.paged_pool("kv", grant_tokens=0)
+            lay = pool.layout
+            w = await asyncio.to_thread(workers)
+            await pool.allocate_for("x", 0)
+
+            async def write(n: int) -> None:
+                for _ in range(n):
+                    where = await pool.append_token("x")
+                    t = pool.tokens_used("x") - 1
+                    for layer in range(lay.num_layers):
+                        flat = pool.layer(layer).view(2, -1, lay.num_kv_heads, lay.head_dim)
+                        for kv in (0, 1):
+                            flat[kv, where.slot] = expected(4, layer, kv, t + 1, lay.num_kv_heads, lay.head_dim)[t]
+
+            await write(4)
+            await asyncio.to_thread(w, "allocate", seq="y", prompt=4)  # the block right after x
+            await write(4)  # x's next block lies past y
+            await asyncio.to_thread(w, "free", seq="y")
+            assert not pool.is_contiguous("x")
+            result = await asyncio.to_thread(defragment, daemon)
+            assert result.caches_moved == 1
+            await asyncio.wait_for(_until(lambda: pool.moved("x")), 20)
+            with pytest.raises(SequenceMoved):
+                pool.k_view("x", 0)
+            await pool.refresh("x")
+            assert pool.is_contiguous("x") and pool.tokens_used("x") == 8
+            for layer in range(lay.num_layers):
+                assert torch.equal(pool.k_view("x", layer), expected(4, layer, 0, 8, lay.num_kv_heads, lay.head_dim))
+                assert torch.equal(pool.v_view("x", layer), expected(4, layer, 1, 8, lay.num_kv_heads, lay.head_dim))
+            await write(1)  # appends go on in the new run
+            assert pool.block_table("x") == list(range(pool.block_table("x")[0], pool.block_table("x")[0] + 3))
+            assert await pool.free_for("x") is True
+
+    async def _until(predicate) -> None:
+        while not predicate():
+            await asyncio.sleep(0.01)
 
     asyncio.run(scenario())
