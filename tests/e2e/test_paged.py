@@ -10,18 +10,15 @@ read the same bytes at the new blocks, and a pinned sequence stays put; the thre
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import sys
 
 import grpc
 import pytest
 
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
-from tests.support.daemon import ROOT, daemon_fixture
-from tests.support.wait import Lines, wait_until
+from tests.support.daemon import daemon_fixture
+from tests.support.driven import DrivenProcess, WorkerError
+from tests.support.wait import wait_until
 
 # 2 layers x (K, V) x 2 heads x 8 x float32 = 256 bytes a token; 4 tokens a block;
 # 64 blocks (256 tokens, 64 KiB) in the arena.
@@ -48,50 +45,11 @@ max_tokens = 256
 
 daemon = daemon_fixture(config=CONFIG)
 
-REPLY_TIMEOUT_S = 60.0
+class Worker(DrivenProcess):
+    """A paged-pool worker process (tests/e2e/paged_worker.py) with its own session."""
 
-
-class Worker:
     def __init__(self, target: str, grant_tokens: int = 16) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.e2e.paged_worker", target, "kv", str(grant_tokens)], cwd=ROOT, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        self.lines = Lines(self.process.stdout, "paged worker")
-        self.session_id = self.reply("its session id")
-
-    def send(self, op: str, **args) -> None:
-        self.process.stdin.write(json.dumps({"op": op, **args}) + "\n")
-        self.process.stdin.flush()
-
-    def reply(self, what: str):
-        line = self.lines.next(REPLY_TIMEOUT_S, what)
-        if not line:
-            self.process.kill()
-            raise AssertionError(f"worker died: {self.process.stderr.read()}")
-        answer = json.loads(line)
-        if "error" in answer:
-            raise WorkerError(answer["error"], answer["message"])
-        return answer["ok"]
-
-    def __call__(self, op: str, **args):
-        self.send(op, **args)
-        return self.reply(f"the reply to {op} {args}")
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            self.process.wait(timeout=30)
-
-
-class WorkerError(Exception):
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
+        super().__init__("tests.e2e.paged_worker", target, "kv", str(grant_tokens), name="paged worker")
 
 
 @pytest.fixture

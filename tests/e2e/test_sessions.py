@@ -5,7 +5,6 @@ idle memory moves from one pool to another."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,7 +20,8 @@ from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
 from kvbroker_client import AllocationTimeout, BrokerClient
 from tests.support.daemon import ROOT, daemon_fixture
-from tests.support.wait import Lines, holds_for, wait_until
+from tests.support.driven import DrivenProcess, WorkerError
+from tests.support.wait import holds_for, wait_until
 
 MiB = 1 << 20
 
@@ -55,50 +55,15 @@ gc_threshold = 1.0
 #: A fresh daemon per test: the tests end sessions, exhaust pools and time leases.
 daemon = daemon_fixture(config=CONFIG)
 
-#: Seconds an agent may take to answer one command (a cold one imports torch first).
-AGENT_REPLY_TIMEOUT_S = 60.0
-
-
-class Agent:
+class Agent(DrivenProcess):
     """A worker process with its own session, driven line by line (tests/e2e/agent.py)."""
 
     def __init__(self, target: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.e2e.agent", target], cwd=ROOT, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        self.lines = Lines(self.process.stdout, "agent")
-        self.session_id = self._reply("its session id")
-
-    def _reply(self, what: str):
-        line = self.lines.next(AGENT_REPLY_TIMEOUT_S, what)
-        if not line:
-            self.process.kill()
-            raise AssertionError(f"agent died: {self.process.stderr.read()}")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise AgentError(reply["error"], reply["message"])
-        return reply["ok"]
-
-    def __call__(self, op: str, **args):
-        self.process.stdin.write(json.dumps({"op": op, **args}) + "\n")
-        self.process.stdin.flush()
-        return self._reply(f"the reply to {op} {args}")
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            self.process.wait(timeout=20)
+        super().__init__("tests.e2e.agent", target, name="agent")
 
 
-class AgentError(Exception):
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
+#: The agent's failed command (its exception's class name in ``kind``).
+AgentError = WorkerError
 
 
 def stats(daemon) -> pb.StatsResponse:
