@@ -24,6 +24,7 @@ import pytest
 from kvbroker_client import BrokerClient, CacheLost, SessionLost
 from kvbroker_client.core import Phase
 from tests.support.daemon import ROOT, child_env
+from tests.support.wait import until
 
 from .daemon import MiB, Daemon, start_daemon, wait_until
 
@@ -227,18 +228,6 @@ def test_a_cache_the_background_reattach_did_not_find_stays_lost(tmp_path, sock)
         daemon.stop()
 
 
-async def _until(predicate, timeout: float, what: str) -> None:
-    """``wait_until`` for a coroutine: polls ``predicate`` while the loop runs the
-    client's session tasks; fails after ``timeout`` seconds."""
-    import asyncio
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 def test_an_asyncio_client_rides_through_a_restart_too(tmp_path, sock):
     """The asyncio transport: the same rules; ``tensor()`` cannot call, ``refresh()`` does.
     Daemons are stopped and started on the main thread (their death signal follows the
@@ -258,12 +247,12 @@ def test_an_asyncio_client_rides_through_a_restart_too(tmp_path, sock):
             old_view.fill_(9)
             old_instance = plain.handle.instance_id
             assert daemon.stop() == 0, daemon.log()
-            await _until(lambda: client.core.sessions_lost == 1, 15.0, "session lost")
+            await until(lambda: client.core.sessions_lost == 1, timeout=15.0, what="session lost")
             assert sorted({int(b) for b in old_view.unique()}) == [0]
             restarted.append(start_daemon(tmp_path / "second", socket_path=sock))
-            await _until(lambda: client.core.phase is Phase.OPEN and client.core.instance_id != old_instance,
-                         OPEN_TIMEOUT_S, "session open on the new daemon")  # fmt: skip
-            await _until(lambda: kept.evicted, 15.0, "the background re-attach found nothing")
+            await until(lambda: client.core.phase is Phase.OPEN and client.core.instance_id != old_instance,
+                        timeout=OPEN_TIMEOUT_S, what="session open on the new daemon")  # fmt: skip
+            await until(lambda: kept.evicted, timeout=15.0, what="the background re-attach found nothing")
             with pytest.raises(CacheLost, match="restarted without it"):
                 kept.tensor()  # no call from tensor()
             with pytest.raises(CacheLost, match="restarted without it"):

@@ -18,7 +18,7 @@ from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.v1 import broker_pb2_grpc
 from tests.support.daemon import daemon_fixture
 from tests.support.driven import DrivenProcess, WorkerError
-from tests.support.wait import wait_until
+from tests.support.wait import until, wait_until
 
 # 2 layers x (K, V) x 2 heads x 8 x float32 = 256 bytes a token; 4 tokens a block;
 # 64 blocks (256 tokens, 64 KiB) in the arena.
@@ -298,7 +298,7 @@ def test_the_async_pool_re_reads_a_moved_sequence(daemon, workers):
             assert not pool.is_contiguous("x")
             result = await asyncio.to_thread(defragment, daemon)
             assert result.caches_moved == 1
-            await asyncio.wait_for(_until(lambda: pool.moved("x")), 20)
+            await until(lambda: pool.moved("x"), timeout=20, what="the pool learns x moved", interval=0.01)
             with pytest.raises(SequenceMoved):
                 pool.k_view("x", 0)
             await pool.refresh("x")
@@ -309,9 +309,5 @@ def test_the_async_pool_re_reads_a_moved_sequence(daemon, workers):
             await write(1)  # appends go on in the new run
             assert pool.block_table("x") == list(range(pool.block_table("x")[0], pool.block_table("x")[0] + 3))
             assert await pool.free_for("x") is True
-
-    async def _until(predicate) -> None:
-        while not predicate():
-            await asyncio.sleep(0.01)
 
     asyncio.run(scenario())

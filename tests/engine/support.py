@@ -9,7 +9,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -18,6 +17,7 @@ from kvbroker.core.audit import audit
 from kvbroker.engine import Engine, EngineSettings
 from kvbroker.memory.backend import CopyError
 from kvbroker.memory.host import HostMemory
+from tests.support.wait import until  # noqa: F401 - the engine tests' async poll, re-exported
 
 MiB = 1 << 20
 
@@ -118,15 +118,6 @@ def host_engine(
     broker = Broker([DeviceSpec("host", capacity, 4096)], pools, id_prefix=instance_id)
     memory = wrap(HostMemory(instance_id, shm_dir=shm_dir))
     return Engine(broker, {"host": memory}, instance_id, settings or EngineSettings(lease_seconds=60), observer)
-
-
-async def until(condition: Callable[[], bool], *, timeout: float = 10.0, what: str = "the condition") -> None:
-    """Poll ``condition`` on the loop (yielding between polls) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.001)
 
 
 async def steps(n: int) -> None:

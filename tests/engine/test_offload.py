@@ -17,7 +17,7 @@ from kvbroker.core.audit import audit
 from kvbroker.engine import Engine, EngineSettings
 from kvbroker.memory.host import HostMemory
 
-from .support import DoorMemory, MiB, private_shm_dir
+from .support import DoorMemory, MiB, private_shm_dir, steps
 from tests.support.segments import read_segment, write_segment
 
 
@@ -146,13 +146,6 @@ def test_a_disk_file_swapped_for_another_caches_is_never_restored(swap, caplog):
         asyncio.run(body(shm_dir, os.path.join(tmp, "offload")))
 
 
-async def _turns(n: int = 50) -> None:
-    """Let every ready task on the loop run ``n`` times (a check that something did not
-    happen meanwhile, not a wait for something to happen)."""
-    for _ in range(n):
-        await asyncio.sleep(0)
-
-
 @pytest.mark.parametrize("release", [False, True])
 def test_while_the_copy_out_runs_the_extent_stays_and_an_attach_waits(release):
     """The copy-out holds the extent: the allocation that pushed the cache out and an
@@ -174,7 +167,7 @@ def test_while_the_copy_out_runs_the_extent_stays_and_an_attach_waits(release):
             attaching = None
         else:
             attaching = asyncio.ensure_future(engine.attach(a.cache_id, "A"))
-        await _turns()
+        await steps(50)  # let every ready task run: a check that nothing happened meanwhile
         assert not pushing.done() and (attaching is None or not attaching.done())
         door.open()
         b, _ = await pushing

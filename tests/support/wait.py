@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import asyncio
 import time
 from collections.abc import Callable
 from typing import IO, Any, TypeVar
@@ -66,6 +67,18 @@ def wait_until(
             seen = f"; seen: {detail()}" if detail is not None else ""
             raise WaitTimeout(f"not met within {timeout:g} s: {what} (last value: {value!r}){seen}")
         time.sleep(min(interval, deadline - now))
+
+
+async def until(condition: Callable[[], object], *, timeout: float = 10.0, what: str = "the condition",
+                interval: float = 0.001) -> None:
+    """``wait_until`` on an event loop: poll ``condition`` (yielding to the loop's other
+    tasks between polls, so the client's session tasks run) until it holds; raises
+    ``WaitTimeout`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"not met within {timeout:g} s: {what}")
+        await asyncio.sleep(interval)
 
 
 def holds_for(
