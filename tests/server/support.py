@@ -16,7 +16,7 @@ from kvbroker.engine import Engine, EngineSettings
 from kvbroker.server.app import create_server
 from kvbroker.v1 import broker_pb2_grpc
 from kvbroker.wire import SESSION_ID_KEY, SESSION_SECRET_KEY
-from tests.engine.support import MiB, host_engine
+from tests.engine.support import MiB, host_engine, private_shm_dir
 
 POOLS = (
     PoolSpec("p", ("host",), block_bytes=MiB, segment_bytes=8 * MiB, gc_threshold=1.0),
@@ -50,6 +50,17 @@ async def serving(
         await channel.close()
         await server.stop(0)
         await engine.close()
+
+
+def run(body, **options) -> None:
+    """Run ``await body(served)`` against a server and engine of its own (``serving``'s
+    options), in a private shm directory, on a fresh event loop."""
+    with private_shm_dir() as shm_dir:
+        async def main():
+            async with serving(shm_dir, **options) as served:
+                await body(served)
+
+        asyncio.run(main())
 
 
 def session(session_id: str) -> tuple[tuple[str, str], ...]:

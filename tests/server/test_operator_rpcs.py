@@ -10,20 +10,11 @@ import asyncio
 import grpc
 
 from kvbroker.v1 import broker_pb2 as pb
-from tests.engine.support import MiB, private_shm_dir
+from tests.engine.support import MiB
 
-from .support import expect, next_event, serving, session
+from .support import expect, next_event, run, session
 
 Code = grpc.StatusCode
-
-
-def run(body, **options):
-    with private_shm_dir() as shm_dir:
-        async def main():
-            async with serving(shm_dir, **options) as served:
-                await body(served)
-
-        asyncio.run(main())
 
 
 def test_evict_takes_the_pools_unpinned_caches_and_tells_their_holders():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import grpc
@@ -10,20 +9,11 @@ import grpc
 from kvbroker import __version__
 from kvbroker.core.errors import ResourceExhausted
 from kvbroker.v1 import broker_pb2 as pb
-from tests.engine.support import DoorMemory, MiB, private_shm_dir
+from tests.engine.support import DoorMemory, MiB
 
-from .support import expect, serving, session
+from .support import expect, run, session
 
 Code = grpc.StatusCode
-
-
-def run(body, **options):
-    with private_shm_dir() as shm_dir:
-        async def main():
-            async with serving(shm_dir, **options) as served:
-                await body(served)
-
-        asyncio.run(main())
 
 
 def test_allocate():

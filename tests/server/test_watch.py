@@ -3,7 +3,6 @@ delivery, and what ends a session (the stream, the lease, the broker stopping)."
 
 from __future__ import annotations
 
-import asyncio
 
 import grpc
 
@@ -11,9 +10,9 @@ from kvbroker.engine import EngineSettings
 from kvbroker.telemetry.observer import TelemetryObserver
 from kvbroker.telemetry.recorder import Recorder
 from kvbroker.v1 import broker_pb2 as pb
-from tests.engine.support import MiB, private_shm_dir, until
+from tests.engine.support import MiB, until
 
-from .support import expect, next_event, serving, session
+from .support import expect, next_event, run, session
 
 RECLAIMED = "kvbroker_sessions_reclaimed_total"
 
@@ -21,15 +20,6 @@ RECLAIMED = "kvbroker_sessions_reclaimed_total"
 def reclaimed(recorder) -> dict:
     """The session-end counts that moved (every known reason is exported from 0)."""
     return {reason: n for reason, n in recorder.snapshot().counters[RECLAIMED].items() if n}
-
-
-def run(body, **options):
-    with private_shm_dir() as shm_dir:
-        async def main():
-            async with serving(shm_dir, **options) as served:
-                await body(served)
-
-        asyncio.run(main())
 
 
 def test_a_stream_opens_its_session_and_carries_its_events():
