@@ -78,7 +78,7 @@ LAUNCHER = textwrap.dedent(
     import json, os, sys, tempfile
     from tests.support.daemon import start_daemon
     daemon = start_daemon(tempfile.mkdtemp(prefix="kvb-launcher-"))
-    print(json.dumps([daemon.pid, str(daemon.workdir), os.path.dirname(daemon.unix_socket)]), flush=True)
+    print(json.dumps([daemon.pid, str(daemon.workdir), os.path.dirname(daemon.unix_socket), daemon.shm_dir]), flush=True)
     sys.stdin.readline()  # blocks until the test kills this process
     """
 )
@@ -100,7 +100,7 @@ def test_a_daemon_dies_with_the_process_that_started_it():
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-        for path in left:  # nobody else cleans up after a killed launcher
+        for path in left:  # nobody else cleans up after a killed launcher (its private shm directory too)
             shutil.rmtree(path, ignore_errors=True)
 
 

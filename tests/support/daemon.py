@@ -118,6 +118,9 @@ class Daemon:
     metrics_url: str | None = None
     ready_seconds: float = float("nan")
     exit_code: int | None = None
+    #: This daemon's objects found in its private shm directory when it stopped (that
+    #: directory is removed then, whatever it held: a killed daemon leaves its segments).
+    left_behind: list[str] = field(default_factory=list)
     _cleanup: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
@@ -174,13 +177,11 @@ class Daemon:
         code = self.stop()
         if code != 0:
             raise DaemonError(f"the daemon (pid {self.pid}) exited with {code}; log tail:\n{self.log_tail()}")
-        left = self.shm_objects()
+        left = self.left_behind or self.shm_objects()
         if left:
             for name in left:  # garbage now; removed so that one failure does not pile up
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.shm_dir, name))
-            if os.path.basename(self.shm_dir).startswith(_PRIVATE_PREFIX):
-                _remove_if_empty(self.shm_dir)
             raise DaemonError(f"the daemon left shm objects behind in {self.shm_dir}: {left}")
 
     def describe(self) -> str:
@@ -384,7 +385,7 @@ def _start_once(
     resolved_shm = "/dev/shm"
     if shm_dir == PRIVATE_SHM:
         resolved_shm = tempfile.mkdtemp(prefix=_PRIVATE_PREFIX, dir="/dev/shm")
-        cleanup.append(lambda: _remove_if_empty(resolved_shm))
+        cleanup.append(lambda: _discard_private_shm(daemon))
         flags += ["--shm-dir", resolved_shm]
     elif shm_dir is not None:
         resolved_shm = str(shm_dir)
@@ -414,9 +415,12 @@ def _start_once(
     return daemon
 
 
-def _remove_if_empty(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.rmdir(path)  # fails when not empty: left for check_clean_exit to report
+def _discard_private_shm(daemon: Daemon) -> None:
+    """Remove a stopped daemon's private shm directory and whatever it holds (a killed
+    daemon leaves its segments and lock file: without this every such test leaked them
+    into /dev/shm for good), remembering this daemon's objects for ``check_clean_exit``."""
+    daemon.left_behind = daemon.shm_objects()
+    shutil.rmtree(daemon.shm_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
