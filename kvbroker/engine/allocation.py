@@ -97,8 +97,12 @@ class Allocator:
         """The event set when a PENDING cache is handed out or aborted (None: not pending)."""
         return self._pending.get(cache_id) if self._pending else None
 
-    async def allocate(self, request: AllocationRequest, wait_timeout_s: float) -> tuple[CacheInfo, CacheHandle]:
+    async def allocate(
+        self, request: AllocationRequest, wait_timeout_s: float, fill: Callable[[CacheInfo], Awaitable[None]] | None = None
+    ) -> tuple[CacheInfo, CacheHandle]:
         """Place, back and hand out one cache; wait up to ``wait_timeout_s`` for room.
+        With ``fill`` (a checkpoint's restore), the backing step fills the new extent
+        whole instead of zeroing it.
 
         Raises the core's errors, ``DeadlineExceeded`` when the wait runs out, and
         ``FailedPrecondition`` when the holder's session ended while the cache was being
@@ -109,7 +113,9 @@ class Allocator:
             if not err.satisfiable or wait_timeout_s <= 0:
                 raise
             result = await self._wait_and_place(request, wait_timeout_s, err)
-        return await self._back(result, request.holder)
+        if fill is not None:
+            result = result._replace(needs_zeroing=False)
+        return await self._back(result, request.holder, fill)
 
     async def restore(
         self, cache_id: str, request: AllocationRequest, fill: Callable[[CacheInfo], Awaitable[None]]
@@ -234,12 +240,13 @@ class Allocator:
     async def _device_work(
         self, result: AllocateResult, zero: bool, fill: Callable[[CacheInfo], Awaitable[None]] | None = None
     ) -> None:
-        """Create the new segment and/or zero (or ``fill``) the extent; on failure leave nothing."""
+        """Create the new segment and/or zero (or ``fill``) the extent; on failure leave
+        nothing. A segment made for a ``fill`` is not prefaulted: the fill writes it."""
         segment = result.new_segment
         if segment is not None:
             attributes = {"kvbroker.device": segment.device_id, "kvbroker.nbytes": segment.nbytes}
             with self._observer.span("segment_create", attributes):
-                await self._device.create(segment)
+                await self._device.create(segment, prefault=fill is None)
         if zero or fill is not None:
             try:
                 if fill is not None:

@@ -36,15 +36,16 @@ class DeviceWork:
     def memory(self, device_id: str) -> SegmentMemory:
         return self._memories[device_id]
 
-    async def create(self, segment: SegmentInfo) -> None:
-        """Create a segment and remember its handle. On failure the backend left
-        nothing behind (its ``create`` contract) and the error propagates."""
-        handle = await asyncio.to_thread(self._create, segment)
+    async def create(self, segment: SegmentInfo, *, prefault: bool = True) -> None:
+        """Create a segment (``prefault``: see ``SegmentMemory.create``) and remember its
+        handle. On failure the backend left nothing behind (its ``create`` contract) and
+        the error propagates."""
+        handle = await asyncio.to_thread(self._create, segment, prefault)
         self._handles.remember(segment, handle)
 
-    def _create(self, segment: SegmentInfo) -> SegmentHandle:
+    def _create(self, segment: SegmentInfo, prefault: bool) -> SegmentHandle:
         memory = self._memories[segment.device_id]
-        memory.create(segment)
+        memory.create(segment, prefault=prefault)
         try:
             return memory.handle(segment.segment_id)
         except BaseException:

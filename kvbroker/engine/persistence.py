@@ -24,9 +24,10 @@ of last access, so the policy's order among them is kept.
 shape, retain flag and priority through the normal placement (the daemon generates
 ids with a fresh per-run prefix, and the core never hands out an id that exists, so
 restored ids cannot collide with new ones), and its file read into it while it is
-hashed: on the host device straight into the segment's mapping (``HostMemory.mapped``:
-with direct I/O the disk writes the segment's pages, no CPU copy), on others through a
-host buffer and ``write_from``. Any mismatch rejects the whole generation: its caches are released by force and
+hashed, as the allocation's backing step (the extent is filled, not zeroed; on the host
+device a new segment is not prefaulted and ``write_from`` writes its pages through the
+object's file, so they are neither zeroed nor mapped by the daemon: about half the CPU
+of a restore into a prefaulted segment, see ``kvbroker.memory.host``). Any mismatch rejects the whole generation: its caches are released by force and
 the previous one is tried (logged, counted). Restored caches are held by the broker's
 ``~restored`` holder for ``restore_grace_seconds``, so that background reclamation does
 not take them before their clients re-attach; then the holder lets go: retained caches
@@ -97,7 +98,8 @@ class PersistenceObserver:
         pass
 
 
-Allocate = Callable[[AllocationRequest, float], Awaitable[tuple[CacheInfo, object]]]
+#: ``Allocator.allocate``: (request, wait seconds, fill) -> the backed cache and its handle.
+Allocate = Callable[[AllocationRequest, float, Callable[[CacheInfo], Awaitable[None]]], Awaitable[tuple[CacheInfo, object]]]
 
 
 class Persistence:
@@ -291,31 +293,26 @@ class Persistence:
             pool=meta.pool, nbytes=meta.nbytes, holder=RESTORE_HOLDER, cache_id=meta.cache_id,
             model_name=meta.model_name, priority=meta.priority, retain=meta.retain, dtype=meta.dtype, shape=meta.shape,
         )  # fmt: skip
+        path = os.path.join(generation.path, entry.file)
+
+        async def fill(placed: CacheInfo) -> None:
+            extent = placed.extents[0]
+            memory = self._device.memory(placed.device_id)
+
+            def sink(offset: int, piece: np.ndarray) -> None:
+                memory.write_from(extent.segment_id, extent.offset + offset, piece)
+
+            found = await asyncio.to_thread(read_cache_file, path, entry.size, entry.digest, sink)
+            if found != meta:
+                raise CorruptFile(f"{entry.file} belongs to cache {found.cache_id!r}, not to {meta.cache_id!r}")
+
         try:
-            info, _handle = await self._allocate(request, 0.0)
+            info, _handle = await self._allocate(request, 0.0, fill)
         except BrokerError as err:
             missing.append(f"{meta.cache_id}: {err}")
             log.error("cache %s of checkpoint generation %d not restored: %s", meta.cache_id, generation.number, err)
             return
         restored.append(info)
-        extent = info.extents[0]
-        memory = self._device.memory(info.device_id)
-        path = os.path.join(generation.path, entry.file)
-        mapped = getattr(memory, "mapped", None)  # the host device: read straight into the segment
-
-        def read() -> CacheMeta:
-            if mapped is not None:
-                with mapped(extent.segment_id, extent.offset, meta.nbytes) as view:
-                    return read_cache_file(path, entry.size, entry.digest, view)
-
-            def sink(offset: int, chunk: np.ndarray) -> None:
-                memory.write_from(extent.segment_id, extent.offset + offset, chunk)
-
-            return read_cache_file(path, entry.size, entry.digest, sink)
-
-        found = await asyncio.to_thread(read)
-        if found != meta:
-            raise CorruptFile(f"{entry.file} belongs to cache {found.cache_id!r}, not to {meta.cache_id!r}")
 
     async def _end_grace(self) -> None:
         await asyncio.sleep(self._grace)

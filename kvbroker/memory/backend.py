@@ -114,13 +114,16 @@ class SegmentMemory(Protocol):
     that a running ``copy`` reads.
     """
 
-    def create(self, segment: SegmentInfo) -> None:
-        """Reserve ``segment.nbytes``, zero-fill and prefault them.
+    def create(self, segment: SegmentInfo, *, prefault: bool = True) -> None:
+        """Reserve ``segment.nbytes``, zero-filled, and (``prefault``) fault them in.
 
         On failure it leaves nothing behind (what it made is unlinked or freed) and
         raises, so the caller only drops the segment from its own books. Cost:
         proportional to the size (every page is touched once), so the zero-fill never
-        lands on a client's first access.
+        lands on a client's first access. ``prefault=False`` is for a segment about to
+        be overwritten through ``write_from`` (a restore): a backend whose memory reads
+        as zeros untouched (host: tmpfs) then skips the touching, which the write would
+        make useless; one that must zero explicitly (CUDA) still does.
 
         Raises:
             ResourceExhausted: the device has no room (``satisfiable=False``).

@@ -9,7 +9,7 @@ Each segment is one file in the shm directory (``/dev/shm``, a tmpfs) named
 * the server maps it shared with ``mmap(2)`` and closes the descriptor at once (a mapping
   keeps the object alive; a broker with many segments must not hold a descriptor each),
   then prefaults every page, so the kernel's zero-fill happens once, at creation, and not
-  on a client's first write;
+  on a client's first write (except a segment a restore overwrites whole: ``write_from``);
 * ``free`` unlinks the name: new clients get ENOENT, mappings that exist stay valid, and
   the memory goes back when the last mapping goes.
 
@@ -156,12 +156,16 @@ class HostMemory:
             raise ValueError(f"segment object name {name!r} does not match {SHM_NAME_PATTERN.pattern}")
         return name
 
-    def create(self, segment: SegmentInfo) -> None:
-        """Create, reserve, map and prefault one segment. See ``SegmentMemory.create``.
+    def create(self, segment: SegmentInfo, *, prefault: bool = True) -> None:
+        """Create, reserve, map and (``prefault``) prefault one segment. See
+        ``SegmentMemory.create``.
 
         On failure nothing is left behind (the object is unlinked, the mapping removed).
-        Cost: ``posix_fallocate`` plus one write fault per page (about 0.2 + 0.4 s per GiB
-        with 4 KiB pages on a small VM); the table lock is not held meanwhile.
+        Cost: ``posix_fallocate`` plus one write fault per page (about 0.25 + 0.3 s per
+        GiB with 4 KiB pages on the project's 2-core VM); the table lock is not held
+        meanwhile. Without ``prefault`` only the first: tmpfs allocates the pages but
+        zeroes none of them until they are faulted (a read then sees zeros) or written
+        whole (``write_from``, which then never zeroes them at all).
 
         Raises:
             ResourceExhausted: no room in ``/dev/shm`` (or the memory cgroup), no file
@@ -179,7 +183,7 @@ class HostMemory:
                 raise ValueError(f"segment {segment.segment_id} already exists")
             self._creating.add(segment.segment_id)
         try:
-            created = self._create_segment(segment, name)
+            created = self._create_segment(segment, name, prefault)
         finally:
             with self._lock:
                 self._creating.discard(segment.segment_id)
@@ -190,7 +194,7 @@ class HostMemory:
         self._discard(created)  # closed while we were creating: do not leak the object
         raise ValueError("HostMemory was closed while the segment was being created")
 
-    def _create_segment(self, segment: SegmentInfo, name: str) -> _Segment:
+    def _create_segment(self, segment: SegmentInfo, name: str, prefault: bool) -> _Segment:
         path = os.path.join(self._shm_dir, name)
         try:
             fd = os.open(path, _CREATE_FLAGS, 0o600)
@@ -225,7 +229,8 @@ class HostMemory:
             finally:
                 os.close(fd)  # the mapping keeps the object; no descriptor per segment
             try:
-                shm.populate(address, segment.nbytes)
+                if prefault:
+                    shm.populate(address, segment.nbytes)
             except OSError as err:
                 if err.errno in (errno.ENOMEM, errno.EFAULT):
                     raise self._exhausted(segment, err, _SHM_ADVICE) from err
@@ -402,26 +407,29 @@ class HostMemory:
                 ctypes.memmove(out.ctypes.data, seg.address + offset, out.nbytes)
 
     def write_from(self, segment_id: int, offset: int, data: Any) -> None:
-        """Copy ``data`` into a segment (``ByteAccess``): one memmove, GIL released."""
+        """Copy ``data`` into a segment (``ByteAccess``) through the object's file
+        (``pwrite``), not the server's mapping: a page the server never touched (a
+        segment created without ``prefault``) is then neither zeroed first, since tmpfs
+        skips that for a page a write covers whole, nor mapped into the server. Cost: an
+        open and a kernel copy, GIL released; the pages' mapping is left to the clients.
+
+        Raises ``OSError`` (``ESTALE``) if the name no longer leads to the segment.
+        """
         with self._using((segment_id,)) as segments:
             seg = segments[segment_id]
             check_range(segment_id, seg.info.nbytes, offset, data.nbytes)
-            if data.nbytes:
-                ctypes.memmove(seg.address + offset, data.ctypes.data, data.nbytes)
-
-    @contextmanager
-    def mapped(self, segment_id: int, offset: int, nbytes: int) -> Iterator[memoryview]:
-        """A writable view of a byte range of the server's own mapping, valid inside the
-        ``with`` (the segment is marked in use, so ``free`` waits). For I/O straight into
-        or out of a segment (a checkpoint's file read into it: no staging copy)."""
-        with self._using((segment_id,)) as segments:
-            seg = segments[segment_id]
-            check_range(segment_id, seg.info.nbytes, offset, nbytes)
-            view = memoryview((ctypes.c_ubyte * nbytes).from_address(seg.address + offset)).cast("B")
+            if not data.nbytes:
+                return
+            view = memoryview(data).cast("B")
+            fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
-                yield view
+                if os.fstat(fd).st_ino != seg.handle.st_ino:
+                    raise OSError(errno.ESTALE, "the segment's name leads to another object", seg.path)
+                while view.nbytes:
+                    written = os.pwrite(fd, view, offset)
+                    view, offset = view[written:], offset + written
             finally:
-                view.release()
+                os.close(fd)
 
     def _get(self, segment_id: int) -> _Segment:
         try:

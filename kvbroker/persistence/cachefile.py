@@ -16,15 +16,22 @@ when the buffer is page-aligned (``directio``), then fsync'd; its chunks are has
 every core meanwhile, from the same buffer, so the digest covers exactly the file's
 bytes without reading them back. Any safetensors reader reads the file
 (``safetensors.safe_open`` checks every header here). Reading (``read_cache_file``):
-the header is parsed and checked by ``safetensors.safe_open``; the data is read either
-straight into a destination buffer (a host segment's mapping: no copy by the CPU at all
-with direct I/O, several chunks in flight) or in chunks handed to a sink (a device
-segment), each chunk hashed as soon as it is read. The caller must discard what the
-destination or sink got when this raises.
+the header is parsed and checked by ``safetensors.safe_open``; the data is read through
+the page cache with sequential read-ahead, ``PIECE_BYTES`` at a time, each piece hashed
+and handed to the destination (a callable sink, or a buffer it is copied into) while it
+is still in the CPU's cache; ``READERS`` threads read contiguous runs of chunks at once,
+and the pages read are dropped from the page cache behind them. The caller must discard
+what the destination got when this raises.
+
+Why reads do not bypass the page cache as writes do: measured on the project's 2-core VM
+(1 GiB in 16 files, page cache dropped, 3 rounds each), direct reads stayed at 0.85-0.95
+GiB/s whatever the depth (1 to 8 threads, 1 to 16 MiB requests) while a plain buffered
+read ran at 0.8-1.5 GiB/s; read, hash and copy out by 1 MiB pieces on two threads took
+0.69-0.86 s per GiB against a plain read's 0.66-1.2 s in the same runs.
 
 Cost: write = one sequential direct write + fsync, overlapped with one hash pass over
-memory; read = one sequential direct read, overlapped with one hash pass (plus one copy
-into a sink's device).
+memory; read = one sequential buffered read (one kernel copy), one hash pass and one copy
+into the destination, per piece.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import json
 import os
 import struct
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +50,6 @@ from kvbroker.persistence.digests import (
     CHUNK_BYTES,
     DEFAULT_ALGORITHM,
     ChunkedDigest,
-    chunk_digest,
     file_digest,
     new_hash,
     parse_file_digest,
@@ -56,9 +62,15 @@ __all__ = [
 
 FORMAT = "kvbroker-cache/1"
 TENSOR = "bytes"
-#: Threads hashing chunks (and reading them into a destination): every core, at least
-#: two (the digests release the GIL).
+#: Threads hashing chunks of a file being written: every core, at least two (the digests
+#: release the GIL).
 HASH_THREADS = max(2, os.cpu_count() or 2)
+#: Threads reading one file, each over its own contiguous run of chunks (read, hash and
+#: copy out all release the GIL).
+READERS = HASH_THREADS
+#: What one reader reads, hashes and hands on at a time: small enough to stay in the
+#: CPU's cache from the read to the copy out (1 MiB measured best of 1, 2, 4, 16 MiB).
+PIECE_BYTES = 1 << 20
 
 
 class CorruptFile(Exception):
@@ -162,8 +174,9 @@ def write_cache_file(path: str, meta: CacheMeta, data: np.ndarray) -> tuple[int,
         return size, file_digest(algorithm, new_hash(algorithm, header).hexdigest(), data_digest.hexdigest())
 
 
-#: Where ``read_cache_file`` puts the data: a callable ``sink(offset, chunk)`` given each
-#: chunk in turn, or a writable buffer of exactly the cache's size read straight into.
+#: Where ``read_cache_file`` puts the data: a callable ``sink(offset, piece)`` given
+#: every piece once, from ``READERS`` threads at once (so it must be thread-safe), or a
+#: writable buffer of exactly the cache's size that the pieces are copied into.
 Destination = Callable[[int, np.ndarray], None] | np.ndarray | memoryview
 
 
@@ -199,50 +212,70 @@ def read_cache_file(path: str, size: int, digest_hex: str, sink: Destination) ->
         header = raw + f.read(header_len)
     if size != len(header) + meta.nbytes:  # safe_open allows neither, but say which
         raise CorruptFile(f"{name}: {size} bytes for a {len(header)}-byte header and {meta.nbytes} data bytes")
-    with DirectFile(path, os.O_RDONLY) as f, ThreadPoolExecutor(HASH_THREADS) as pool:
-        data_digest = ChunkedDigest(pool, algorithm)
-        if callable(sink):
-            _read_to_sink(f, len(header), meta.nbytes, sink, data_digest, name)
-        else:
-            _read_into(f, len(header), meta.nbytes, memoryview(sink).cast("B"), pool, data_digest, name)
-        found = data_digest.hexdigest()
-    if new_hash(algorithm, header).hexdigest() != head_hex or found != data_hex:
+    if not callable(sink):
+        sink = _copier_into(memoryview(sink).cast("B"), meta.nbytes, name)
+    chunks = _read_chunks(path, len(header), meta.nbytes, sink, algorithm, name)
+    top = new_hash(algorithm)
+    for part in chunks:
+        top.update(part)
+    if new_hash(algorithm, header).hexdigest() != head_hex or top.hexdigest() != data_hex:
         raise CorruptFile(f"{name}: {algorithm} digest differs from the manifest's")
     return meta
 
 
-def _read_into(f: DirectFile, data_offset: int, nbytes: int, out: memoryview, pool: ThreadPoolExecutor,
-               data_digest: ChunkedDigest, name: str) -> None:  # fmt: skip
-    """Read the data straight into ``out``, one task per chunk (read, then hash it), so
-    the pool's threads keep several reads in flight; no buffer is reused, so no chunk
-    waits for another's hash."""
+def _copier_into(out: memoryview, nbytes: int, name: str) -> Callable[[int, np.ndarray], None]:
     if out.nbytes != nbytes:
         raise ValueError(f"{name}: the destination holds {out.nbytes} bytes, the file {nbytes}")
+    target = np.frombuffer(out, dtype=np.uint8)
 
-    def read_and_hash(start: int) -> bytes:
-        chunk = out[start : start + CHUNK_BYTES]
-        if f.read_into(data_offset + start, chunk) != chunk.nbytes:
-            raise CorruptFile(f"{name}: ends inside the data chunk at {start} of {nbytes} bytes")
-        return chunk_digest(data_digest.algorithm, chunk)
+    def copy(offset: int, piece: np.ndarray) -> None:
+        target[offset : offset + piece.nbytes] = piece
 
-    for start in range(0, nbytes, CHUNK_BYTES):
-        data_digest.add_digest(pool.submit(read_and_hash, start))
+    return copy
 
 
-def _read_to_sink(f: DirectFile, data_offset: int, nbytes: int, sink: Callable[[int, np.ndarray], None],
-                  data_digest: ChunkedDigest, name: str) -> None:  # fmt: skip
-    """Read chunk after chunk into a ring of aligned buffers, hand each to ``sink`` on
-    this thread while the pool hashes it (a buffer is reused once its chunk is hashed)."""
-    ring = [aligned_buffer(min(CHUNK_BYTES, max(nbytes, 1))) for _ in range(HASH_THREADS + 1)]
-    busy: list[Future[bytes] | None] = [None] * len(ring)
-    offset, turn = 0, 0
-    while offset < nbytes:
-        if busy[turn] is not None:
-            busy[turn].result()
-        chunk = ring[turn][: min(CHUNK_BYTES, nbytes - offset)]
-        if f.read_into(data_offset + offset, chunk) != chunk.nbytes:
-            raise CorruptFile(f"{name}: ends after {offset} of {nbytes} data bytes")
-        busy[turn] = data_digest.add(chunk)
-        sink(offset, chunk)
-        offset += chunk.nbytes
-        turn = (turn + 1) % len(ring)
+def _read_chunks(path: str, data_offset: int, nbytes: int, sink: Callable[[int, np.ndarray], None], algorithm: str,
+                 name: str) -> list[bytes]:  # fmt: skip
+    """The digests of the data's ``CHUNK_BYTES`` chunks, in order, each chunk read and
+    handed to ``sink`` piece by piece; ``READERS`` threads take one contiguous run of
+    chunks each (its own descriptor, so the kernel sees one sequential stream per run
+    and reads ahead of it)."""
+    count = -(-nbytes // CHUNK_BYTES)
+    digests: list[bytes] = [b""] * count
+    readers = max(1, min(READERS, count))
+    bounds = [count * k // readers for k in range(readers + 1)]
+
+    def read_run(first: int, last: int) -> None:
+        start, end = first * CHUNK_BYTES, min(last * CHUNK_BYTES, nbytes)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.posix_fadvise(fd, data_offset + start, end - start, os.POSIX_FADV_SEQUENTIAL)
+            piece = np.empty(min(PIECE_BYTES, end - start), dtype=np.uint8)
+            view = memoryview(piece)
+            for index in range(first, last):
+                chunk_start = index * CHUNK_BYTES
+                chunk_end = min(chunk_start + CHUNK_BYTES, nbytes)
+                digest = new_hash(algorithm)
+                offset = chunk_start
+                while offset < chunk_end:
+                    want = min(PIECE_BYTES, chunk_end - offset)
+                    got = os.preadv(fd, [view[:want]], data_offset + offset)
+                    if got == 0:
+                        raise CorruptFile(f"{name}: ends after {offset} of {nbytes} data bytes")
+                    digest.update(view[:got])
+                    sink(offset, piece[:got])
+                    offset += got
+                digests[index] = digest.digest()
+        finally:
+            try:  # read once: keep no second copy of the cache in the page cache
+                os.posix_fadvise(fd, data_offset + start, end - start, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+    if readers == 1:
+        read_run(0, count)
+    else:
+        with ThreadPoolExecutor(readers) as pool:
+            for done in [pool.submit(read_run, bounds[k], bounds[k + 1]) for k in range(readers)]:
+                done.result()
+    return digests

@@ -1,11 +1,11 @@
-"""Sequential file I/O past the page cache (``O_DIRECT``) where the filesystem allows it.
+"""Sequential file writes past the page cache (``O_DIRECT``) where the filesystem allows it.
 
 Why: a checkpoint's file is written once and read once, at the next start. Through the
-page cache every byte is copied twice by the CPU (into the cache, out of it) and the
-write-back competes with the daemon; with ``O_DIRECT`` the disk reads from and writes to
-the caller's memory (the staging buffer, the device segment's mapping) and the CPU only
-hashes. Measured on the project's shared 2-core VM, per GiB: a buffered write + fsync
-0.39-0.78 CPU-seconds, a direct one 0.05; a buffered read 0.17-0.34, a direct one 0.06.
+page cache every byte is copied by the CPU into the cache and the write-back competes
+with the daemon; with ``O_DIRECT`` the disk reads from the caller's memory (the staging
+buffer) and the CPU only hashes. Measured on the project's shared 2-core VM, per GiB: a
+buffered write + fsync 0.39-0.78 CPU-seconds, a direct one 0.05. (Reads go through the
+page cache: direct reads were slower there, see ``cachefile``.)
 
 ``O_DIRECT`` needs the file offset, the length and the memory address aligned
 (``ALIGN``, the largest logical block size in use). What is not aligned (a file's unaligned
@@ -48,7 +48,7 @@ class DirectFile:
     """One open file whose aligned transfers bypass the page cache when possible.
 
     ``direct`` tells whether ``O_DIRECT`` is in use; it is dropped (for good) the first
-    time the filesystem refuses a direct transfer with ``EINVAL``.
+    time the filesystem refuses a direct write with ``EINVAL``.
     """
 
     def __init__(self, path: str, flags: int, mode: int = 0o644) -> None:
@@ -92,28 +92,6 @@ class DirectFile:
             if n <= 0:
                 raise OSError(errno.EIO, "pwrite wrote nothing")
             view, offset = view[n:], offset + n
-
-    def read_into(self, offset: int, out) -> int:
-        """Fill ``out`` from ``offset``; returns how many bytes were read (fewer only at
-        the end of the file)."""
-        view = memoryview(out).cast("B")
-        if self.direct and not self._aligned(offset, view):
-            self._set_direct(False)
-        done = 0
-        while done < view.nbytes:
-            try:
-                n = os.preadv(self.fd, [view[done:]], offset + done)
-            except OSError as err:
-                if err.errno != errno.EINVAL or not self.direct:
-                    raise
-                self._set_direct(False)
-                continue
-            if n == 0:
-                break
-            done += n
-            if self.direct and not self._aligned(offset + done, view[done:]):
-                self._set_direct(False)
-        return done
 
     def fsync(self) -> None:
         os.fsync(self.fd)

@@ -75,11 +75,11 @@ class DoorMemory:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def create(self, segment: SegmentInfo) -> None:
+    def create(self, segment: SegmentInfo, *, prefault: bool = True) -> None:
         self.doors["create"].pass_through()
         if self.create_error is not None:
             raise self.create_error
-        self.inner.create(segment)
+        self.inner.create(segment, prefault=prefault)
 
     def zero(self, segment_id: int, offset: int, nbytes: int) -> None:
         self.doors["zero"].pass_through()

@@ -1,6 +1,7 @@
 """The host backend's ``read_into``/``write_from`` (``ByteAccess``), which checkpoints and
-restores copy through: a real shm segment, its bytes round-trip; a range outside the
-segment or an unknown segment is refused before any byte moves."""
+restores copy through: a real shm segment, its bytes round-trip (into a segment that was
+not prefaulted too, as a restore's is); a range outside the segment or an unknown segment
+is refused before any byte moves."""
 
 from __future__ import annotations
 
@@ -47,30 +48,56 @@ def test_out_of_range_and_unknown_segments_are_refused(memory):
     assert not out.any(), "nothing was written by the refused calls"
 
 
-def test_a_mapped_range_is_the_segments_bytes_and_is_checked(memory, tmp_path):
-    """``mapped`` (a restore reads files straight into it): bytes written through the
-    view are the segment's, a file read into it with read_cache_file lands at the
-    offset, and a bad range or segment is refused."""
-    from kvbroker.persistence.cachefile import CacheMeta, read_cache_file, write_cache_file
+def test_a_restore_fills_a_segment_that_was_not_prefaulted(memory, tmp_path):
+    """A restore's segment is created without prefault and written through its file
+    (``write_from``): the file's bytes land at the offset, what no write covered still
+    reads as zeros (a neighbour placed there later needs no zeroing), and a client's own
+    mapping of the object sees the same bytes."""
+    import mmap
+    import os
+
+    from kvbroker.persistence.cachefile import PIECE_BYTES, CacheMeta, read_cache_file, write_cache_file
     from kvbroker.persistence.directio import aligned_buffer
 
-    with memory.mapped(1, 4096, 3) as view:
-        view[:] = b"abc"
-    out = np.empty(5, dtype=np.uint8)
-    memory.read_into(1, 4095, out)
-    assert bytes(out) == b"\0abc\0"
-    data = aligned_buffer(65536)
-    data[:] = np.random.default_rng(3).integers(0, 256, 65536, dtype=np.uint8)
-    meta = CacheMeta("c", "p", "m", "uint8", (65536,), False, 0, 65536)
-    size, digest = write_cache_file(str(tmp_path / "c.safetensors"), meta, data)
-    with memory.mapped(1, 8192, 65536) as view:
-        assert read_cache_file(str(tmp_path / "c.safetensors"), size, digest, view) == meta
-    back = np.empty(65536, dtype=np.uint8)
-    memory.read_into(1, 8192, back)
-    assert np.array_equal(back, data)
-    with pytest.raises(ValueError, match="outside segment 1"):
-        with memory.mapped(1, N - 10, 11):
-            pass
-    with pytest.raises(KeyError):
-        with memory.mapped(2, 0, 1):
-            pass
+    size = 3 * PIECE_BYTES + 4096  # several pieces and a partial one
+    memory.create(SegmentInfo(2, 1, "p", "host", 8 * PIECE_BYTES), prefault=False)
+    data = aligned_buffer(size)
+    data[:] = np.random.default_rng(3).integers(0, 256, size, dtype=np.uint8)
+    meta = CacheMeta("c", "p", "m", "uint8", (size,), False, 0, size)
+    nbytes, digest = write_cache_file(str(tmp_path / "c.safetensors"), meta, data)
+    base = PIECE_BYTES + 8192
+
+    def sink(offset: int, piece: np.ndarray) -> None:
+        memory.write_from(2, base + offset, piece)
+
+    assert read_cache_file(str(tmp_path / "c.safetensors"), nbytes, digest, sink) == meta
+    whole = np.empty(8 * PIECE_BYTES, dtype=np.uint8)
+    memory.read_into(2, 0, whole)
+    assert np.array_equal(whole[base : base + size], data)
+    assert not whole[:base].any() and not whole[base + size :].any()
+    handle = memory.handle(2)
+    fd = os.open(os.path.join(handle.shm_dir, handle.shm_name), os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 8 * PIECE_BYTES, prot=mmap.PROT_READ) as client:
+            assert client[base : base + size] == data.tobytes()
+    finally:
+        os.close(fd)
+
+
+def test_a_file_read_into_a_buffer_lands_whole(tmp_path):
+    """The other destination of ``read_cache_file``: a buffer of the cache's size, which
+    several readers fill at once (a file of several chunks); a buffer of another size is
+    refused before any read."""
+    from kvbroker.persistence.cachefile import CHUNK_BYTES, CacheMeta, read_cache_file, write_cache_file
+    from kvbroker.persistence.directio import aligned_buffer
+
+    size = 2 * CHUNK_BYTES + 12345
+    data = aligned_buffer(size)
+    data[:] = np.random.default_rng(4).integers(0, 256, size, dtype=np.uint8)
+    meta = CacheMeta("c", "p", "m", "uint8", (size,), False, 0, size)
+    nbytes, digest = write_cache_file(str(tmp_path / "c.safetensors"), meta, data)
+    out = np.zeros(size, dtype=np.uint8)
+    assert read_cache_file(str(tmp_path / "c.safetensors"), nbytes, digest, out) == meta
+    assert np.array_equal(out, data)
+    with pytest.raises(ValueError, match="destination holds"):
+        read_cache_file(str(tmp_path / "c.safetensors"), nbytes, digest, np.zeros(size - 1, dtype=np.uint8))

@@ -51,7 +51,7 @@ def test_every_path_round_trips_and_safetensors_reads_the_file(tmp_path, nbytes,
     path = str(tmp_path / "c.safetensors")
     size, digest = write_cache_file(path, meta_of(nbytes), data)
     assert size == os.path.getsize(path)
-    assert digest.startswith("crc32:")
+    assert digest.startswith("crc32c:")
     (header_len,) = struct.unpack("<Q", open(path, "rb").read(8))
     assert (8 + header_len) % ALIGN == 0, "the data starts on an alignment boundary"
     assert np.array_equal(load_file(path)["bytes"], data)
@@ -110,3 +110,26 @@ def test_a_first_format_file_with_blake2b_digests_still_loads(tmp_path):
     assert into == sunk == data.tobytes()
     with pytest.raises(CorruptFile, match="blake2b digest differs"):
         read_cache_file(path, len(raw), f"{head}:{'0' * 64}", aligned_buffer(nbytes))
+
+
+def test_a_file_of_the_crc32_format_is_still_checked(tmp_path, monkeypatch):
+    """Files written before CRC-32C became the default carry zlib CRC-32 digests
+    (``crc32:...``): they are read and checked as before, and damage is still caught."""
+    from kvbroker.persistence import cachefile
+
+    nbytes = SIZES[-1]
+    data = data_of(nbytes, True)
+    path = str(tmp_path / "crc32.safetensors")
+    monkeypatch.setattr(cachefile, "DEFAULT_ALGORITHM", "crc32")
+    size, digest = write_cache_file(path, meta_of(nbytes), data)
+    monkeypatch.undo()
+    assert digest.startswith("crc32:")
+    meta_into, into, meta_sink, sunk = read_both_ways(path, size, digest, nbytes)
+    assert meta_into == meta_sink == meta_of(nbytes) and into == sunk == data.tobytes()
+    with open(path, "r+b") as f:
+        f.seek(size - 1)
+        last = f.read(1)
+        f.seek(size - 1)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(CorruptFile, match="crc32 digest differs"):
+        read_cache_file(path, size, digest, aligned_buffer(nbytes))

@@ -85,8 +85,9 @@ class CudaMemory:
     def index(self) -> int:
         return self._index
 
-    def create(self, segment: SegmentInfo) -> None:
-        """Allocate, zero, check and share one segment. See ``SegmentMemory.create``.
+    def create(self, segment: SegmentInfo, *, prefault: bool = True) -> None:
+        """Allocate, zero, check and share one segment. See ``SegmentMemory.create``
+        (``prefault`` changes nothing here: device memory is zeroed explicitly either way).
 
         Cost: one ``cudaMalloc`` and a memset at device bandwidth, a device synchronize,
         and a ``memory_snapshot()`` walk over the allocator's segments.
