@@ -14,10 +14,11 @@ in block ``block_table(seq)[t // block_tokens]``, offset ``t % block_tokens``, s
 ``block * block_tokens + offset`` (vLLM's ``slot_mapping``).
 
 **RPCs per token.** The client holds each sequence's block table. ``append_token`` costs
-no RPC while the token falls in a block already granted; when the blocks are full it
-asks for the next ``grant_tokens`` tokens' blocks at once (``DEFAULT_GRANT_TOKENS`` =
-512: at most 32 blocks of 16; grants start at one block and double as the sequence
-generates, so about 5 RPCs per 1,000 tokens in a pool with room). The broker
+no RPC while the token falls in a block already granted; halfway through its blocks it
+sends, without waiting, a grant for the next ``grant_tokens`` tokens' blocks
+(``DEFAULT_GRANT_TOKENS`` = 512: at most 32 blocks of 16; grants start at one block and
+double as the sequence generates, so about 5 RPCs per 1,000 tokens in a pool with room),
+and takes its answer when the blocks run out (``kvbroker_client.paged_grants``). The broker
 scales each grant by the pool's free fraction (``kvbroker.core.paged.PagedArena.headroom``:
 half of it when half the blocks are free), so that headroom holds little of a nearly
 full arena; appends then cost more RPCs. ``allocate_for`` asks for the prompt's blocks
@@ -46,16 +47,19 @@ Thread-safety: one pool per thread, or a lock around it (appends mutate local st
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass, field
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kvbroker.kvlayout import KvLayout
 from kvbroker.v1 import broker_pb2 as pb
 from kvbroker.wire import DTYPE_BY_VALUE
-from kvbroker_client.errors import CacheEvicted, CacheExhausted, CacheNotFound, InvalidRequest, SessionLost
+from kvbroker_client.errors import CacheEvicted, CacheExhausted, CacheNotFound, InvalidRequest, KvBrokerError, SessionLost
+from kvbroker_client.paged_arena import layer_views, map_arena, populate
 from kvbroker_client.paged_format import format_block_map, format_cache_stats
+from kvbroker_client.paged_grants import Sequence as _Sequence
+from kvbroker_client.paged_grants import ahead_request, extends
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +69,6 @@ __all__ = ["DEFAULT_GRANT_TOKENS", "OutOfTokens", "PagedPool", "SequenceEvicted"
 #: Tokens asked for beyond the need when a sequence's blocks are full (tunable per pool).
 DEFAULT_GRANT_TOKENS = 512
 OOM_STRATEGIES = {"reject": pb.OOM_STRATEGY_REJECT, "reduce": pb.OOM_STRATEGY_REDUCE, "wait": pb.OOM_STRATEGY_WAIT}
-_PAGE = 4096
 #: An operation as a generator: it yields ``(method, request, extra_ms)`` and is sent the
 #: response, so that the sync pool and ``AsyncPagedPool`` run the same code.
 Plan = Generator[tuple[str, Any, int], Any, Any]
@@ -109,15 +112,6 @@ class Slot(NamedTuple):
     slot: int
 
 
-@dataclass(slots=True)
-class _Sequence:
-    table: list[int]
-    used: int
-    max_tokens: int
-    pinned: bool = False
-    runs: list[tuple[int, int]] = field(default_factory=list)
-
-
 class PagedPool:
     """A paged pool of ``client`` (see the module docstring). Built by
     ``BrokerClient.paged_pool``.
@@ -136,7 +130,8 @@ class PagedPool:
         self.pool = pool
         self.grant_tokens = grant_tokens
         self.rpc_count = 0
-        self.rpc_seconds = 0.0  # wall time spent in this pool's RPCs (for measurements)
+        self.rpc_seconds = 0.0  # wall time spent waiting on this pool's RPCs (for measurements)
+        self.grants_ahead = 0  # grants sent without waiting (counted in rpc_count too)
         response = _opened or self._call("OpenPagedPool", pb.OpenPagedPoolRequest(pool=pool))
         lay = response.layout
         self.layout = KvLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, DTYPE_BY_VALUE[lay.dtype].name,
@@ -148,8 +143,8 @@ class PagedPool:
         self._seqs: dict[str, _Sequence] = {}
         self._evicted: set[str] = set()
         self._moved: dict[str, _Sequence] = {}  # moved by the broker: table to re-read
-        self._arena = _map(response.handle)
-        self._layers = _layer_views(self._arena, self.layout, self.num_blocks)
+        self._arena = map_arena(response.handle)
+        self._layers = layer_views(self._arena, self.layout, self.num_blocks)
         self.populate_seconds = self.warmup() if populate else 0.0
         client.sequence_listeners.append(self._on_event)
 
@@ -168,8 +163,7 @@ class PagedPool:
         host page at creation, so only this process's page tables are filled. A no-op
         on CUDA arenas (device memory is resident)."""
         started = time.perf_counter()
-        if self._arena.device.type == "cpu" and not _populate_write(self._arena.data_ptr(), self._arena.numel()):
-            int(self._arena[::_PAGE].sum())
+        populate(self._arena)
         return time.perf_counter() - started
 
     # -- sequences --------------------------------------------------------------------------
@@ -202,19 +196,21 @@ class PagedPool:
         )  # fmt: skip
         seq = (yield ("AllocateSequence", request, wait_ms)).sequence
         self._evicted.discard(seq_id)
-        self._seqs[seq_id] = _Sequence(_table(seq), prompt_tokens, seq.max_tokens, seq.pinned, _runs(seq))
+        self._seqs[seq_id] = self._new_sequence(seq, prompt_tokens)
         return seq.max_tokens
 
     def append_token(self, seq_id: str) -> Slot:
-        """Where the sequence's next token goes; grants more blocks (one RPC) only when
-        its blocks are full. Raises ``OutOfTokens`` (blocks full, none to grant: the
-        seed's ``appendToken`` returning false), ``InvalidRequest`` past ``max_tokens``."""
+        """Where the sequence's next token goes. No RPC inside granted blocks; halfway
+        through them the next grant is sent without waiting (``paged_grants``), and only
+        blocks run out before its answer arrived does an append wait. Raises
+        ``OutOfTokens`` (blocks full, none to grant: the seed's ``appendToken`` returning
+        false), ``InvalidRequest`` past ``max_tokens``."""
         seq = self._seqs.get(seq_id) or self._missing(seq_id)
         t = seq.used
+        if t >= seq.check_at:
+            self._look(seq_id, seq, t + 1)
         bt = self.layout.block_tokens
         index = t // bt
-        if index >= len(seq.table):
-            self._run(self._grow(seq_id, seq, t + 1))
         block = seq.table[index]
         seq.used = t + 1
         offset = t - index * bt
@@ -225,9 +221,41 @@ class PagedPool:
         seq = self._seqs.get(seq_id) or self._missing(seq_id)
         if n < 0:
             raise InvalidRequest(f"n: must be non-negative, got {n}")
-        if seq.used + n > len(seq.table) * self.layout.block_tokens:
-            self._run(self._grow(seq_id, seq, seq.used + n))
+        if seq.used + n > seq.check_at:
+            self._look(seq_id, seq, seq.used + n)
         return self._slots(seq, n)
+
+    def _look(self, seq_id: str, seq: _Sequence, needed: int) -> None:
+        """An append's slow path: take the grant ahead if it arrived (wait for it if the
+        blocks ran out), grow now if still short, send the next grant ahead."""
+        bt, length = self.layout.block_tokens, len(seq.table)
+        if seq.pending is not None and (needed > seq.capacity(bt) or seq.pending.done()):
+            pending, seq.pending = seq.pending, None
+            started = time.perf_counter()
+            try:
+                self._took_ahead(seq, pending.result())
+            except KvBrokerError:
+                pass  # changes nothing: a grant below asks again, and its error is the caller's
+            finally:
+                self.rpc_seconds += time.perf_counter() - started
+        if needed > seq.capacity(bt):
+            self._run(self._grow(seq_id, seq, needed))
+        # Ahead only from the halfway point of a table: a new one plans its own.
+        request = ahead_request(self.pool, seq_id, seq, bt, self.grant_tokens) if len(seq.table) == length else None
+        if request is not None and self._client.core.generation == self._generation:
+            self.rpc_count += 1
+            self.grants_ahead += 1
+            seq.pending = self._client.begin(_plan(self._client.core.call("ExtendSequence", request)))
+        seq.replan(bt)
+
+    def _took_ahead(self, seq: _Sequence, response: pb.SequenceResponse) -> None:
+        if self._client.core.generation == self._generation and extends(seq, response.sequence):
+            seq.set_table(response.sequence, self.layout.block_tokens, needed=0)
+
+    def _new_sequence(self, view: pb.Sequence, used: int) -> _Sequence:
+        seq = _Sequence([], used, view.max_tokens, view.pinned)
+        seq.set_table(view, self.layout.block_tokens)
+        return seq
 
     def _slots(self, seq: _Sequence, n: int) -> list[Slot]:
         bt = self.layout.block_tokens
@@ -236,7 +264,13 @@ class PagedPool:
 
     def free_for(self, seq_id: str) -> bool:
         """Give the sequence's blocks back; False when it was gone already (a second
-        call is a no-op, as the seed's ``freeFor``)."""
+        call is a no-op, as the seed's ``freeFor``). A grant ahead in flight is waited
+        for first, so that it cannot land on a sequence of the same id made later."""
+        seq = self._seqs.get(seq_id) or self._moved.get(seq_id)
+        if seq is not None and seq.pending is not None:
+            pending, seq.pending = seq.pending, None
+            with contextlib.suppress(KvBrokerError):
+                pending.result()
         return self._run(self._freed(seq_id))
 
     def _freed(self, seq_id: str) -> Plan:
@@ -254,7 +288,7 @@ class PagedPool:
         seq = (yield ("AttachSequence", pb.AttachSequenceRequest(pool=self.pool, sequence_id=seq_id), 0)).sequence
         self._evicted.discard(seq_id)
         self._moved.pop(seq_id, None)
-        self._seqs[seq_id] = _Sequence(_table(seq), seq.tokens_used, seq.max_tokens, seq.pinned, _runs(seq))
+        self._seqs[seq_id] = self._new_sequence(seq, seq.tokens_used)
         return seq.tokens_used
 
     def report(self, seq_id: str) -> None:
@@ -362,7 +396,7 @@ class PagedPool:
             tokens_wanted=min(wanted, seq.max_tokens) if seq.max_tokens else wanted,
         )  # fmt: skip
         response = (yield ("ExtendSequence", request, 0)).sequence
-        seq.table, seq.runs = _table(response), _runs(response)
+        seq.set_table(response, self.layout.block_tokens, needed=needed)
 
     def _run(self, plan: Plan) -> Any:
         """Perform a plan's calls (``(method, request, extra_ms)``) one by one."""
@@ -382,8 +416,9 @@ class PagedPool:
         """Re-read a moved sequence's block table (the tokens appended here are kept)."""
         seq = self._moved[seq_id]
         view = (yield ("AttachSequence", pb.AttachSequenceRequest(pool=self.pool, sequence_id=seq_id), 0)).sequence
-        seq.table, seq.runs, seq.pinned = _table(view), _runs(view), view.pinned
-        seq.used = max(seq.used, view.tokens_used)
+        seq.pending, seq.ahead_for = None, -1  # an answer for the old table: dropped
+        seq.pinned, seq.used = view.pinned, max(seq.used, view.tokens_used)
+        seq.set_table(view, self.layout.block_tokens)
         self._moved.pop(seq_id, None)
         self._seqs[seq_id] = seq
         return seq
@@ -440,48 +475,8 @@ class PagedPool:
         return seq_id in self._evicted
 
 
-_MADV_POPULATE_WRITE = 23
-
-
-def _populate_write(address: int, nbytes: int) -> bool:
-    """Fault ``[address, address + nbytes)`` in writable without writing; False when the
-    kernel cannot (older than 5.14) or this is not Linux."""
-    import ctypes
-    import ctypes.util
-
-    start = address - address % _PAGE
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start), _MADV_POPULATE_WRITE) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 def _plan(call: Any):
     return (yield call)
-
-
-def _table(seq: pb.Sequence) -> list[int]:
-    return [b for run in seq.runs for b in range(run.first_block, run.first_block + run.count)]
-
-
-def _runs(seq: pb.Sequence) -> list[tuple[int, int]]:
-    return [(run.first_block, run.count) for run in seq.runs]
-
-
-def _map(handle: pb.Handle) -> torch.Tensor:
-    from kvbroker_client.mapping import process_mapper
-
-    return process_mapper().view(handle)
-
-
-def _layer_views(arena: torch.Tensor, layout: KvLayout, num_blocks: int) -> list[torch.Tensor]:
-    from kvbroker_client.dtypes import to_torch_dtype
-
-    dtype = to_torch_dtype(layout.dtype)
-    size, shape = layout.layer_bytes(num_blocks), layout.layer_shape(num_blocks)
-    return [arena[i * size : (i + 1) * size].view(dtype).view(shape) for i in range(layout.num_layers)]
 
 
 __all__ += ["format_block_map", "format_cache_stats"]

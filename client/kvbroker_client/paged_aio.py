@@ -7,7 +7,8 @@ async driver: the methods that may call the broker are coroutines (``allocate_fo
 block tables and slots are the sync pool's, unchanged. A sequence the broker moved is
 re-read by the next ``append_token``/``append_tokens``, or by ``await pool.refresh(seq)``;
 a view or block table of it before that raises ``SequenceMoved``. ``append_token`` still costs no
-RPC inside granted blocks; only the coroutine call is added (about a microsecond).
+RPC inside granted blocks; only the coroutine call is added (about a microsecond). Grants
+ahead (``kvbroker_client.paged_grants``) run as tasks of the running loop.
 
     pool = await client.paged_pool("llama")
     await pool.allocate_for("req-1", prompt_tokens=100)
@@ -16,14 +17,17 @@ RPC inside granted blocks; only the coroutine call is added (about a microsecond
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Any
 
 from kvbroker.v1 import broker_pb2 as pb
-from kvbroker_client.errors import CacheExhausted, CacheNotFound
+from kvbroker_client.errors import CacheExhausted, CacheNotFound, KvBrokerError
 from kvbroker_client.paged import (
     DEFAULT_GRANT_TOKENS, PagedPool, Plan, SequenceMoved, Slot, _plan, format_block_map, format_cache_stats,
 )
+from kvbroker_client.paged_grants import Sequence, ahead_request
 
 __all__ = ["AsyncPagedPool"]
 
@@ -48,17 +52,46 @@ class AsyncPagedPool(PagedPool):
     async def append_token(self, seq_id: str) -> Slot:  # type: ignore[override]
         """Like ``PagedPool.append_token``."""
         seq = self._seqs.get(seq_id) or await self._current(seq_id)
-        if seq.used >= len(seq.table) * self.layout.block_tokens:
-            await self._arun(self._grow(seq_id, seq, seq.used + 1))
+        if seq.used >= seq.check_at:
+            await self._alook(seq_id, seq, seq.used + 1)
         return self._slots(seq, 1)[0]
 
     async def append_tokens(self, seq_id: str, n: int) -> list[Slot]:  # type: ignore[override]
         seq = self._seqs.get(seq_id) or await self._current(seq_id)
-        if n > 0 and seq.used + n > len(seq.table) * self.layout.block_tokens:
-            await self._arun(self._grow(seq_id, seq, seq.used + n))
+        if n > 0 and seq.used + n > seq.check_at:
+            await self._alook(seq_id, seq, seq.used + n)
         return self._slots(seq, max(0, n))
 
+    async def _alook(self, seq_id: str, seq: Sequence, needed: int) -> None:
+        """``PagedPool._look``, awaited: the grant ahead is a task of the running loop."""
+        bt, length = self.layout.block_tokens, len(seq.table)
+        if seq.pending is not None and (needed > seq.capacity(bt) or seq.pending.done()):
+            pending, seq.pending = seq.pending, None
+            started = time.perf_counter()
+            try:
+                self._took_ahead(seq, await pending)
+            except KvBrokerError:
+                pass  # changes nothing: a grant below asks again, and its error is the caller's
+            finally:
+                self.rpc_seconds += time.perf_counter() - started
+        if needed > seq.capacity(bt):
+            await self._arun(self._grow(seq_id, seq, needed))
+        # Ahead only from the halfway point of a table: a new one plans its own.
+        request = ahead_request(self.pool, seq_id, seq, bt, self.grant_tokens) if len(seq.table) == length else None
+        if request is not None and self._client.core.generation == self._generation:
+            self.rpc_count += 1
+            self.grants_ahead += 1
+            seq.pending = asyncio.get_running_loop().create_task(
+                self._client.drive(_plan(self._client.core.call("ExtendSequence", request))))
+            seq.pending.add_done_callback(_retrieve)  # an answer nobody takes (freed, moved) is not an error
+        seq.replan(bt)
+
     async def free_for(self, seq_id: str) -> bool:  # type: ignore[override]
+        seq = self._seqs.get(seq_id) or self._moved.get(seq_id)
+        if seq is not None and seq.pending is not None:  # as the sync pool: not onto a later namesake
+            pending, seq.pending = seq.pending, None
+            with contextlib.suppress(KvBrokerError):
+                await pending
         return await self._arun(self._freed(seq_id))
 
     async def attach(self, seq_id: str) -> int:  # type: ignore[override]
@@ -118,3 +151,8 @@ class AsyncPagedPool(PagedPool):
             raise self._typed(err, request) from None
         finally:
             self.rpc_seconds += time.perf_counter() - started
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -42,6 +42,29 @@ __all__ = ["BrokerClient"]
 
 log = logging.getLogger("kvbroker_client")
 T = TypeVar("T")
+
+class InFlight(Generic[T]):
+    """A call sent by ``BrokerClient.begin``. ``done()`` never blocks; ``result()`` waits
+    for the answer and returns the plan's value, or raises its typed error."""
+
+    def __init__(self, plan: Plan[T], future: Any, target: str) -> None:
+        self._plan, self._future, self._target = plan, future, target
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> T:
+        try:
+            response = self._future.result()
+        except grpc.RpcError as err:
+            self._plan.throw(from_rpc_error(err, target=self._target))
+        else:
+            try:
+                self._plan.send(response)
+            except StopIteration as stop:
+                return stop.value
+        raise RuntimeError("a plan given to BrokerClient.begin made a second call")
+
 
 class BrokerClient:
     """Synchronous client of one broker. Thread-safe: one client per process is enough.
@@ -127,6 +150,17 @@ class BrokerClient:
                     call = plan.send(response)
         except StopIteration as stop:
             return stop.value
+
+    def begin(self, plan: Plan[T]) -> InFlight[T] | None:
+        """Send a one-call plan's call without waiting for its answer (a paged pool's
+        grant ahead); None when it cannot go now (the session is still opening, and
+        sending would wait for it). ``result()`` later gives what ``drive`` would have."""
+        call = next(plan)
+        if call.metadata and self._core.phase is Phase.CONNECTING:
+            plan.close()
+            return None
+        future = getattr(self._stub, call.method).future(call.request, timeout=call.timeout, metadata=call.metadata)
+        return InFlight(plan, future, self._core.target)
 
     def _recover(self) -> None:
         """Re-attach what may have survived the last lost session (``core.stranded``),

@@ -236,14 +236,20 @@ class PagedArena:
     def extend(self, seq_id: str, *, tokens_used: int, tokens_needed: int, tokens_wanted: int | None = None) -> SequenceView:
         """Grow ``seq_id`` so that it holds ``tokens_needed`` tokens at least, plus
         headroom up to ``tokens_wanted``; records ``tokens_used``. A sequence that already
-        holds enough is only touched. Extending a pinned sequence is allowed: its existing
-        blocks stay where they are. Raises ``NotFound``, ``InvalidArgument``, ``OutOfTokens``."""
+        holds ``tokens_needed`` gets headroom alone (a *grant ahead*: a client asks before
+        its blocks run out, so that no append waits on the answer), which is what the
+        pool can spare (``headroom``): nothing in a nearly full pool. Extending a pinned
+        sequence is allowed: its existing blocks stay where they are. Raises
+        ``NotFound``, ``InvalidArgument``, ``OutOfTokens``."""
         seq = self._sequence(seq_id)
         wanted = self._check_counts(tokens_used, tokens_needed, tokens_wanted, seq.max_tokens)
         seq.tokens_used = tokens_used
         seq.last_use = self._clock()
         need = max(0, self.blocks_for(tokens_needed) - seq.blocks)
         if need == 0:
+            ahead = self.headroom(self.blocks_for(wanted) - seq.blocks, 0, tokens_used - seq.first_tokens)
+            if ahead:
+                self._take(seq, ahead)
             return self._view(seq)
         if need > self._free_blocks:
             satisfiable = self.blocks_for(tokens_needed) <= self.num_blocks

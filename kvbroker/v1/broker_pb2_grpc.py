@@ -296,7 +296,9 @@ class CacheBrokerServicer:
 
     def ExtendSequence(self, request, context):
         """Grants a sequence more blocks (its existing blocks never move) and records the
-        tokens it used; a sequence that already holds tokens_needed is only updated.
+        tokens it used; a sequence that already holds tokens_needed gets only the headroom
+        up to tokens_wanted that the pool can spare (a grant ahead, asked before the blocks
+        run out; none in a nearly full pool).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -97,6 +97,27 @@ class PagedMachine(RuleBasedStateMachine):
     def append_tokens(self, data, n):
         self.append(data.draw(st.sampled_from(sorted(self.used))), n)
 
+    @precondition(lambda self: self.used)
+    @rule(data=st.data(), more=st.integers(0, 64))
+    def grant_ahead(self, data, more):
+        """The client's grant ahead: nothing needed beyond what it holds, headroom
+        wanted; existing blocks stay, and only what the pool could spare is taken."""
+        seq = data.draw(st.sampled_from(sorted(self.used)))
+        table = self.arena_table(seq)
+        held = len(table) * BLOCK_TOKENS
+        free = self.arena.stats().blocks_free
+        max_tokens = self.arena.get(seq).max_tokens
+        if max_tokens and self.used[seq] >= max_tokens:
+            return  # nothing to look ahead for (the client asks for no more)
+        needed = max(self.used[seq], min(held, max_tokens) if max_tokens else held)
+        wanted = min(held + more, max_tokens) if max_tokens else held + more
+        more = max(0, wanted - held)
+        self.arena.extend(seq, tokens_used=self.used[seq], tokens_needed=needed, tokens_wanted=wanted)
+        new = self.arena_table(seq)
+        assert new[: len(table)] == table, "a grant ahead changed existing blocks"
+        taken, extra = len(new) - len(table), -(-more // BLOCK_TOKENS)
+        assert taken <= extra and taken * self.arena.num_blocks <= extra * free, "more than the pool could spare"
+
     @rule(seq=IDS)
     def free(self, seq):
         assert self.arena.free(seq) == (seq in self.used)
@@ -237,6 +258,18 @@ def test_headroom_grows_with_what_a_sequence_generated_and_shrinks_as_the_pool_f
     arena.allocate("fill", "s", tokens_used=0, tokens_needed=16 * 831)  # 100 blocks free
     late = arena.extend("a", tokens_used=1104, tokens_needed=1105, tokens_wanted=1105 + 16 * 100)
     assert late.tokens_reserved == 16 * 70 + 16 * 6  # 62 generated blocks x 99/1000 = 6.1 -> 6
+
+
+def test_a_grant_ahead_takes_what_the_pool_can_spare_and_nothing_when_it_is_nearly_full():
+    arena = PagedArena(1000, 16)
+    arena.allocate("a", "s", tokens_used=0, tokens_needed=16)
+    arena.extend("a", tokens_used=512, tokens_needed=513, tokens_wanted=513)  # 512 generated: 33 blocks
+    ahead = arena.extend("a", tokens_used=520, tokens_needed=528, tokens_wanted=528 + 16 * 100)
+    assert ahead.tokens_reserved == 16 * (33 + 30)  # needs nothing; 32 generated blocks x 967/1000 = 30.9 -> 30
+    assert ahead.tokens_used == 520
+    arena.allocate("fill", "s", tokens_used=0, tokens_needed=16 * (1000 - 63 - 5))  # 5 blocks free
+    late = arena.extend("a", tokens_used=600, tokens_needed=600, tokens_wanted=600 + 16 * 100)
+    assert late.tokens_reserved == 16 * 63  # 37 x 5/1000 -> 0: a nearly full pool grants nothing ahead
 
 
 def test_out_of_tokens_carries_figures():
