@@ -55,13 +55,15 @@ class _Segment:
     """One live segment and the server's own mapping of it (``address``, ``nbytes``).
 
     ``users`` counts the copies and zeroes running on it without the table lock held;
-    ``free`` waits for it to reach 0 before unmapping.
+    ``free`` waits for it to reach 0 before unmapping. ``prefaulted``: created with every
+    page mapped into the server (``create(prefault=True)``), which ``write_from`` uses.
     """
 
     info: SegmentInfo
     path: str
     handle: HostHandle
     address: int
+    prefaulted: bool = True
     users: int = 0
 
     def unmap(self) -> None:
@@ -243,7 +245,7 @@ class HostMemory:
         handle = HostHandle(
             shm_name=name, size_bytes=segment.nbytes, st_dev=st.st_dev, st_ino=st.st_ino, shm_dir=self._shm_dir
         )
-        return _Segment(segment, path, handle, address)
+        return _Segment(segment, path, handle, address, prefaulted=prefault)
 
     def _exhausted(self, segment: SegmentInfo, err: OSError, advice: str) -> ResourceExhausted:
         try:
@@ -407,11 +409,14 @@ class HostMemory:
                 ctypes.memmove(out.ctypes.data, seg.address + offset, out.nbytes)
 
     def write_from(self, segment_id: int, offset: int, data: Any) -> None:
-        """Copy ``data`` into a segment (``ByteAccess``) through the object's file
-        (``pwrite``), not the server's mapping: a page the server never touched (a
-        segment created without ``prefault``) is then neither zeroed first, since tmpfs
-        skips that for a page a write covers whole, nor mapped into the server. Cost: an
-        open and a kernel copy, GIL released; the pages' mapping is left to the clients.
+        """Copy ``data`` into a segment (``ByteAccess``), GIL released.
+
+        Into a prefaulted segment: one ``memmove`` on the server's mapping. Into one
+        created without prefault (a restore's): ``pwrite`` through the object's file, so
+        that a page is neither zeroed first (tmpfs skips that for a page a write covers
+        whole) nor mapped into the server. Measured here for 256 MiB: memmove 25-28 ms
+        into mapped pages, 125 ms into unmapped ones; pwrite 68 ms into unmapped pages,
+        78-104 ms into mapped ones.
 
         Raises ``OSError`` (``ESTALE``) if the name no longer leads to the segment.
         """
@@ -419,6 +424,9 @@ class HostMemory:
             seg = segments[segment_id]
             check_range(segment_id, seg.info.nbytes, offset, data.nbytes)
             if not data.nbytes:
+                return
+            if seg.prefaulted:
+                ctypes.memmove(seg.address + offset, data.ctypes.data, data.nbytes)
                 return
             view = memoryview(data).cast("B")
             fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
