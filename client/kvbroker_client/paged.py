@@ -230,14 +230,7 @@ class PagedPool:
         blocks ran out), grow now if still short, send the next grant ahead."""
         bt, length = self.layout.block_tokens, len(seq.table)
         if seq.pending is not None and (needed > seq.capacity(bt) or seq.pending.done()):
-            pending, seq.pending = seq.pending, None
-            started = time.perf_counter()
-            try:
-                self._took_ahead(seq, pending.result())
-            except KvBrokerError:
-                pass  # changes nothing: a grant below asks again, and its error is the caller's
-            finally:
-                self.rpc_seconds += time.perf_counter() - started
+            self._take_ahead(seq)
         if needed > seq.capacity(bt):
             self._run(self._grow(seq_id, seq, needed))
         # Ahead only from the halfway point of a table: a new one plans its own.
@@ -247,6 +240,18 @@ class PagedPool:
             self.grants_ahead += 1
             seq.pending = self._client.begin(_plan(self._client.core.call("ExtendSequence", request)))
         seq.replan(bt)
+
+    def _take_ahead(self, seq: _Sequence) -> None:
+        """Wait for the grant ahead in flight and take its blocks. A failed one changes
+        nothing: the grant that follows asks again, and its error is the caller's."""
+        pending, seq.pending = seq.pending, None
+        started = time.perf_counter()
+        try:
+            self._took_ahead(seq, pending.result())
+        except KvBrokerError:
+            seq.replan(self.layout.block_tokens)
+        finally:
+            self.rpc_seconds += time.perf_counter() - started
 
     def _took_ahead(self, seq: _Sequence, response: pb.SequenceResponse) -> None:
         if self._client.core.generation == self._generation and extends(seq, response.sequence):
@@ -293,7 +298,11 @@ class PagedPool:
 
     def report(self, seq_id: str) -> None:
         """Tell the broker the tokens written so far (one RPC), for an attached reader
-        and for ``kvbroker ls``."""
+        and for ``kvbroker ls``. A grant ahead in flight is taken first: it carries an
+        older count, which must not land after this one."""
+        seq = self._seqs.get(seq_id)
+        if seq is not None and seq.pending is not None:
+            self._take_ahead(seq)
         self._run(self._reported(seq_id))
 
     def _reported(self, seq_id: str) -> Plan:

@@ -66,14 +66,7 @@ class AsyncPagedPool(PagedPool):
         """``PagedPool._look``, awaited: the grant ahead is a task of the running loop."""
         bt, length = self.layout.block_tokens, len(seq.table)
         if seq.pending is not None and (needed > seq.capacity(bt) or seq.pending.done()):
-            pending, seq.pending = seq.pending, None
-            started = time.perf_counter()
-            try:
-                self._took_ahead(seq, await pending)
-            except KvBrokerError:
-                pass  # changes nothing: a grant below asks again, and its error is the caller's
-            finally:
-                self.rpc_seconds += time.perf_counter() - started
+            await self._atake_ahead(seq)
         if needed > seq.capacity(bt):
             await self._arun(self._grow(seq_id, seq, needed))
         # Ahead only from the halfway point of a table: a new one plans its own.
@@ -85,6 +78,17 @@ class AsyncPagedPool(PagedPool):
                 self._client.drive(_plan(self._client.core.call("ExtendSequence", request))))
             seq.pending.add_done_callback(_retrieve)  # an answer nobody takes (freed, moved) is not an error
         seq.replan(bt)
+
+    async def _atake_ahead(self, seq: Sequence) -> None:
+        """``PagedPool._take_ahead``, awaited."""
+        pending, seq.pending = seq.pending, None
+        started = time.perf_counter()
+        try:
+            self._took_ahead(seq, await pending)
+        except KvBrokerError:
+            seq.replan(self.layout.block_tokens)
+        finally:
+            self.rpc_seconds += time.perf_counter() - started
 
     async def free_for(self, seq_id: str) -> bool:  # type: ignore[override]
         seq = self._seqs.get(seq_id) or self._moved.get(seq_id)
@@ -98,6 +102,9 @@ class AsyncPagedPool(PagedPool):
         return await self._arun(self._attached(seq_id))
 
     async def report(self, seq_id: str) -> None:  # type: ignore[override]
+        seq = self._seqs.get(seq_id)
+        if seq is not None and seq.pending is not None:  # as the sync pool: no older count after this one
+            await self._atake_ahead(seq)
         await self._arun(self._reported(seq_id))
 
     async def pin(self, seq_id: str, pinned: bool = True) -> None:  # type: ignore[override]

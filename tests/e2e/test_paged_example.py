@@ -25,7 +25,7 @@ def test_the_cortexstream_example_runs_and_cleans_up(daemon):
         "memory: 4096 tokens = 256 blocks = 16 MiB; layer tensor (2, 256, 16, 4, 64)",
         "user_123: 160 tokens, K of layer 2 (160, 4, 64), all 3.0: True",
         "=== KVCache Statistics (pool llama) ===",
-        "  user_123: 144/176 tokens, blocks [0, +11]",
+        "  user_123: 136/176 tokens, blocks [0, +11]",  # used: as of its last grant (ahead, at 136)
         "    " + "X" * 30 + "." * 34,
         "reject: 4000 tokens requested, 3616 free",
         "reduce: max_tokens 8000 -> 3616",
