@@ -141,9 +141,9 @@ class AsyncBrokerClient:
         ))  # fmt: skip
         return AsyncCache(self, held, dtype=dtype, shape=shape)
 
-    async def attach(self, cache_id: str) -> AsyncCache:
+    async def attach(self, cache_id: str, *, wait_timeout_ms: int = 0) -> AsyncCache:
         """Like ``BrokerClient.attach``."""
-        return AsyncCache(self, await self.drive(self._core.attach(cache_id)))
+        return AsyncCache(self, await self.drive(self._core.attach(cache_id, wait_timeout_ms)))
 
     async def release(self, cache_id: str, *, force: bool = False) -> bool:
         """Like ``BrokerClient.release``."""

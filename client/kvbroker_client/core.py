@@ -208,8 +208,11 @@ class ClientCore(SessionRules):
             raise
         return held
 
-    def attach(self, cache_id: str) -> Plan[Held]:
-        response = yield (call := self.call("Attach", pb.AttachRequest(cache_id=cache_id)))
+    def attach(self, cache_id: str, wait_timeout_ms: int = 0) -> Plan[Held]:
+        if isinstance(wait_timeout_ms, bool) or not isinstance(wait_timeout_ms, int) or wait_timeout_ms < 0:
+            raise InvalidRequest(f"wait_timeout_ms: must be a non-negative integer, got {wait_timeout_ms!r}")
+        request = pb.AttachRequest(cache_id=cache_id, wait_timeout_ms=wait_timeout_ms)
+        response = yield (call := self.call("Attach", request, wait_timeout_ms))
         return self._adopt(response.cache, response.handle, call.generation)
 
     def release_id(self, cache_id: str, force: bool = False) -> Plan[bool]:

@@ -214,13 +214,16 @@ class BrokerClient:
         ))  # fmt: skip
         return Cache(self, held, dtype=dtype, shape=shape)
 
-    def attach(self, cache_id: str) -> Cache:
-        """Hold an existing cache (another process's) by id.
+    def attach(self, cache_id: str, *, wait_timeout_ms: int = 0) -> Cache:
+        """Hold an existing cache (another process's) by id. An offloaded cache is
+        restored into device memory first; with no room for it, the broker waits up to
+        ``wait_timeout_ms`` (as ``allocate`` does; the call's deadline grows by as much).
 
         Raises:
-            CacheNotFound, CacheEvicted.
+            CacheNotFound, CacheEvicted; CacheExhausted: no room for an offloaded cache
+            (at once without ``wait_timeout_ms``); AllocationTimeout: none within it.
         """
-        return Cache(self, self.drive(self._core.attach(cache_id)))
+        return Cache(self, self.drive(self._core.attach(cache_id, wait_timeout_ms)))
 
     def release(self, cache_id: str, *, force: bool = False) -> bool:
         """Drop this client's hold on ``cache_id``; True when that freed the memory.

@@ -118,13 +118,20 @@ class Allocator:
         return await self._back(result, request.holder, fill)
 
     async def restore(
-        self, cache_id: str, request: AllocationRequest, fill: Callable[[CacheInfo], Awaitable[None]]
+        self, cache_id: str, request: AllocationRequest, fill: Callable[[CacheInfo], Awaitable[None]],
+        wait_timeout_s: float = 0.0,
     ) -> tuple[CacheInfo, CacheHandle]:
         """Place the OFFLOADED ``cache_id`` again (``request`` names its pool, size and
-        holder), ``fill`` its new extent in the backing step, hand it out. Raises as
-        ``allocate`` without waiting; a failed fill leaves it OFFLOADED."""
+        holder), ``fill`` its new extent in the backing step, hand it out. Waits for room
+        and raises as ``allocate``; a failed fill leaves it OFFLOADED, and a cache that
+        stopped being OFFLOADED while this waited raises ``FailedPrecondition``."""
         place = lambda: self._broker.offload.place_restore(cache_id, request.holder)  # noqa: E731
-        result = await self._place_after_creations(request, place)
+        try:
+            result = await self._place_after_creations(request, place)
+        except ResourceExhausted as err:
+            if not err.satisfiable or wait_timeout_s <= 0:
+                raise
+            result = await self._wait_and_place(request, wait_timeout_s, err, place)
         return await self._back(result._replace(needs_zeroing=False), request.holder, fill)
 
     async def _place_after_creations(
@@ -174,7 +181,8 @@ class Allocator:
         raise RuntimeError(f"allocation did not settle after {MAX_COMPACTIONS} compactions")
 
     async def _wait_and_place(
-        self, request: AllocationRequest, wait_timeout_s: float, error: ResourceExhausted
+        self, request: AllocationRequest, wait_timeout_s: float, error: ResourceExhausted,
+        place: Callable[[], AllocateResult] | None = None,
     ) -> AllocateResult:
         priority = self._priority.get(request.pool, 0) if request.priority is None else request.priority
         waiter = self.queue.join(priority, request.pool)
@@ -186,7 +194,7 @@ class Allocator:
                     waiter.wake.clear()  # before the attempt: a wake-up during it counts
                     if self.queue.is_head(waiter):
                         try:
-                            return await self._place_after_creations(request)
+                            return await self._place_after_creations(request, place)
                         except ResourceExhausted as err:
                             if not err.satisfiable:
                                 raise

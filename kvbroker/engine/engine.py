@@ -164,11 +164,12 @@ class Engine:
         self._settle((), True)  # freed bytes, or a dropped pin that makes eviction possible
         return freed
 
-    async def attach(self, cache_id: str, holder: str) -> tuple[CacheInfo, CacheHandle]:
+    async def attach(self, cache_id: str, holder: str, *, wait_timeout_s: float = 0.0) -> tuple[CacheInfo, CacheHandle]:
         """Hold an existing cache; waits while it is being created, moved or offloaded,
-        restores an offloaded one."""
+        restores an offloaded one (waiting up to ``wait_timeout_s`` for room, as an
+        allocation does)."""
         self._touch(holder)
-        await self._until_settled(cache_id, holder)
+        await self._until_settled(cache_id, holder, wait_timeout_s)
         info = self.broker.attach(cache_id, holder)
         return info, self._handles.for_cache(info, holder)
 
@@ -185,14 +186,16 @@ class Engine:
         self._settle((), not info.pinned)
         return info
 
-    async def _until_settled(self, cache_id: str, holder: str | None = None) -> None:
+    async def _until_settled(self, cache_id: str, holder: str | None = None, wait_timeout_s: float = 0.0) -> None:
         """Wait (outside any core section) while ``cache_id`` is PENDING, MOVING or being
-        offloaded; then, for a ``holder``, restore it if OFFLOADED."""
+        offloaded; then, for a ``holder``, restore it if OFFLOADED (and settle again if
+        another holder's restore got there first)."""
         while True:
             busy = self._allocator.pending(cache_id) or self._compactions.moving(cache_id) or self.offload.pending(cache_id)
-            if busy is None:
-                return await self.offload.restore_if_offloaded(cache_id, holder) if holder is not None else None
-            await busy.wait()
+            if busy is not None:
+                await busy.wait()
+            elif holder is None or not await self.offload.restore_if_offloaded(cache_id, holder, wait_timeout_s):
+                return
 
     # -- sessions ---------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ memory, its total bounded by ``[persistence] host_max_bytes`` through the core's
 accounting; buffers of copies that went are reused for copies of the same size while
 spare and live buffers together stay within that budget); ``disk`` writes one ``kvbroker.persistence.cachefile`` file per copy under
 ``<persistence.dir>/offload`` (its total bounded by ``disk_max_bytes``), its cache id in
-the file's metadata and its size and blake2b digest kept here: a restore reads it back
+the file's metadata and its size and digest (``kvbroker.persistence.digests``) kept here: a restore reads it back
 through ``read_cache_file`` (size, header, digest) and refuses a file bound to another
 cache, so a file can never be restored into another cache.
 
@@ -197,18 +197,24 @@ class Offloader:
 
     # -- restore --------------------------------------------------------------------
 
-    async def restore_if_offloaded(self, cache_id: str, holder: str) -> None:
-        """Restore ``cache_id`` for ``holder`` when it is OFFLOADED (else nothing).
-        Raises as an allocation does (``ResourceExhausted``...), and
-        ``FailedPrecondition`` when its copy failed its checks (the cache is evicted)."""
+    async def restore_if_offloaded(self, cache_id: str, holder: str, wait_timeout_s: float = 0.0) -> bool:
+        """Restore ``cache_id`` for ``holder`` when it is OFFLOADED (else nothing), waiting
+        up to ``wait_timeout_s`` for room. Returns True when, meanwhile, the cache stopped
+        being OFFLOADED otherwise (another holder's restore): the caller settles again.
+        Raises as an allocation does (``ResourceExhausted``, ``DeadlineExceeded``...),
+        and ``FailedPrecondition`` when its copy failed its checks (the cache is evicted)."""
         info = self._broker.get(cache_id)
         if info.state is not CacheState.OFFLOADED:
-            return
+            return False
         tier = self._broker.offload.tier_of(cache_id)
         started = time.perf_counter()
         request = AllocationRequest(pool=info.pool, nbytes=info.nbytes, holder=holder)
         try:
-            await self._restore_place(cache_id, request, lambda placed: self._fill(placed, tier))
+            await self._restore_place(cache_id, request, lambda placed: self._fill(placed, tier), wait_timeout_s)
+        except FailedPrecondition:
+            if self._broker.get(cache_id).state is not CacheState.OFFLOADED:  # restored by another holder
+                return True
+            raise
         except CorruptFile as err:
             log.error("cache %s: its %s-tier copy failed its checks (it is evicted): %s", cache_id, tier, err)
             self._broker.offload.lose(cache_id, f"its offloaded copy is corrupt: {err}")
@@ -219,6 +225,7 @@ class Offloader:
             self._observer.restore_finished(info.pool, tier, "failed", time.perf_counter() - started)
             raise
         self._observer.restore_finished(info.pool, tier, "ok", time.perf_counter() - started)
+        return False
 
     async def _fill(self, placed: CacheInfo, tier: str) -> None:
         """Copy the tier's bytes into ``placed``'s new extent, zero its tail (the block

@@ -152,8 +152,7 @@ def allocation_request(msg: pb.AllocateRequest, holder: str) -> tuple[Allocation
         raise InvalidArgument(
             "size_bytes", f"{nbytes} is not a multiple of the {dtype_name} element size ({itemsize})"
         )
-    if msg.wait_timeout_ms > MAX_WAIT_TIMEOUT_MS:
-        raise InvalidArgument("wait_timeout_ms", f"must be at most {MAX_WAIT_TIMEOUT_MS}")
+    wait_s = wait_seconds(msg.wait_timeout_ms)
     request = AllocationRequest(
         pool=msg.pool,
         nbytes=nbytes,
@@ -167,7 +166,14 @@ def allocation_request(msg: pb.AllocateRequest, holder: str) -> tuple[Allocation
         dtype=dtype_name,
         shape=shape,
     )
-    return request, msg.wait_timeout_ms / 1000.0
+    return request, wait_s
+
+
+def wait_seconds(wait_timeout_ms: int) -> float:
+    """A request's ``wait_timeout_ms`` in seconds, checked against ``MAX_WAIT_TIMEOUT_MS``."""
+    if wait_timeout_ms > MAX_WAIT_TIMEOUT_MS:
+        raise InvalidArgument("wait_timeout_ms", f"must be at most {MAX_WAIT_TIMEOUT_MS}")
+    return wait_timeout_ms / 1000.0
 
 
 def cache_state(value: int) -> CacheState | None:

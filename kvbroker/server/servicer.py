@@ -93,7 +93,8 @@ class CacheBrokerServicer(PagedService, broker_pb2_grpc.CacheBrokerServicer):
         caller = await self._gate.caller(context)
         cache_id = convert.required_id("cache_id", request.cache_id)
         self._gate.on_cache(caller, Action.ATTACH, cache_id)
-        info, handle = await self._engine.attach(cache_id, caller.holder)
+        wait_s = convert.wait_seconds(request.wait_timeout_ms)
+        info, handle = await self._engine.attach(cache_id, caller.holder, wait_timeout_s=wait_s)
         return pb.AttachResponse(cache=convert.cache_message(info), handle=convert.handle_message(handle))
 
     @_translate_errors

@@ -229,10 +229,12 @@ class ReleaseResponse(_message.Message):
     def __init__(self, freed: _Optional[bool] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("cache_id",)
+    __slots__ = ("cache_id", "wait_timeout_ms")
     CACHE_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     cache_id: str
-    def __init__(self, cache_id: _Optional[str] = ...) -> None: ...
+    wait_timeout_ms: int
+    def __init__(self, cache_id: _Optional[str] = ..., wait_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
     __slots__ = ("cache", "handle")

@@ -288,3 +288,15 @@ def test_a_session_ended_by_a_live_broker_loses_what_was_not_retained_at_once() 
 def test_the_first_watch_fails_fast_and_later_ones_wait_for_the_broker() -> None:
     core = ClientCore("t", 5.0, None)
     assert [core.watch_waits_for_ready() for _ in range(3)] == [False, True, True]
+
+
+def test_an_attach_may_wait_for_room_and_its_deadline_grows_by_the_wait() -> None:
+    core = ClientCore("t", 5.0, None)
+    opened(core)
+    plan = core.attach("c", wait_timeout_ms=2500)
+    call = next(plan)
+    assert call.request.wait_timeout_ms == 2500 and call.timeout == pytest.approx(5.0 + 2.5)
+    plan.close()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InvalidRequest, match="wait_timeout_ms"):
+            next(core.attach("c", wait_timeout_ms=bad))

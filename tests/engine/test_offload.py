@@ -184,3 +184,41 @@ def test_while_the_copy_out_runs_the_extent_stays_and_an_attach_waits(release):
 
     with private_shm_dir() as shm_dir:
         asyncio.run(body(shm_dir))
+
+
+def test_an_attach_that_finds_no_room_for_a_restore_fails_or_waits_like_an_allocation():
+    """A pinned cache fills the device, so the offloaded cache has no room: an attach
+    without a wait fails at once, one with a short wait runs out, and two that wait get
+    it once the room comes back (the first restores it, the second attaches what the
+    first restored); it stays OFFLOADED, bytes intact, until then."""
+
+    async def body(shm_dir: str):
+        from kvbroker.core.errors import DeadlineExceeded
+
+        engine = _engine(shm_dir, ("host",))
+        a, _ = await engine.allocate(AllocationRequest("p", 2 * MiB, holder="A"))
+        want = _fill(engine, a, 5)
+        b, _ = await engine.allocate(AllocationRequest("p", 3 * MiB, holder="B", pinned=True))  # A goes out
+        await _settled(engine)
+        assert engine.cache(a.cache_id).state is CacheState.OFFLOADED
+        with pytest.raises(ResourceExhausted):
+            await engine.attach(a.cache_id, "A")
+        with pytest.raises(DeadlineExceeded, match="wait_timeout_ms=50"):
+            await engine.attach(a.cache_id, "A", wait_timeout_s=0.05)
+        assert engine.cache(a.cache_id).state is CacheState.OFFLOADED
+        first = asyncio.ensure_future(engine.attach(a.cache_id, "A", wait_timeout_s=60))
+        second = asyncio.ensure_future(engine.attach(a.cache_id, "C", wait_timeout_s=60))
+        await steps(50)  # let every ready task run: both are waiting for room
+        assert not first.done() and not second.done()
+        assert engine.cache(a.cache_id).state is CacheState.OFFLOADED
+        assert await engine.release(b.cache_id, "B") is True
+        (one, _), (two, _) = await asyncio.wait_for(asyncio.gather(first, second), 30)
+        await _settled(engine)
+        assert one.cache_id == two.cache_id == a.cache_id
+        restored = engine.cache(a.cache_id)
+        assert restored.state is CacheState.RESIDENT and set(restored.holders) >= {"A", "C"}
+        assert _read(engine, restored) == want
+        await engine.close()
+
+    with private_shm_dir() as shm_dir:
+        asyncio.run(body(shm_dir))

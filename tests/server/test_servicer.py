@@ -77,6 +77,10 @@ def test_release_attach_pin_unpin():
         details = await expect(Code.FAILED_PRECONDITION, s.stub.Attach(pb.AttachRequest(cache_id=held.cache_id), metadata=session("w2")))
         assert "evicted" in details
         await expect(Code.INVALID_ARGUMENT, s.stub.Attach(pb.AttachRequest(cache_id="x"), metadata=session("bad id")))
+        details = await expect(
+            Code.INVALID_ARGUMENT, s.stub.Attach(pb.AttachRequest(cache_id="x", wait_timeout_ms=4_000_000_000))
+        )
+        assert "wait_timeout_ms" in details
 
     run(body)
 
