@@ -228,9 +228,12 @@ sys.path[:0] = [sys.argv[3], sys.argv[3] + "/client"]
 import os, grpc
 from kvbroker_client.peercred import fetch_peer_token
 from kvbroker.v1 import broker_pb2 as pb, broker_pb2_grpc
-os.setgid(65534); os.setuid(65534)
 target, cache_id = sys.argv[1], sys.argv[2]
+# The channel before the uid changes: grpc imports modules as it is first used, and the
+# checkout may not be readable by uid 65534 (a clone under a 0700 mktemp directory). It
+# connects at the first call, so the broker still sees uid 65534.
 stub = broker_pb2_grpc.CacheBrokerStub(grpc.insecure_channel(target))
+os.setgid(65534); os.setuid(65534)
 def code(call, **kw):
     try:
         call(timeout=10, **kw)
