@@ -140,7 +140,7 @@ class Engine:
         """Checkpoint and restore ``pools``' caches in ``store`` (``kvbroker.engine.persistence``)."""
         self.checkpoints = Persistence(
             self.broker, self._device, self._allocator.allocate, self._settle, self._until_settled, store, pools,
-            restore_grace_seconds=restore_grace_seconds, observer=observer,
+            restore_grace_seconds=restore_grace_seconds, observer=observer, read_offloaded=self.offload.read_copy,
         )  # fmt: skip
         return self.checkpoints
 

@@ -87,6 +87,9 @@ class Offloader:
         self._spare: dict[int, list[np.ndarray]] = {}
         self._spare_bytes = 0
         self._disk: dict[str, DiskCopy] = {}
+        #: Caches whose host copy a checkpoint is reading: a discard drops such a buffer
+        #: instead of handing it to the next copy-out.
+        self._lent: set[str] = set()
         self._disk_dir = ""
         self._serial = itertools.count(1)
         #: cache id -> set when its copy-out ends; pool -> the events of its copy-outs.
@@ -129,7 +132,8 @@ class Offloader:
         if tier == "host":
             data = self._host.pop(cache_id, None)
             tiers = self._broker.offload
-            if data is not None and tiers.used["host"] + self._spare_bytes + data.nbytes <= tiers.budgets["host"]:
+            if data is not None and cache_id not in self._lent and \
+                    tiers.used["host"] + self._spare_bytes + data.nbytes <= tiers.budgets["host"]:  # fmt: skip
                 self._spare.setdefault(data.nbytes, []).append(data)
                 self._spare_bytes += data.nbytes
             return
@@ -194,6 +198,35 @@ class Offloader:
                 del self._by_pool[job.pool]
             done.set()
             self._settle((), True)
+
+    # -- checkpoints of offloaded caches -------------------------------------------
+
+    async def read_copy(self, cache_id: str, out: np.ndarray) -> bool:
+        """Copy an OFFLOADED cache's bytes from its tier into ``out`` (of its size): a
+        checkpoint of it. False when no copy of it is here (restored or freed since: the
+        caller looks again). In a thread; a host copy is lent meanwhile (``_lent``), and a
+        disk file restored or freed meanwhile stays readable through the open descriptor
+        or fails the read, which answers False.
+
+        Raises ``CorruptFile`` when the disk copy fails its checks."""
+        data = self._host.get(cache_id)
+        if data is not None:
+            self._lent.add(cache_id)
+            try:
+                await asyncio.to_thread(np.copyto, out, data)
+            finally:
+                self._lent.discard(cache_id)
+            return True
+        copy = self._disk.get(cache_id)
+        if copy is None:
+            return False
+        try:
+            found = await asyncio.to_thread(read_cache_file, copy.path, copy.size, copy.digest, out)
+        except FileNotFoundError:
+            return False
+        if found.cache_id != cache_id:
+            raise CorruptFile(f"{os.path.basename(copy.path)} belongs to cache {found.cache_id!r}, not to {cache_id!r}")
+        return True
 
     # -- restore --------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ go; then, in a thread, the staging buffer is written to its file and fsync'd
 (``kvbroker.persistence``) while the next cache is staged (two page-aligned staging
 buffers, each the size of the largest cache, so the file is written with direct I/O). Clients keep allocating, attaching and writing meanwhile; a
 cache that is PENDING or being moved is waited for first; one freed before its turn is
-skipped.
+skipped. An OFFLOADED cache is captured from its tier's copy (``Offloader.read_copy``:
+host memory or its disk file), not restored, so a checkpoint never moves caches; it is
+restored at the next start like any other, into device memory.
 
 **Consistency guarantee.** Each cache is captured as of its copy into the staging
 buffer: a cache nobody writes during that copy (tens of milliseconds per hundred MiB on
@@ -120,12 +122,14 @@ class Persistence:
         settle: Callable[[Sequence[SegmentInfo], bool], None], until_settled: Callable[[str], Awaitable[None]],
         store: Store, pools: frozenset[str], *, restore_grace_seconds: float = 60.0,
         observer: PersistenceObserver | None = None,
+        read_offloaded: Callable[[str, np.ndarray], Awaitable[bool]] | None = None,
     ) -> None:  # fmt: skip
         self._broker = broker
         self._device = device
         self._allocate = allocate
         self._settle = settle
         self._until_settled = until_settled
+        self._read_offloaded = read_offloaded
         self.store = store
         self.pools = pools
         self._grace = restore_grace_seconds
@@ -136,8 +140,8 @@ class Persistence:
     # -- checkpoints ----------------------------------------------------------------
 
     async def checkpoint(self, reason: str, *, deadline: float | None = None) -> CheckpointResult:
-        """Write a new generation of every resident cache of the persistent pools and
-        publish it. One at a time (a second call waits for the first). ``deadline``
+        """Write a new generation of every cache of the persistent pools, resident or
+        offloaded (its bytes read from its tier), and publish it. One at a time (a second call waits for the first). ``deadline``
         (``time.monotonic``): past it, the checkpoint is abandoned between two caches.
 
         Raises ``PersistenceError`` (``BudgetExceeded``, ``DiskFull``): the new
@@ -159,7 +163,8 @@ class Persistence:
     async def _checkpoint(self, deadline: float | None) -> CheckpointResult:
         started = time.monotonic()
         caches = [
-            c for pool in sorted(self.pools) for c in self._broker.caches(pool=pool) if c.state is CacheState.RESIDENT
+            c for pool in sorted(self.pools) for c in self._broker.caches(pool=pool)
+            if c.state is CacheState.RESIDENT or (c.state is CacheState.OFFLOADED and self._read_offloaded)
         ]
         caches.sort(key=lambda c: (c.last_access_at, c.cache_id))
         writer = await asyncio.to_thread(self.store.begin, sum(c.nbytes for c in caches), len(caches))
@@ -196,10 +201,25 @@ class Persistence:
         gone. Runs while the previous cache's file is written (from the other buffer)."""
         await self._until_settled(cache_id)
         broker = self._broker
+        for _ in range(3):  # an offloaded cache restored meanwhile is staged as a resident one
+            try:
+                info = broker.get(cache_id)
+            except BrokerError:
+                return None
+            if info.state is not CacheState.OFFLOADED or self._read_offloaded is None:
+                break
+            staging = buffer[: info.nbytes] if info.nbytes <= buffer.nbytes else aligned_buffer(info.nbytes)
+            try:
+                if await self._read_offloaded(cache_id, staging):
+                    return _meta(info), staging
+            except CorruptFile as err:
+                log.error("cache %s not in this checkpoint: its offloaded copy failed its checks: %s", cache_id, err)
+                return None
+            await self._until_settled(cache_id)
         try:
             info = broker.pin(cache_id, CHECKPOINT_HOLDER)
         except BrokerError:
-            return None  # freed, evicted or moving again since the list was taken
+            return None  # freed, evicted, offloaded or moving again since the list was taken
         try:
             extent = info.extents[0]
             # A cache made again under the same id since the list was taken may be larger.
@@ -209,9 +229,7 @@ class Persistence:
         finally:
             broker.release(cache_id, CHECKPOINT_HOLDER)
             self._settle((), True)
-        meta = CacheMeta(info.cache_id, info.pool, info.model_name, info.dtype, tuple(info.shape),
-                         info.retain, info.priority, info.nbytes)  # fmt: skip
-        return meta, staging
+        return _meta(info), staging
 
     def start_periodic(self, interval_seconds: float) -> None:
         """Checkpoint every ``interval_seconds`` (0: never) until ``stop``; a failed
@@ -320,3 +338,8 @@ class Persistence:
         self._settle((), True)
         log.info("restore grace over: restored caches are the usual idle retained caches now; "
                  "%d not re-attached and not retained were freed", len(freed))  # fmt: skip
+
+
+def _meta(info: CacheInfo) -> CacheMeta:
+    return CacheMeta(info.cache_id, info.pool, info.model_name, info.dtype, tuple(info.shape),
+                     info.retain, info.priority, info.nbytes)  # fmt: skip

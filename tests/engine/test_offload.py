@@ -222,3 +222,39 @@ def test_an_attach_that_finds_no_room_for_a_restore_fails_or_waits_like_an_alloc
 
     with private_shm_dir() as shm_dir:
         asyncio.run(body(shm_dir))
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_a_checkpoint_keeps_an_offloaded_cache_and_the_next_start_restores_it(tier):
+    """A persistent pool's cache that pressure offloaded is a cache of the pool all the
+    same: a checkpoint takes its bytes from the tier (without restoring it), and a new
+    engine over the same store restores it, byte for byte, into device memory."""
+    from kvbroker.persistence import Store
+
+    async def body(shm_dir: str, disk_dir: str, store_dir: str):
+        engine = _engine(shm_dir, (tier,), disk=64 * MiB, disk_dir=disk_dir if tier == "disk" else "")
+        engine.persist(Store(store_dir), frozenset({"p"}), restore_grace_seconds=60)
+        a, _ = await engine.allocate(AllocationRequest("p", 2 * MiB - 5, holder="A", retain=True))
+        want_a = _fill(engine, a, 3)
+        b, _ = await engine.allocate(AllocationRequest("p", 3 * MiB, holder="B", retain=True))  # A goes out
+        want_b = _fill(engine, b, 4)
+        await _settled(engine)
+        assert engine.cache(a.cache_id).state is CacheState.OFFLOADED
+        result = await engine.checkpoints.checkpoint("test")
+        assert result.caches == 2 and result.skipped == 0
+        assert engine.cache(a.cache_id).state is CacheState.OFFLOADED, "a checkpoint does not restore it"
+        await engine.close()
+
+        again = _engine(shm_dir, (tier,), disk=64 * MiB, disk_dir=disk_dir if tier == "disk" else "")
+        restored = await again.persist(Store(store_dir), frozenset({"p"}), restore_grace_seconds=60).restore()
+        assert restored.caches == 2 and restored.not_restored == ()
+        for info, want in ((a, want_a), (b, want_b)):
+            back = again.cache(info.cache_id)
+            if back.state is CacheState.OFFLOADED:  # the device holds one of the two at a time
+                back, _ = await again.attach(info.cache_id, "A")
+                await _settled(again)
+            assert back.state is CacheState.RESIDENT and _read(again, back) == want
+        await again.close()
+
+    with private_shm_dir() as shm_dir, tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(body(shm_dir, os.path.join(tmp, "offload"), os.path.join(tmp, "checkpoints")))
