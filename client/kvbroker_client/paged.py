@@ -201,8 +201,8 @@ class PagedPool:
 
     def append_token(self, seq_id: str) -> Slot:
         """Where the sequence's next token goes. No RPC inside granted blocks; halfway
-        through them the next grant is sent without waiting (``paged_grants``), and only
-        blocks run out before its answer arrived does an append wait. Raises
+        through them the next grant is sent without waiting (``paged_grants``), and an
+        append waits only when the blocks run out before its answer is in. Raises
         ``OutOfTokens`` (blocks full, none to grant: the seed's ``appendToken`` returning
         false), ``InvalidRequest`` past ``max_tokens``."""
         seq = self._seqs.get(seq_id) or self._missing(seq_id)
