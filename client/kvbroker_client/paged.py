@@ -233,12 +233,18 @@ class PagedPool:
             self._take_ahead(seq)
         if needed > seq.capacity(bt):
             self._run(self._grow(seq_id, seq, needed))
-        # Ahead only from the halfway point of a table: a new one plans its own.
+        self._send_ahead(seq_id, seq, length, self._client.begin)
+
+    def _send_ahead(self, seq_id: str, seq: _Sequence, length: int, start: Any) -> None:
+        """Send the grant ahead if one is due, through ``start`` (plan -> what is pending:
+        a future or a task), then plan the next look. Only from the halfway point of a
+        table (``length`` still the table's): a new table plans its own."""
+        bt = self.layout.block_tokens
         request = ahead_request(self.pool, seq_id, seq, bt, self.grant_tokens) if len(seq.table) == length else None
         if request is not None and self._client.core.generation == self._generation:
             self.rpc_count += 1
             self.grants_ahead += 1
-            seq.pending = self._client.begin(_plan(self._client.core.call("ExtendSequence", request)))
+            seq.pending = start(_plan(self._client.core.call("ExtendSequence", request)))
         seq.replan(bt)
 
     def _take_ahead(self, seq: _Sequence) -> None:

@@ -27,7 +27,7 @@ from kvbroker_client.errors import CacheExhausted, CacheNotFound, KvBrokerError
 from kvbroker_client.paged import (
     DEFAULT_GRANT_TOKENS, PagedPool, Plan, SequenceMoved, Slot, _plan, format_block_map, format_cache_stats,
 )
-from kvbroker_client.paged_grants import Sequence, ahead_request
+from kvbroker_client.paged_grants import Sequence
 
 __all__ = ["AsyncPagedPool"]
 
@@ -69,15 +69,12 @@ class AsyncPagedPool(PagedPool):
             await self._atake_ahead(seq)
         if needed > seq.capacity(bt):
             await self._arun(self._grow(seq_id, seq, needed))
-        # Ahead only from the halfway point of a table: a new one plans its own.
-        request = ahead_request(self.pool, seq_id, seq, bt, self.grant_tokens) if len(seq.table) == length else None
-        if request is not None and self._client.core.generation == self._generation:
-            self.rpc_count += 1
-            self.grants_ahead += 1
-            seq.pending = asyncio.get_running_loop().create_task(
-                self._client.drive(_plan(self._client.core.call("ExtendSequence", request))))
-            seq.pending.add_done_callback(_retrieve)  # an answer nobody takes (freed, moved) is not an error
-        seq.replan(bt)
+        self._send_ahead(seq_id, seq, length, self._task)
+
+    def _task(self, plan: Plan) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(self._client.drive(plan))
+        task.add_done_callback(_retrieve)  # an answer nobody takes (freed, moved) is not an error
+        return task
 
     async def _atake_ahead(self, seq: Sequence) -> None:
         """``PagedPool._take_ahead``, awaited."""

@@ -169,7 +169,7 @@ class Offloader:
             if job.tier == "host":
                 self._host[job.cache_id] = data
             else:
-                meta = _meta(info)
+                meta = CacheMeta.of(info)
                 path = os.path.join(self._disk_dir, f"{job.cache_id.encode().hex()}-{next(self._serial)}.safetensors")
                 try:
                     size, digest = await asyncio.to_thread(write_cache_file, path, meta, data)
@@ -281,11 +281,6 @@ class Offloader:
         if found.cache_id != placed.cache_id or found.nbytes != placed.nbytes:
             raise CorruptFile(f"{os.path.basename(copy.path)} belongs to cache {found.cache_id!r}, "
                               f"not to {placed.cache_id!r}")  # fmt: skip
-
-
-def _meta(info: CacheInfo) -> CacheMeta:
-    return CacheMeta(info.cache_id, info.pool, info.model_name, info.dtype, tuple(info.shape),
-                     info.retain, info.priority, info.nbytes)  # fmt: skip
 
 
 def _unlink(path: str) -> None:

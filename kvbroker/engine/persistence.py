@@ -211,7 +211,7 @@ class Persistence:
             staging = buffer[: info.nbytes] if info.nbytes <= buffer.nbytes else aligned_buffer(info.nbytes)
             try:
                 if await self._read_offloaded(cache_id, staging):
-                    return _meta(info), staging
+                    return CacheMeta.of(info), staging
             except CorruptFile as err:
                 log.error("cache %s not in this checkpoint: its offloaded copy failed its checks: %s", cache_id, err)
                 return None
@@ -229,7 +229,7 @@ class Persistence:
         finally:
             broker.release(cache_id, CHECKPOINT_HOLDER)
             self._settle((), True)
-        return _meta(info), staging
+        return CacheMeta.of(info), staging
 
     def start_periodic(self, interval_seconds: float) -> None:
         """Checkpoint every ``interval_seconds`` (0: never) until ``stop``; a failed
@@ -338,8 +338,3 @@ class Persistence:
         self._settle((), True)
         log.info("restore grace over: restored caches are the usual idle retained caches now; "
                  "%d not re-attached and not retained were freed", len(freed))  # fmt: skip
-
-
-def _meta(info: CacheInfo) -> CacheMeta:
-    return CacheMeta(info.cache_id, info.pool, info.model_name, info.dtype, tuple(info.shape),
-                     info.retain, info.priority, info.nbytes)  # fmt: skip

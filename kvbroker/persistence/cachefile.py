@@ -43,6 +43,7 @@ import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -55,6 +56,9 @@ from kvbroker.persistence.digests import (
     parse_file_digest,
 )
 from kvbroker.persistence.directio import ALIGN, DirectFile, aligned_buffer
+
+if TYPE_CHECKING:
+    from kvbroker.core import CacheInfo
 
 __all__ = [
     "CHUNK_BYTES", "CacheMeta", "CorruptFile", "file_digest", "new_digest", "read_cache_file", "write_cache_file",
@@ -94,6 +98,12 @@ class CacheMeta:
     retain: bool
     priority: int
     nbytes: int
+
+    @classmethod
+    def of(cls, info: CacheInfo) -> CacheMeta:
+        """The metadata of a broker cache (``kvbroker.core.CacheInfo``)."""
+        return cls(info.cache_id, info.pool, info.model_name, info.dtype, tuple(info.shape), info.retain,
+                   info.priority, info.nbytes)  # fmt: skip
 
     def to_strings(self) -> dict[str, str]:
         return {

@@ -100,20 +100,11 @@ class ChunkedDigest:
         self._parts.append(future)
         return future
 
-    def add_digest(self, part: Future[bytes]) -> None:
-        """Record the next chunk's digest, computed elsewhere (``chunk_digest``)."""
-        self._parts.append(part)
-
     def hexdigest(self) -> str:
         top = new_hash(self.algorithm)
         for part in self._parts:
             top.update(part.result())
         return top.hexdigest()
-
-
-def chunk_digest(algorithm: str, chunk) -> bytes:
-    """One chunk's digest, on the calling thread (GIL released by the algorithm)."""
-    return _chunk_digest(algorithm, memoryview(chunk).cast("B"))
 
 
 def file_digest(algorithm: str, head_hex: str, data_hex: str) -> str:
